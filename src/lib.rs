@@ -1,0 +1,2 @@
+//! mergestream: stream-merge model checkpoints from disk.
+#![deny(unsafe_op_in_unsafe_fn)]
