@@ -1,0 +1,125 @@
+//! Tensor element types as named in safetensors headers.
+
+use crate::kernel::FloatDtype;
+
+/// A safetensors dtype. Sub-byte types (F4, F6) are not supported and fail to parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    Bool,
+    U8,
+    I8,
+    F8E5M2,
+    F8E4M3,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+}
+
+const ALL: [Dtype; 15] = [
+    Dtype::Bool,
+    Dtype::U8,
+    Dtype::I8,
+    Dtype::F8E5M2,
+    Dtype::F8E4M3,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::F32,
+    Dtype::F64,
+    Dtype::I64,
+    Dtype::U64,
+];
+
+impl Dtype {
+    /// The dtype named `name` in a header (`"BF16"`, `"I64"`, …).
+    pub fn parse(name: &str) -> Option<Dtype> {
+        ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// The name used in safetensors headers.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::I16 => "I16",
+            Dtype::U16 => "U16",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I32 => "I32",
+            Dtype::U32 => "U32",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::U64 => "U64",
+        }
+    }
+
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 => 1,
+            Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
+            Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
+        }
+    }
+
+    /// The kernel's type for the floating-point dtypes mergestream merges.
+    pub const fn mergeable(self) -> Option<FloatDtype> {
+        match self {
+            Dtype::BF16 => Some(FloatDtype::BF16),
+            Dtype::F16 => Some(FloatDtype::F16),
+            Dtype::F32 => Some(FloatDtype::F32),
+            _ => None,
+        }
+    }
+
+    /// Integer and boolean tensors (buffers such as position ids) are copied, not merged.
+    pub const fn is_integer(self) -> bool {
+        matches!(
+            self,
+            Dtype::Bool
+                | Dtype::U8
+                | Dtype::I8
+                | Dtype::I16
+                | Dtype::U16
+                | Dtype::I32
+                | Dtype::U32
+                | Dtype::I64
+                | Dtype::U64
+        )
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in ALL {
+            assert_eq!(Dtype::parse(d.name()), Some(d));
+        }
+        assert_eq!(Dtype::parse("bf16"), None);
+        assert_eq!(Dtype::parse("F4"), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! `checksums.b3`: the blake3 manifest of an output directory, in `b3sum`'s format.
+//!
+//! One line per file, `<64 hex digits>  <name>`, sorted by name, so `b3sum --check checksums.b3`
+//! reads it as it is. The hashes come from the bytes as they were written (see `output`); this
+//! module only formats, parses and re-hashes.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// One manifest line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub hash: blake3::Hash,
+}
+
+/// The manifest text for `entries` (sorted here by name).
+pub fn encode(entries: &[Entry]) -> String {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    sorted
+        .iter()
+        .map(|e| format!("{}  {}\n", e.hash.to_hex(), e.name))
+        .collect()
+}
+
+/// Parses manifest text; a malformed line is reported by number.
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Vec<String>> {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let parsed = line.split_once("  ").and_then(|(hex, name)| {
+            let hash = blake3::Hash::from_hex(hex).ok()?;
+            let plain = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+            plain.then(|| Entry {
+                name: name.to_owned(),
+                hash,
+            })
+        });
+        match parsed {
+            Some(e) => entries.push(e),
+            None => problems.push(format!(
+                "{}: line {} is not '<64 hex digits>  <file name>': {line:?}",
+                path.display(),
+                n + 1
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(entries)
+    } else {
+        Err(problems)
+    }
+}
+
+/// blake3 of a file's contents, read in fixed-size pieces.
+pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io(path, "reading", e))?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_sorted() {
+        let entries = vec![
+            Entry {
+                name: "b".into(),
+                hash: blake3::hash(b"b"),
+            },
+            Entry {
+                name: "a".into(),
+                hash: blake3::hash(b"a"),
+            },
+        ];
+        let text = encode(&entries);
+        assert!(text.starts_with(&format!("{}  a\n", blake3::hash(b"a").to_hex())));
+        let parsed = parse(Path::new("m"), &text).unwrap();
+        assert_eq!(parsed[0].name, "a");
+        assert_eq!(parsed.len(), 2);
+        assert!(parse(Path::new("m"), "xyz  a\n").is_err());
+        assert!(parse(
+            Path::new("m"),
+            &format!("{}  ../a\n", blake3::hash(b"").to_hex())
+        )
+        .is_err());
+    }
+}

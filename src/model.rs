@@ -1,0 +1,331 @@
+//! Input models: a Hugging Face model directory (sharded with an index, or one
+//! `model.safetensors`) or a single `.safetensors` file.
+//!
+//! Opening a model opens every shard, validates every header and cross-checks the index against
+//! the shards, so that a model that opens is one whose every tensor can be read at a known
+//! offset. The open file handles are kept: the run reads the very files that were validated even
+//! if their paths are replaced meanwhile, and [`Shard::check_unchanged`] tells whether one was
+//! modified underneath. This module reads no tensor data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::header::{self, Header, TensorInfo};
+use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
+
+/// The single-file name in a model directory.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One safetensors file of a model.
+#[derive(Debug)]
+pub struct Shard {
+    /// Path as the user's directory names it (symlinks not resolved, so errors read naturally).
+    pub path: PathBuf,
+    /// File name, as the index names it.
+    pub name: String,
+    pub file: File,
+    pub header: Header,
+    identity: Identity,
+}
+
+/// What identifies a file's content for change detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        }
+    }
+}
+
+impl Shard {
+    fn open(path: PathBuf, name: String) -> Result<Shard> {
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "opening shard", e))?;
+        if meta.is_dir() {
+            return Err(Error::Model {
+                path,
+                reason: "is a directory, not a safetensors file".into(),
+            });
+        }
+        let file = File::open(&path).map_err(|e| Error::io(&path, "opening shard", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(&path, "reading file status", e))?;
+        if !meta.is_file() {
+            return Err(Error::Model {
+                path,
+                reason: "is not a regular file".into(),
+            });
+        }
+        let header = header::read(&path, &file, meta.len())?;
+        advise_sequential(&file);
+        Ok(Shard {
+            path,
+            name,
+            file,
+            header,
+            identity: Identity::of(&meta),
+        })
+    }
+
+    /// File length.
+    pub fn len(&self) -> u64 {
+        self.identity.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.identity.len == 0
+    }
+
+    /// Errs if the file was truncated, extended or rewritten since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "reading file status", e))?;
+        let now = Identity::of(&meta);
+        if now.len != self.identity.len {
+            return Err(Error::InputChanged {
+                path: self.path.clone(),
+                reason: format!(
+                    "its length changed from {} to {} bytes",
+                    self.identity.len, now.len
+                ),
+            });
+        }
+        if now != self.identity {
+            return Err(Error::InputChanged {
+                path: self.path.clone(),
+                reason: "it was modified (its modification time changed)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorLoc {
+    pub shard: usize,
+    /// Index into that shard's `header.tensors`.
+    pub entry: usize,
+}
+
+/// A validated input model.
+#[derive(Debug)]
+pub struct Model {
+    /// What the user named.
+    pub path: PathBuf,
+    /// The directory holding the model's files (for a single-file model, its parent).
+    pub dir: PathBuf,
+    /// Shards in file-name order.
+    pub shards: Vec<Shard>,
+    tensors: HashMap<String, TensorLoc>,
+}
+
+impl Model {
+    /// Opens and validates the model at `path`.
+    pub fn open(path: &Path) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "opening model", e))?;
+        if meta.is_file() {
+            let name = file_name(path);
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let shard = Shard::open(path.to_path_buf(), name)?;
+            return Model::from_shards(path, dir, vec![shard], None);
+        }
+        let index_path = path.join(INDEX_FILE);
+        if index_path.exists() {
+            return Model::open_indexed(path, &index_path);
+        }
+        let single = path.join(SINGLE_FILE);
+        if single.exists() {
+            let shard = Shard::open(single, SINGLE_FILE.into())?;
+            return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
+        }
+        Err(Error::Model {
+            path: path.to_path_buf(),
+            reason: format!("not a model: no {INDEX_FILE} or {SINGLE_FILE} in this directory"),
+        })
+    }
+
+    fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
+        let meta =
+            std::fs::metadata(index_path).map_err(|e| Error::io(index_path, "opening index", e))?;
+        if meta.len() > MAX_INDEX_LEN {
+            return Err(Error::index(
+                index_path,
+                None,
+                format!("{} bytes is larger than any index should be", meta.len()),
+            ));
+        }
+        let bytes =
+            std::fs::read(index_path).map_err(|e| Error::io(index_path, "reading index", e))?;
+        let index = index::parse(index_path, &bytes)?;
+        let shards = index
+            .shards()
+            .into_iter()
+            .map(|name| Shard::open(dir.join(&name), name))
+            .collect::<Result<Vec<_>>>()?;
+        Model::from_shards(dir, dir.to_path_buf(), shards, Some((index_path, &index)))
+    }
+
+    fn from_shards(
+        path: &Path,
+        dir: PathBuf,
+        shards: Vec<Shard>,
+        index: Option<(&Path, &index::Index)>,
+    ) -> Result<Model> {
+        let mut tensors = HashMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for (entry, t) in shard.header.tensors.iter().enumerate() {
+                if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { shard: s, entry }) {
+                    return Err(Error::Model {
+                        path: shard.path.clone(),
+                        reason: format!(
+                            "tensor '{}' is also in {}",
+                            t.name,
+                            shards[prev.shard].path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some((index_path, index)) = index {
+            let by_name: HashMap<&str, usize> = shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.as_str(), i))
+                .collect();
+            for (tensor, shard_name) in &index.weight_map {
+                let listed = by_name[shard_name.as_str()];
+                match tensors.get(tensor) {
+                    Some(loc) if loc.shard == listed => {}
+                    Some(loc) => {
+                        return Err(Error::index(
+                            index_path,
+                            Some(tensor),
+                            format!(
+                                "listed in {shard_name}, but it is in {}",
+                                shards[loc.shard].name
+                            ),
+                        ))
+                    }
+                    None => {
+                        return Err(Error::index(
+                            index_path,
+                            Some(tensor),
+                            format!("listed in {shard_name}, which does not contain it"),
+                        ))
+                    }
+                }
+            }
+            if tensors.len() != index.weight_map.len() {
+                let listed: std::collections::HashSet<&str> =
+                    index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
+                let mut unlisted: Vec<(&str, &str)> = shards
+                    .iter()
+                    .flat_map(|s| {
+                        s.header
+                            .tensors
+                            .iter()
+                            .map(move |t| (t.name.as_str(), s.name.as_str()))
+                    })
+                    .filter(|(t, _)| !listed.contains(t))
+                    .collect();
+                unlisted.sort();
+                let (tensor, shard) = unlisted[0];
+                return Err(Error::index(
+                    index_path,
+                    Some(tensor),
+                    format!("is in {shard} but the index does not list it"),
+                ));
+            }
+        }
+        if tensors.is_empty() {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                reason: "the model has no tensors".into(),
+            });
+        }
+        Ok(Model {
+            path: path.to_path_buf(),
+            dir,
+            shards,
+            tensors,
+        })
+    }
+
+    /// The tensor named `name`, with where it is.
+    pub fn get(&self, name: &str) -> Option<(TensorLoc, &TensorInfo)> {
+        self.tensors
+            .get(name)
+            .map(|&loc| (loc, &self.shards[loc.shard].header.tensors[loc.entry]))
+    }
+
+    /// Tensors in storage order: shard by shard, by position in the data section.
+    pub fn tensors(&self) -> impl Iterator<Item = (TensorLoc, &TensorInfo)> {
+        self.shards.iter().enumerate().flat_map(|(s, shard)| {
+            shard
+                .header
+                .tensors
+                .iter()
+                .enumerate()
+                .map(move |(entry, t)| (TensorLoc { shard: s, entry }, t))
+        })
+    }
+
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.data_len).sum()
+    }
+
+    /// `(file name, size)` of every shard, for provenance.
+    pub fn file_list(&self) -> Vec<(String, u64)> {
+        self.shards
+            .iter()
+            .map(|s| (s.name.clone(), s.len()))
+            .collect()
+    }
+
+    /// Errs if any shard changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.shards.iter().try_for_each(Shard::check_unchanged)
+    }
+
+    /// The tensor names as a sorted map to their shard, for listings.
+    pub fn weight_map(&self) -> BTreeMap<&str, &str> {
+        self.tensors
+            .iter()
+            .map(|(n, loc)| (n.as_str(), self.shards[loc.shard].name.as_str()))
+            .collect()
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Tells the kernel the file will be read front to back, so it reads ahead generously.
+/// A hint only: failure changes nothing but speed.
+fn advise_sequential(file: &File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+}

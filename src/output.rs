@@ -1,0 +1,615 @@
+//! The output directory: locking, crash-safe shard files, per-part records, and finalizing.
+//!
+//! Every file is written under a temporary name inside `OUT/.mergestream/`, hashed as its bytes
+//! go out, synced, and only then renamed to its final name, so a final name always means a
+//! complete file. Each part of a run (`--part I/N`; a whole run is part 0/1) keeps a record of
+//! the files it finished with their blake3, under a lock that keeps a second run of the same
+//! part out. [`finalize`] turns complete records into the index, `mergestream.json` and, last of
+//! all, `checksums.b3`, then removes the work directory — so a directory with a manifest is a
+//! finished one. This module never computes tensor bytes; the pipeline hands them in through
+//! [`ShardWriter`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tempfile::NamedTempFile;
+
+use crate::error::{Error, Result};
+use crate::format::index::INDEX_FILE;
+use crate::manifest::{self, Entry};
+use crate::pipeline::ShardSink;
+use crate::plan::{OutShard, Part, Plan, MANIFEST_FILE, PROVENANCE_FILE};
+
+/// The work directory inside an output directory.
+pub const WORK_DIR: &str = ".mergestream";
+
+/// What to do with an output directory that already holds something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse anything but an empty directory (or other parts' files of the same run).
+    Refuse,
+    /// Keep this part's finished files whose hashes still match, redo the rest.
+    Resume,
+    /// Replace earlier output.
+    Overwrite,
+}
+
+/// One finished file, as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRecord {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// What one part has finished.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PartRecord {
+    fingerprint: String,
+    part: String,
+    complete: bool,
+    files: Vec<FileRecord>,
+}
+
+/// What `finalize` needs to know of the plan, written by every part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PlanRecord {
+    fingerprint: String,
+    /// Files the parts write between them (shards, copied files).
+    files: Vec<String>,
+    index_json: Option<String>,
+    provenance_json: String,
+}
+
+/// Checks, before any work, that `out` can be written: it is a writable directory, or can be
+/// created as one. Creates nothing.
+pub fn precheck(out: &Path) -> Result<()> {
+    let probe_in = match std::fs::metadata(out) {
+        Ok(m) if m.is_dir() => out.to_path_buf(),
+        Ok(_) => return Err(Error::output(out, "exists and is not a directory")),
+        Err(_) => {
+            let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = parent.unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(Error::output(
+                    out,
+                    format!("cannot be created: {} is not a directory", parent.display()),
+                ));
+            }
+            parent.to_path_buf()
+        }
+    };
+    tempfile::Builder::new()
+        .prefix(".mergestream-probe")
+        .tempfile_in(&probe_in)
+        .map(drop)
+        .map_err(|e| Error::output(&probe_in, format!("is not writable: {e}")))
+}
+
+/// An output directory opened for one part of a run, locked against a second run of that part.
+pub struct OutputDir {
+    pub path: PathBuf,
+    work: PathBuf,
+    part: Part,
+    fingerprint: String,
+    record: PartRecord,
+    _lock: File,
+}
+
+impl OutputDir {
+    /// Creates or opens `out` for `part` of `plan`, applying `existing`.
+    pub fn open(out: &Path, plan: &Plan, part: Part, existing: Existing) -> Result<OutputDir> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
+        let work = out.join(WORK_DIR);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| Error::io(&work, "creating work directory", e))?;
+        let lock = lock(
+            &work.join(format!("{}.lock", part.tag())),
+            out,
+            &format!("part {part}"),
+        )?;
+        remove_temporaries(&work, part)?;
+
+        let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
+        let writes: BTreeSet<&str> = plan
+            .shards
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(plan.extra_files.iter().map(|f| f.name.as_str()))
+            .collect();
+        let mut foreign = Vec::new();
+        for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, "listing", e))? {
+            let name = entry
+                .map_err(|e| Error::io(out, "listing", e))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            if name != WORK_DIR && !writes.contains(name.as_str()) {
+                foreign.push(name);
+            }
+        }
+        foreign.sort();
+        if !foreign.is_empty() {
+            if existing != Existing::Overwrite {
+                let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+                let more = if foreign.len() > 5 { ", …" } else { "" };
+                return Err(Error::output(
+                    out,
+                    format!(
+                        "is not empty (holds {}{more}); pass --force to replace earlier output",
+                        shown.join(", ")
+                    ),
+                ));
+            }
+            for name in &foreign {
+                if looks_like_output(name) || ours.contains(name) {
+                    remove(&out.join(name))?;
+                }
+            }
+        }
+
+        let record_path = work.join(format!("{}.json", part.tag()));
+        let fresh = PartRecord {
+            fingerprint: plan.fingerprint.clone(),
+            part: part.to_string(),
+            complete: false,
+            files: Vec::new(),
+        };
+        let record = match (read_json::<PartRecord>(&record_path)?, existing) {
+            (None, _) => fresh,
+            (Some(_), Existing::Overwrite) => fresh,
+            (Some(old), Existing::Refuse) => {
+                return Err(Error::output(
+                    out,
+                    format!(
+                        "holds an unfinished run of part {part} ({} files done); pass --resume to finish it or --force to start over",
+                        old.files.len()
+                    ),
+                ))
+            }
+            (Some(old), Existing::Resume) if old.fingerprint != plan.fingerprint => {
+                return Err(Error::output(
+                    out,
+                    format!("holds a run of part {part} made with other inputs or options; pass --force to start over"),
+                ))
+            }
+            (Some(old), Existing::Resume) => PartRecord {
+                files: keep_intact(out, old.files)?,
+                ..fresh
+            },
+        };
+        let plan_record = PlanRecord {
+            fingerprint: plan.fingerprint.clone(),
+            files: writes.iter().map(|s| s.to_string()).collect(),
+            index_json: plan.index_json.clone(),
+            provenance_json: plan.provenance_json.clone(),
+        };
+        let plan_path = work.join(format!("plan-{}.json", &plan.fingerprint[..16]));
+        write_atomic(&work, &plan_path, &to_json(&plan_record))?;
+        let dir = OutputDir {
+            path: out.to_path_buf(),
+            work,
+            part,
+            fingerprint: plan.fingerprint.clone(),
+            record,
+            _lock: lock,
+        };
+        dir.save_record()?;
+        Ok(dir)
+    }
+
+    /// Whether this part already holds `name`, finished and intact.
+    pub fn has(&self, name: &str) -> bool {
+        self.record.files.iter().any(|f| f.name == name)
+    }
+
+    /// Records a finished file.
+    fn add(&mut self, file: FileRecord) -> Result<()> {
+        self.record.files.retain(|f| f.name != file.name);
+        self.record.files.push(file);
+        self.save_record()
+    }
+
+    /// Marks this part complete.
+    pub fn complete(&mut self) -> Result<()> {
+        self.record.complete = true;
+        self.save_record()
+    }
+
+    fn save_record(&self) -> Result<()> {
+        let path = self.work.join(format!("{}.json", self.part.tag()));
+        write_atomic(&self.work, &path, &to_json(&self.record))?;
+        Ok(())
+    }
+
+    /// Copies `source` into the output as `name`, hashing it on the way.
+    pub fn copy_file(&mut self, source: &Path, name: &str) -> Result<()> {
+        let mut input = File::open(source).map_err(|e| Error::io(source, "opening", e))?;
+        let mut file = self.temporary(name)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = input
+                .read(&mut buf)
+                .map_err(|e| Error::io(source, "reading", e))?;
+            if n == 0 {
+                break;
+            }
+            file.write(&buf[..n])?;
+        }
+        let record = file.persist()?;
+        self.add(record)
+    }
+
+    fn temporary(&self, name: &str) -> Result<HashingFile> {
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("{}.{name}.", self.part.tag()))
+            .suffix(".tmp")
+            .permissions(file_mode())
+            .tempfile_in(&self.work)
+            .map_err(|e| Error::io(self.path.join(name), "creating temporary file", e))?;
+        Ok(HashingFile {
+            final_path: self.path.join(name),
+            name: name.to_owned(),
+            temp,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+        })
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// A file being written under a temporary name, hashed as it goes.
+struct HashingFile {
+    final_path: PathBuf,
+    name: String,
+    temp: NamedTempFile,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl HashingFile {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.temp
+            .as_file_mut()
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.final_path, "writing", e))?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Syncs the file and renames it to its final name.
+    fn persist(self) -> Result<FileRecord> {
+        let path = self.final_path;
+        self.temp
+            .as_file()
+            .sync_all()
+            .map_err(|e| Error::io(&path, "syncing", e))?;
+        self.temp
+            .persist(&path)
+            .map_err(|e| Error::io(&path, "renaming into place", e.error))?;
+        sync_dir(path.parent().expect("output files live in a directory"))?;
+        Ok(FileRecord {
+            name: self.name,
+            size: self.written,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        })
+    }
+}
+
+/// The pipeline's sink: each shard becomes a file of the output directory.
+pub struct ShardWriter<'a> {
+    dir: &'a mut OutputDir,
+    current: Option<HashingFile>,
+}
+
+impl<'a> ShardWriter<'a> {
+    pub fn new(dir: &'a mut OutputDir) -> ShardWriter<'a> {
+        ShardWriter { dir, current: None }
+    }
+}
+
+impl ShardSink for ShardWriter<'_> {
+    fn begin(&mut self, shard: &OutShard) -> Result<()> {
+        let mut file = self.dir.temporary(&shard.name)?;
+        file.write(&shard.prefix)?;
+        self.current = Some(file);
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.current
+            .as_mut()
+            .expect("write comes between begin and finish")
+            .write(bytes)
+    }
+
+    fn finish(&mut self, shard: &OutShard) -> Result<()> {
+        let file = self.current.take().expect("finish follows begin");
+        debug_assert_eq!(file.written, shard.file_len());
+        let record = file.persist()?;
+        self.dir.add(record)
+    }
+}
+
+/// What `finalize` did.
+#[derive(Debug)]
+pub struct Finalized {
+    pub files: usize,
+    pub parts: u32,
+}
+
+/// Writes the index, `mergestream.json` and `checksums.b3` once every part of the run in `out`
+/// is complete and consistent, then removes the work directory. With `only`, considers just the
+/// records of that part (a whole run finalizing itself); otherwise all records present must form
+/// one run.
+pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
+    let work = out.join(WORK_DIR);
+    if !work.is_dir() {
+        let reason = if out.join(MANIFEST_FILE).exists() {
+            "is already finalized (it has a checksums.b3 and no work directory)".to_string()
+        } else {
+            format!("has no {WORK_DIR} directory: no part of a run has written here")
+        };
+        return Err(Error::output(out, reason));
+    }
+    let _lock = lock(&work.join("finalize.lock"), out, "finalize")?;
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(&work).map_err(|e| Error::io(&work, "listing", e))? {
+        let name = entry
+            .map_err(|e| Error::io(&work, "listing", e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let Some(tag) = name
+            .strip_prefix("part-")
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let Some(part) = tag
+            .split_once("-of-")
+            .and_then(|(i, n)| Part::parse(&format!("{i}/{n}")).ok())
+        else {
+            continue;
+        };
+        if only.is_some_and(|p| p != part) {
+            continue;
+        }
+        let record: PartRecord = read_json(&work.join(&name))?.expect("listed just now");
+        records.push((part, record));
+    }
+    records.sort_by_key(|(p, _)| (p.count, p.index));
+
+    let mut problems = Vec::new();
+    let counts: BTreeSet<u32> = records.iter().map(|(p, _)| p.count).collect();
+    if records.is_empty() {
+        problems.push("no part has recorded any work".to_string());
+    }
+    if counts.len() > 1 {
+        problems.push(format!(
+            "records of runs split in different ways are present (into {} parts); remove the stale ones or rerun with --force",
+            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let count = counts.iter().next().copied().unwrap_or(1);
+    for index in 0..count {
+        match records
+            .iter()
+            .find(|(p, _)| p.index == index && p.count == count)
+        {
+            None => problems.push(format!(
+                "part {index}/{count} has no record: did its task run?"
+            )),
+            Some((_, r)) if !r.complete => problems.push(format!(
+                "part {index}/{count} is not complete ({} files done)",
+                r.files.len()
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut by_fingerprint: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (p, r) in &records {
+        by_fingerprint
+            .entry(&r.fingerprint)
+            .or_default()
+            .push(p.to_string());
+    }
+    if by_fingerprint.len() > 1 {
+        let groups: Vec<String> = by_fingerprint
+            .iter()
+            .map(|(f, parts)| format!("parts {} have plan {}", parts.join(", "), &f[..16]))
+            .collect();
+        problems.push(format!(
+            "parts were made with different inputs or options: {}",
+            groups.join("; ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Parts {
+            path: out.to_path_buf(),
+            problems,
+        });
+    }
+    let fingerprint = records[0].1.fingerprint.clone();
+    let plan: PlanRecord = read_json(&work.join(format!("plan-{}.json", &fingerprint[..16])))?
+        .ok_or_else(|| Error::output(out, "the plan record is missing from the work directory"))?;
+
+    let mut entries = Vec::new();
+    let mut have = BTreeSet::new();
+    for (_, r) in &records {
+        for f in &r.files {
+            let size = std::fs::metadata(out.join(&f.name)).map(|m| m.len()).ok();
+            if size != Some(f.size) {
+                problems.push(format!(
+                    "{} is missing or not the size its part recorded",
+                    f.name
+                ));
+            }
+            let hash = blake3::Hash::from_hex(&f.blake3)
+                .map_err(|_| Error::output(out, format!("the record of {} is corrupt", f.name)))?;
+            entries.push(Entry {
+                name: f.name.clone(),
+                hash,
+            });
+            have.insert(f.name.clone());
+        }
+    }
+    for name in &plan.files {
+        if !have.contains(name) {
+            problems.push(format!("{name} was written by no part"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Parts {
+            path: out.to_path_buf(),
+            problems,
+        });
+    }
+    if let Some(index) = &plan.index_json {
+        let hash = write_atomic(&work, &out.join(INDEX_FILE), index.as_bytes())?;
+        entries.push(Entry {
+            name: INDEX_FILE.into(),
+            hash,
+        });
+    }
+    let hash = write_atomic(
+        &work,
+        &out.join(PROVENANCE_FILE),
+        plan.provenance_json.as_bytes(),
+    )?;
+    entries.push(Entry {
+        name: PROVENANCE_FILE.into(),
+        hash,
+    });
+    write_atomic(
+        &work,
+        &out.join(MANIFEST_FILE),
+        manifest::encode(&entries).as_bytes(),
+    )?;
+    std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, "removing work directory", e))?;
+    sync_dir(out)?;
+    Ok(Finalized {
+        files: entries.len() + 1,
+        parts: count,
+    })
+}
+
+/// Takes an exclusive, non-blocking lock on `path`, or says who holds it.
+fn lock(path: &Path, out: &Path, what: &str) -> Result<File> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "opening lock file", e))?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(Error::Locked {
+            path: out.to_path_buf(),
+            reason: format!(
+                "another mergestream run is writing {what} here ({})",
+                holder.trim()
+            ),
+        });
+    }
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "pid {}", std::process::id());
+    Ok(file)
+}
+
+/// Removes what an earlier, killed run of `part` left under temporary names.
+fn remove_temporaries(work: &Path, part: Part) -> Result<()> {
+    let prefix = format!("{}.", part.tag());
+    for entry in std::fs::read_dir(work).map_err(|e| Error::io(work, "listing", e))? {
+        let entry = entry.map_err(|e| Error::io(work, "listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            remove(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the recorded files whose size and blake3 still match; the rest will be redone.
+fn keep_intact(out: &Path, files: Vec<FileRecord>) -> Result<Vec<FileRecord>> {
+    let mut kept = Vec::new();
+    for f in files {
+        let path = out.join(&f.name);
+        let intact = std::fs::metadata(&path).is_ok_and(|m| m.len() == f.size)
+            && manifest::hash_file(&path)?.to_hex().as_str() == f.blake3;
+        if intact {
+            kept.push(f);
+        }
+    }
+    Ok(kept)
+}
+
+/// Names an earlier mergestream (or Hugging Face) output may have left.
+fn looks_like_output(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".index.json")
+        || name == MANIFEST_FILE
+        || name == PROVENANCE_FILE
+}
+
+fn remove(path: &Path) -> Result<()> {
+    let result = if path.is_dir() && !path.is_symlink() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    result.map_err(|e| Error::io(path, "removing", e))
+}
+
+/// Writes `bytes` to `path` through a synced temporary in `work`; returns their blake3.
+fn write_atomic(work: &Path, path: &Path, bytes: &[u8]) -> Result<blake3::Hash> {
+    let mut temp = tempfile::Builder::new()
+        .prefix(".write.")
+        .suffix(".tmp")
+        .permissions(file_mode())
+        .tempfile_in(work)
+        .map_err(|e| Error::io(path, "creating temporary file", e))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(|e| Error::io(path, "writing", e))?;
+    temp.persist(path)
+        .map_err(|e| Error::io(path, "renaming into place", e.error))?;
+    Ok(blake3::hash(bytes))
+}
+
+/// Output files are readable by all, as `cp` would make them (the umask still applies).
+fn file_mode() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o666)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "syncing directory", e))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("serializing JSON cannot fail");
+    bytes.push(b'\n');
+    bytes
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::output(path, format!("is corrupt ({e}); rerun with --force"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, "reading", e)),
+    }
+}

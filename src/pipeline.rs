@@ -1,0 +1,339 @@
+//! The streaming engine: reader → compute → writer, joined by bounded channels.
+//!
+//! The reader walks the planned output in order, cutting every tensor into chunks of at most
+//! `chunk_bytes`, and reads each chunk of both inputs into a *slot* taken from a fixed pool;
+//! compute workers run the kernel on whole slots; the writer puts chunks back in order and hands
+//! their bytes to a [`ShardSink`]. A slot carries its chunk from read to write and then returns
+//! to the pool, so memory is `slots × 3 × chunk_bytes` whatever the size of a tensor or model,
+//! and no stage can wait on a buffer held by a later one. The engine knows nothing of files on
+//! the output side (that is the sink's business) and nothing of arithmetic (that is the
+//! kernel's): it moves bytes.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::error::{Error, Result};
+use crate::kernel::{self, Isa};
+use crate::model::{Model, TensorLoc};
+use crate::plan::{Op, OutShard, Plan};
+
+/// How the engine runs. None of it changes the output bytes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Compute workers.
+    pub threads: usize,
+    /// Bytes of one input chunk (a multiple of 8, so chunks never split an element).
+    pub chunk_bytes: usize,
+    /// Chunks in flight: the pool holds this many slots of three chunk buffers each.
+    pub slots: usize,
+    pub isa: Isa,
+}
+
+impl Settings {
+    /// The largest chunk worth having: beyond it pipelining gets coarse for no gain.
+    pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+    /// The smallest chunk: below it per-chunk overhead dominates.
+    pub const MIN_CHUNK_BYTES: usize = 64 << 10;
+
+    /// Settings whose buffers fit in `buffer_budget` bytes: as many slots as keep every stage
+    /// busy (two per worker plus the reader's and writer's), at the largest chunk size that fits.
+    pub fn for_budget(buffer_budget: u64, threads: usize, isa: Isa) -> Result<Settings> {
+        let threads = threads.max(1);
+        let slots = 2 * threads + 2;
+        let per_slot = buffer_budget / (3 * slots as u64);
+        let chunk = (per_slot.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
+        if chunk < Self::MIN_CHUNK_BYTES {
+            return Err(Error::Usage(format!(
+                "--memory is too small for {threads} threads: needs at least {} MiB of buffers",
+                (3 * slots * Self::MIN_CHUNK_BYTES) >> 20
+            )));
+        }
+        Ok(Settings {
+            threads,
+            chunk_bytes: chunk,
+            slots,
+            isa,
+        })
+    }
+
+    /// Bytes of buffers the pool holds.
+    pub fn buffer_bytes(&self) -> u64 {
+        3 * self.slots as u64 * self.chunk_bytes as u64
+    }
+}
+
+/// Receives the output, shard by shard, in order, from the writer stage.
+pub trait ShardSink {
+    /// A shard starts; its header is `shard.prefix`.
+    fn begin(&mut self, shard: &OutShard) -> Result<()>;
+    /// The next bytes of the shard's data section.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// The shard's data is complete and its inputs were unchanged while it was read.
+    fn finish(&mut self, shard: &OutShard) -> Result<()>;
+}
+
+/// Stops a run from outside: a signal handler, or a failing stage.
+#[derive(Debug, Default, Clone)]
+pub struct Cancel {
+    /// Set to the signal number by the signal handler.
+    pub signal: Arc<AtomicUsize>,
+    abort: Arc<AtomicBool>,
+}
+
+impl Cancel {
+    fn check(&self) -> Result<()> {
+        match self.signal.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            s => Err(Error::Interrupted { signal: s as i32 }),
+        }
+    }
+    fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts bytes as the writer emits them.
+pub trait Progress: Sync {
+    fn advance(&self, bytes: u64);
+}
+
+impl Progress for () {
+    fn advance(&self, _: u64) {}
+}
+
+/// The three buffers of one chunk in flight.
+struct Slot {
+    aligned: Vec<u8>,
+    sft: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// One chunk of one tensor.
+struct Job {
+    seq: u64,
+    len: usize,
+    op: Op,
+    slot: Slot,
+}
+
+impl Job {
+    fn output(&self) -> &[u8] {
+        match self.op {
+            Op::Expo(_) => &self.slot.out[..self.len],
+            Op::Copy => &self.slot.aligned[..self.len],
+        }
+    }
+}
+
+/// Everything the stages share, read-only.
+struct Run<'a> {
+    plan: &'a Plan,
+    sft: &'a Model,
+    aligned: &'a Model,
+    shards: &'a [usize],
+    settings: &'a Settings,
+    cancel: &'a Cancel,
+}
+
+/// Writes the output shards `shards` (indices into `plan.shards`, ascending) into `sink`.
+pub fn run(
+    plan: &Plan,
+    sft: &Model,
+    aligned: &Model,
+    shards: &[usize],
+    settings: &Settings,
+    sink: &mut dyn ShardSink,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<()> {
+    let cancel = Cancel {
+        signal: cancel.signal.clone(),
+        abort: Arc::new(AtomicBool::new(false)),
+    };
+    let run = Run {
+        plan,
+        sft,
+        aligned,
+        shards,
+        settings,
+        cancel: &cancel,
+    };
+    let (pool_tx, pool_rx) = bounded::<Slot>(settings.slots);
+    for _ in 0..settings.slots {
+        let buffer = || vec![0u8; settings.chunk_bytes];
+        pool_tx
+            .send(Slot {
+                aligned: buffer(),
+                sft: buffer(),
+                out: buffer(),
+            })
+            .expect("the pool has room for every slot");
+    }
+    let (read_tx, read_rx) = bounded::<Job>(settings.slots);
+    let (done_tx, done_rx) = bounded::<Job>(settings.slots);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        cancel.abort.store(true, Ordering::Relaxed);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    };
+
+    std::thread::scope(|scope| {
+        let run = &run;
+        let fail = &fail;
+        scope.spawn(move || {
+            // Record the error before closing the channel, so that it is the one reported
+            // rather than the writer's complaint about the early end.
+            if let Err(e) = read_stage(run, pool_rx, &read_tx) {
+                fail(e);
+            }
+            drop(read_tx);
+        });
+        for _ in 0..settings.threads {
+            let (rx, tx) = (read_rx.clone(), done_tx.clone());
+            scope.spawn(move || compute_stage(run, rx, tx));
+        }
+        drop((read_rx, done_tx));
+        if let Err(e) = write_stage(run, done_rx, pool_tx, sink, progress) {
+            fail(e);
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Reads every chunk of the selected shards, in output order.
+fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> {
+    let chunk = run.settings.chunk_bytes as u64;
+    let mut seq = 0;
+    for &s in run.shards {
+        for t in &run.plan.tensors[run.plan.shards[s].tensors.clone()] {
+            let mut done = 0;
+            while done < t.nbytes {
+                run.cancel.check()?;
+                if run.cancel.aborted() {
+                    return Ok(());
+                }
+                let len = (t.nbytes - done).min(chunk) as usize;
+                let Ok(mut slot) = pool.recv() else {
+                    return Ok(()); // the writer has stopped
+                };
+                read_chunk(
+                    run.aligned,
+                    t.aligned,
+                    &t.name,
+                    done,
+                    &mut slot.aligned[..len],
+                )?;
+                if let Some(loc) = t.sft {
+                    read_chunk(run.sft, loc, &t.name, done, &mut slot.sft[..len])?;
+                }
+                let job = Job {
+                    seq,
+                    len,
+                    op: t.op,
+                    slot,
+                };
+                if out.send(job).is_err() {
+                    return Ok(());
+                }
+                seq += 1;
+                done += len as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes of tensor `loc` of `model`, starting `at` bytes into the tensor.
+fn read_chunk(model: &Model, loc: TensorLoc, name: &str, at: u64, buf: &mut [u8]) -> Result<()> {
+    let shard = &model.shards[loc.shard];
+    let info = &shard.header.tensors[loc.entry];
+    let offset = shard.header.data_start() + info.start + at;
+    shard.file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::InputChanged {
+                path: shard.path.clone(),
+                reason: format!(
+                    "the file ends before the data of tensor '{name}' (at byte {offset}): truncated while being read?"
+                ),
+            }
+        } else {
+            Error::io(&shard.path, "reading tensor data", e)
+        }
+    })
+}
+
+fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
+    let alpha = run.plan.alpha;
+    for mut job in input {
+        if let Op::Expo(dtype) = job.op {
+            let Slot { aligned, sft, out } = &mut job.slot;
+            let n = job.len;
+            kernel::expo(
+                run.settings.isa,
+                dtype,
+                alpha,
+                &aligned[..n],
+                &sft[..n],
+                &mut out[..n],
+            );
+        }
+        if output.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+/// Puts chunks back in order and feeds them to the sink, shard by shard.
+fn write_stage(
+    run: &Run,
+    input: Receiver<Job>,
+    pool: Sender<Slot>,
+    sink: &mut dyn ShardSink,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut pending: BTreeMap<u64, Job> = BTreeMap::new();
+    let mut next = 0u64;
+    for &s in run.shards {
+        let shard = &run.plan.shards[s];
+        sink.begin(shard)?;
+        let mut written = 0u64;
+        while written < shard.data_len {
+            let job = match pending.remove(&next) {
+                Some(job) => job,
+                None => {
+                    let Ok(job) = input.recv() else {
+                        // Upstream stopped early; its error (or the signal) says why.
+                        run.cancel.check()?;
+                        return Err(Error::Usage("the read stage stopped early".into()));
+                    };
+                    if job.seq != next {
+                        pending.insert(job.seq, job);
+                        continue;
+                    }
+                    job
+                }
+            };
+            run.cancel.check()?;
+            sink.write(job.output())?;
+            written += job.len as u64;
+            progress.advance(job.len as u64);
+            next += 1;
+            // The pool is never full while this slot is out, and nobody else closes it.
+            let _ = pool.send(job.slot);
+        }
+        run.sft.check_unchanged()?;
+        run.aligned.check_unchanged()?;
+        sink.finish(shard)?;
+    }
+    Ok(())
+}

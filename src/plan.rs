@@ -1,0 +1,529 @@
+//! The plan: what a merge will write, decided from the input headers and options alone.
+//!
+//! [`Plan::expo`] matches the two models tensor by tensor (reporting every mismatch at once),
+//! lays out the output shards and their headers byte for byte, and fingerprints the whole. It
+//! is deterministic — the same inputs and options give the same plan on any machine — which is
+//! what lets partitioned runs ([`Part`]) coordinate without talking, and lets a resumed run
+//! trust what an earlier one wrote. Nothing here reads tensor data or writes a file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Mismatch, Result};
+use crate::format::header::{self, TensorInfo};
+use crate::format::index::{self, INDEX_FILE};
+use crate::format::Dtype;
+use crate::kernel::FloatDtype;
+use crate::model::{Model, TensorLoc};
+
+/// The tool's name and version, as recorded in provenance.
+pub const TOOL: &str = concat!("mergestream ", env!("CARGO_PKG_VERSION"));
+/// The provenance file in an output directory.
+pub const PROVENANCE_FILE: &str = "mergestream.json";
+/// The checksum manifest in an output directory.
+pub const MANIFEST_FILE: &str = "checksums.b3";
+
+/// What is done to one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `aligned + alpha * (aligned - sft)`, in f32, rounded to the dtype.
+    Expo(FloatDtype),
+    /// Copied from the aligned model unchanged (integer and boolean buffers).
+    Copy,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub nbytes: u64,
+    pub op: Op,
+    pub aligned: TensorLoc,
+    /// The SFT model's tensor, for merged tensors.
+    pub sft: Option<TensorLoc>,
+}
+
+/// One output shard: its name, its tensors (a range of [`Plan::tensors`]) and its header bytes.
+#[derive(Debug, Clone)]
+pub struct OutShard {
+    pub name: String,
+    pub tensors: std::ops::Range<usize>,
+    /// Length prefix, header JSON and padding: everything before the data section.
+    pub prefix: Vec<u8>,
+    pub data_len: u64,
+}
+
+impl OutShard {
+    pub fn file_len(&self) -> u64 {
+        self.prefix.len() as u64 + self.data_len
+    }
+}
+
+/// A non-weight file of the aligned model (config, tokenizer, …) copied to the output.
+#[derive(Debug, Clone)]
+pub struct ExtraFile {
+    pub name: String,
+    pub source: PathBuf,
+    pub size: u64,
+}
+
+/// One of `count` partitions of a run: `--part index/count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Part {
+    /// The whole run.
+    pub const WHOLE: Part = Part { index: 0, count: 1 };
+
+    /// Parses `I/N` with `0 <= I < N`.
+    pub fn parse(text: &str) -> std::result::Result<Part, String> {
+        let bad = || format!("'{text}' is not a part: use I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Part { index, count })
+    }
+
+    /// `part-I-of-N`, for file names.
+    pub fn tag(self) -> String {
+        format!("part-{}-of-{}", self.index, self.count)
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// The complete description of an output.
+#[derive(Debug)]
+pub struct Plan {
+    pub alpha: f32,
+    pub tensors: Vec<PlannedTensor>,
+    pub shards: Vec<OutShard>,
+    pub extra_files: Vec<ExtraFile>,
+    /// Files of the aligned model directory that are not copied, with why.
+    pub skipped_files: Vec<(String, &'static str)>,
+    /// Bytes of tensor data (the index's `total_size`).
+    pub total_size: u64,
+    /// The index JSON, for sharded outputs.
+    pub index_json: Option<String>,
+    /// The `mergestream.json` provenance text.
+    pub provenance_json: String,
+    /// blake3 over everything that determines the output bytes, in hex.
+    pub fingerprint: String,
+}
+
+impl Plan {
+    /// Plans `aligned + alpha * (aligned - sft)` for every tensor.
+    pub fn expo(sft: &Model, aligned: &Model, alpha: f32, max_shard_size: u64) -> Result<Plan> {
+        if !alpha.is_finite() {
+            return Err(Error::Usage(format!(
+                "alpha {alpha} is not a finite number"
+            )));
+        }
+        let tensors = match_models(sft, aligned)?;
+        let alpha_text = format!("{alpha}");
+        let inputs = |m: &Model| {
+            serde_json::to_string(
+                &m.file_list()
+                    .into_iter()
+                    .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("serializing JSON cannot fail")
+        };
+        let metadata = vec![
+            ("format".to_string(), "pt".to_string()),
+            ("mergestream.tool".into(), TOOL.into()),
+            ("mergestream.method".into(), "expo".into()),
+            ("mergestream.alpha".into(), alpha_text.clone()),
+            ("mergestream.sft".into(), inputs(sft)),
+            ("mergestream.aligned".into(), inputs(aligned)),
+        ];
+        let shards = lay_out(&tensors, &metadata, max_shard_size);
+        let total_size = tensors.iter().map(|t| t.nbytes).sum();
+        let index_json = (shards.len() > 1).then(|| {
+            let map: BTreeMap<String, String> = shards
+                .iter()
+                .flat_map(|s| {
+                    tensors[s.tensors.clone()]
+                        .iter()
+                        .map(|t| (t.name.clone(), s.name.clone()))
+                })
+                .collect();
+            index::encode(total_size, &map)
+        });
+        let (extra_files, skipped_files) = extra_files(aligned)?;
+
+        let files = |m: &Model| -> Vec<serde_json::Value> {
+            m.file_list()
+                .into_iter()
+                .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
+                .collect()
+        };
+        let alpha_json: serde_json::Value = alpha_text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number);
+        let provenance = serde_json::json!({
+            "tool": TOOL,
+            "method": "expo",
+            "formula": "aligned + alpha * (aligned - sft), computed in f32 without fusion, rounded to nearest even",
+            "alpha": alpha_json,
+            "inputs": {
+                "sft": { "files": files(sft) },
+                "aligned": { "files": files(aligned) },
+            },
+            "output": {
+                "tensors": tensors.len(),
+                "shards": shards.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                "total_size": total_size,
+            },
+        });
+        let mut provenance_json =
+            serde_json::to_string_pretty(&provenance).expect("serializing JSON cannot fail");
+        provenance_json.push('\n');
+
+        let mut plan = Plan {
+            alpha,
+            tensors,
+            shards,
+            extra_files,
+            skipped_files,
+            total_size,
+            index_json,
+            provenance_json,
+            fingerprint: String::new(),
+        };
+        plan.fingerprint = fingerprint(&plan, &[sft, aligned])?;
+        Ok(plan)
+    }
+
+    /// Output shards written by `part`, balanced by bytes: largest first, each to the part with
+    /// the fewest bytes so far (ties to the lowest part). Returned in shard order.
+    pub fn shards_of(&self, part: Part) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.shards.len()).collect();
+        order.sort_by_key(|&s| (std::cmp::Reverse(self.shards[s].file_len()), s));
+        let mut load = vec![0u64; part.count as usize];
+        let mut mine = Vec::new();
+        for s in order {
+            let target = (0..load.len())
+                .min_by_key(|&p| (load[p], p))
+                .expect("count >= 1");
+            load[target] += self.shards[s].file_len();
+            if target == part.index as usize {
+                mine.push(s);
+            }
+        }
+        mine.sort_unstable();
+        mine
+    }
+
+    /// Every file name the finished output directory holds, checksums manifest excluded.
+    pub fn output_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shards.iter().map(|s| s.name.clone()).collect();
+        if self.index_json.is_some() {
+            names.push(INDEX_FILE.into());
+        }
+        names.push(PROVENANCE_FILE.into());
+        names.extend(self.extra_files.iter().map(|f| f.name.clone()));
+        names.sort();
+        names
+    }
+}
+
+fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
+    let mut problems = Vec::new();
+    let mut tensors = Vec::with_capacity(aligned.tensor_count());
+    for (loc, t) in aligned.tensors() {
+        let Some((sft_loc, s)) = sft.get(&t.name) else {
+            problems.push(Mismatch {
+                tensor: t.name.clone(),
+                problem: "missing from the SFT model (--sft)".into(),
+            });
+            continue;
+        };
+        if s.shape != t.shape {
+            problems.push(Mismatch {
+                tensor: t.name.clone(),
+                problem: format!(
+                    "shape {:?} in --aligned but {:?} in --sft",
+                    t.shape, s.shape
+                ),
+            });
+        }
+        if s.dtype != t.dtype {
+            problems.push(Mismatch {
+                tensor: t.name.clone(),
+                problem: format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
+            });
+        }
+        let op = match t.dtype.mergeable() {
+            Some(float) => Op::Expo(float),
+            None if t.dtype.is_integer() => Op::Copy,
+            None => {
+                problems.push(Mismatch {
+                    tensor: t.name.clone(),
+                    problem: format!(
+                        "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
+                        t.dtype
+                    ),
+                });
+                continue;
+            }
+        };
+        tensors.push(PlannedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            nbytes: t.nbytes(),
+            op,
+            aligned: loc,
+            sft: matches!(op, Op::Expo(_)).then_some(sft_loc),
+        });
+    }
+    for (_, s) in sft.tensors() {
+        if aligned.get(&s.name).is_none() {
+            problems.push(Mismatch {
+                tensor: s.name.clone(),
+                problem: "missing from the aligned model (--aligned)".into(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(tensors)
+    } else {
+        problems.sort();
+        Err(Error::Mismatch { problems })
+    }
+}
+
+/// Splits `tensors` greedily into shards of at most `max_shard_size` data bytes (a larger tensor
+/// gets a shard of its own), as `transformers` does, and encodes each shard's header.
+fn lay_out(
+    tensors: &[PlannedTensor],
+    metadata: &[(String, String)],
+    max_shard_size: u64,
+) -> Vec<OutShard> {
+    let mut ranges = Vec::new();
+    let (mut start, mut size) = (0usize, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        if i > start && size + t.nbytes > max_shard_size {
+            ranges.push(start..i);
+            start = i;
+            size = 0;
+        }
+        size += t.nbytes;
+    }
+    ranges.push(start..tensors.len());
+    let count = ranges.len();
+    ranges
+        .into_iter()
+        .enumerate()
+        .map(|(k, range)| {
+            let mut offset = 0;
+            let infos: Vec<TensorInfo> = tensors[range.clone()]
+                .iter()
+                .map(|t| {
+                    let info = TensorInfo {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        start: offset,
+                        end: offset + t.nbytes,
+                    };
+                    offset += t.nbytes;
+                    info
+                })
+                .collect();
+            OutShard {
+                name: shard_name(k, count),
+                tensors: range,
+                prefix: header::encode(metadata, &infos),
+                data_len: offset,
+            }
+        })
+        .collect()
+}
+
+/// `model.safetensors`, or `model-00001-of-00003.safetensors`.
+pub fn shard_name(k: usize, count: usize) -> String {
+    if count == 1 {
+        crate::model::SINGLE_FILE.into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, count)
+    }
+}
+
+/// Whether a file of a model directory holds weights (in any format) or is an index of them.
+fn is_weight_file(name: &str) -> bool {
+    const WEIGHT_SUFFIXES: [&str; 12] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".onnx",
+        ".ot",
+        ".pkl",
+        ".index.json",
+    ];
+    WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// The aligned model's non-weight files at the top of its directory (a model named as a single
+/// file has none), sorted by name.
+fn extra_files(aligned: &Model) -> Result<(Vec<ExtraFile>, Vec<(String, &'static str)>)> {
+    let (mut files, mut skipped) = (Vec::new(), Vec::new());
+    if aligned.path.is_file() {
+        return Ok((files, skipped));
+    }
+    let dir = &aligned.dir;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(dir, "listing model directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "listing model directory", e))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            skipped.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                "name is not UTF-8",
+            ));
+            continue;
+        };
+        if name.starts_with('.')
+            || is_weight_file(&name)
+            || name == PROVENANCE_FILE
+            || name == MANIFEST_FILE
+        {
+            continue;
+        }
+        let source = entry.path();
+        let Ok(meta) = std::fs::metadata(&source) else {
+            skipped.push((name, "cannot be read (broken link?)"));
+            continue;
+        };
+        if meta.is_dir() {
+            skipped.push((name, "is a directory"));
+        } else if name.contains(['\n', '\r', '\\']) {
+            skipped.push((name, "name has characters checksum lines cannot hold"));
+        } else if meta.is_file() {
+            files.push(ExtraFile {
+                name,
+                source,
+                size: meta.len(),
+            });
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    skipped.sort();
+    Ok((files, skipped))
+}
+
+/// How much of each end of an input's data section the fingerprint samples.
+const SAMPLE: u64 = 1 << 20;
+
+/// blake3 over everything that decides the output's bytes: the tool, the output layout (every
+/// shard header, which holds the method, alpha and input file list), the input headers, a sample
+/// of each input's data (so two fine-tunes of one architecture differ) and the copied files.
+fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mergestream plan v1\0");
+    h.update(TOOL.as_bytes());
+    for shard in &plan.shards {
+        h.update(shard.name.as_bytes());
+        h.update(&shard.prefix);
+    }
+    h.update(plan.index_json.as_deref().unwrap_or("").as_bytes());
+    h.update(plan.provenance_json.as_bytes());
+    let mut buf = vec![0u8; SAMPLE as usize];
+    for model in inputs {
+        for shard in &model.shards {
+            h.update(shard.name.as_bytes());
+            h.update(&shard.len().to_le_bytes());
+            h.update(&shard.header.digest);
+            let (start, len) = (shard.header.data_start(), shard.header.data_len);
+            let head = len.min(SAMPLE);
+            let tail_start = start + len - len.min(SAMPLE);
+            for (at, n) in [(start, head), (tail_start, len.min(SAMPLE))] {
+                let buf = &mut buf[..n as usize];
+                shard
+                    .file
+                    .read_exact_at(buf, at)
+                    .map_err(|e| Error::io(&shard.path, "reading data", e))?;
+                h.update(buf);
+            }
+        }
+    }
+    for f in &plan.extra_files {
+        h.update(f.name.as_bytes());
+        h.update(&f.size.to_le_bytes());
+        hash_file_into(&f.source, &mut h)?;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn hash_file_into(path: &Path, h: &mut blake3::Hasher) -> Result<()> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io(path, "reading", e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_parse() {
+        assert_eq!(Part::parse("2/7"), Ok(Part { index: 2, count: 7 }));
+        for bad in ["7/7", "1/0", "x/2", "3", "-1/2"] {
+            assert!(Part::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn weight_files() {
+        for w in [
+            "model.safetensors",
+            "pytorch_model-00001-of-00002.bin",
+            "model.safetensors.index.json",
+            "consolidated.00.pth",
+        ] {
+            assert!(is_weight_file(w), "{w}");
+        }
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "generation_config.json",
+        ] {
+            assert!(!is_weight_file(f), "{f}");
+        }
+    }
+}

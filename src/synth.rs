@@ -1,0 +1,346 @@
+//! Synthetic checkpoint pairs shaped like real models, for examples, tests and benchmarks.
+//!
+//! `write_pair` writes `OUT/sft` and `OUT/aligned`: the same tensors (Llama/Mistral names and
+//! shapes), the aligned one a small perturbation of the SFT one, laid out in *different* shard
+//! splits and tensor orders, with `config.json` and tokenizer stand-ins beside them. Values come
+//! from a seeded generator, so a pair is reproducible. This module has its own minimal
+//! safetensors writer, independent of the merge's, so the merge is tested against files it did
+//! not make.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+
+/// Dimensions of a decoder-only transformer in the Llama family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub vocab: u64,
+    /// Width of the k and v projections (kv heads × head dim).
+    pub kv: u64,
+    pub layers: u64,
+}
+
+/// Named shapes: real models' widths, and tiny ones for tests.
+pub fn preset(name: &str) -> Option<Shape> {
+    let s = |hidden, intermediate, vocab, kv, layers| Shape {
+        hidden,
+        intermediate,
+        vocab,
+        kv,
+        layers,
+    };
+    Some(match name {
+        "tiny-llama" => s(64, 176, 320, 32, 2),
+        "tiny-mistral" => s(96, 256, 250, 48, 3),
+        "llama3-8b" => s(4096, 14336, 128256, 1024, 32),
+        "mistral-7b" => s(4096, 14336, 32000, 1024, 32),
+        "llama3-70b" => s(8192, 28672, 128256, 1024, 80),
+        _ => return None,
+    })
+}
+
+pub const PRESETS: &str = "tiny-llama, tiny-mistral, llama3-8b, mistral-7b, llama3-70b";
+
+/// How to make a pair.
+#[derive(Debug, Clone)]
+pub struct PairSpec {
+    pub shape: Shape,
+    pub dtype: Dtype,
+    pub seed: u64,
+    pub sft_shards: usize,
+    pub aligned_shards: usize,
+    /// Sprinkle NaN, ±Inf, ±0, subnormals and extremes into both models.
+    pub specials: bool,
+    /// Add an I64 buffer (copied, not merged).
+    pub int_buffer: bool,
+}
+
+struct Tensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+}
+
+impl Tensor {
+    fn nbytes(&self) -> u64 {
+        self.shape.iter().product::<u64>() * self.dtype.size() as u64
+    }
+}
+
+fn tensors(spec: &PairSpec) -> Vec<Tensor> {
+    let Shape {
+        hidden: h,
+        intermediate: i,
+        vocab: v,
+        kv,
+        layers,
+    } = spec.shape;
+    let t = |name: String, shape: Vec<u64>| Tensor {
+        name,
+        dtype: spec.dtype,
+        shape,
+    };
+    let mut out = vec![t("model.embed_tokens.weight".into(), vec![v, h])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.");
+        out.push(t(format!("{p}self_attn.q_proj.weight"), vec![h, h]));
+        out.push(t(format!("{p}self_attn.k_proj.weight"), vec![kv, h]));
+        out.push(t(format!("{p}self_attn.v_proj.weight"), vec![kv, h]));
+        out.push(t(format!("{p}self_attn.o_proj.weight"), vec![h, h]));
+        out.push(t(format!("{p}mlp.gate_proj.weight"), vec![i, h]));
+        out.push(t(format!("{p}mlp.up_proj.weight"), vec![i, h]));
+        out.push(t(format!("{p}mlp.down_proj.weight"), vec![h, i]));
+        out.push(t(format!("{p}input_layernorm.weight"), vec![h]));
+        out.push(t(format!("{p}post_attention_layernorm.weight"), vec![h]));
+    }
+    out.push(t("model.norm.weight".into(), vec![h]));
+    out.push(t("lm_head.weight".into(), vec![v, h]));
+    if spec.int_buffer {
+        out.push(Tensor {
+            name: "model.position_ids".into(),
+            dtype: Dtype::I64,
+            shape: vec![1, 64],
+        });
+    }
+    out
+}
+
+/// Where each tensor lands in one model's files.
+struct Layout {
+    /// Shard file names, with the tensors (indices) each holds in data order.
+    shards: Vec<(String, Vec<usize>)>,
+    /// Per tensor: (shard, absolute file offset).
+    place: Vec<(usize, u64)>,
+    prefixes: Vec<Vec<u8>>,
+}
+
+fn lay_out(tensors: &[Tensor], order: &[usize], shards: usize) -> Layout {
+    let total: u64 = tensors.iter().map(Tensor::nbytes).sum();
+    let target = total.div_ceil(shards.max(1) as u64).max(1);
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0;
+    for &t in order {
+        if size >= target && groups.len() < shards {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        groups.last_mut().expect("one group at least").push(t);
+        size += tensors[t].nbytes();
+    }
+    let n = groups.len();
+    let mut place = vec![(0, 0); tensors.len()];
+    let mut prefixes = Vec::new();
+    let mut names = Vec::new();
+    for (k, group) in groups.iter().enumerate() {
+        // Header keys sorted by name, as the Python safetensors package writes them; data in
+        // group order.
+        let mut offsets = BTreeMap::new();
+        let mut at = 0;
+        for &t in group {
+            offsets.insert(tensors[t].name.clone(), (t, at, at + tensors[t].nbytes()));
+            at += tensors[t].nbytes();
+        }
+        let mut json = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+        for (name, (t, start, end)) in &offsets {
+            let shape: Vec<String> = tensors[*t].shape.iter().map(u64::to_string).collect();
+            json += &format!(
+                ",{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{start},{end}]}}",
+                serde_json::to_string(name).expect("strings serialize"),
+                tensors[*t].dtype.name(),
+                shape.join(",")
+            );
+        }
+        json.push('}');
+        while (8 + json.len()) % 8 != 0 {
+            json.push(' ');
+        }
+        let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
+        prefix.extend_from_slice(json.as_bytes());
+        for (t, start, _) in offsets.values() {
+            place[*t] = (k, prefix.len() as u64 + start);
+        }
+        prefixes.push(prefix);
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        names.push(name);
+    }
+    Layout {
+        shards: names.into_iter().zip(groups).collect(),
+        place,
+        prefixes,
+    }
+}
+
+/// Writes a model pair under `out` (`out/sft`, `out/aligned`) and returns their data size.
+pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
+    let tensors = tensors(spec);
+    let forward: Vec<usize> = (0..tensors.len()).collect();
+    // The aligned model stores its tensors in another order (lm_head and the last layers
+    // first), as re-saved checkpoints often do.
+    let reversed: Vec<usize> = forward.iter().rev().copied().collect();
+    let layouts = [
+        ("sft", lay_out(&tensors, &forward, spec.sft_shards)),
+        ("aligned", lay_out(&tensors, &reversed, spec.aligned_shards)),
+    ];
+    let mut files: Vec<Vec<File>> = Vec::new();
+    for (role, layout) in &layouts {
+        let dir = out.join(role);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "creating", e))?;
+        let mut handles = Vec::new();
+        for ((name, group), prefix) in layout.shards.iter().zip(&layout.prefixes) {
+            let path = dir.join(name);
+            let file = File::create(&path).map_err(|e| Error::io(&path, "creating", e))?;
+            let len = prefix.len() as u64 + group.iter().map(|&t| tensors[t].nbytes()).sum::<u64>();
+            file.set_len(len)
+                .map_err(|e| Error::io(&path, "sizing", e))?;
+            file.write_all_at(prefix, 0)
+                .map_err(|e| Error::io(&path, "writing", e))?;
+            handles.push(file);
+        }
+        if layout.shards.len() > 1 {
+            let mut map = BTreeMap::new();
+            for (name, group) in &layout.shards {
+                for &t in group {
+                    map.insert(tensors[t].name.clone(), name.clone());
+                }
+            }
+            let total: u64 = tensors.iter().map(Tensor::nbytes).sum();
+            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
+            write_text(
+                &dir.join("model.safetensors.index.json"),
+                &serde_json::to_string_pretty(&index).expect("json"),
+            )?;
+        }
+        write_side_files(&dir, role, spec)?;
+        files.push(handles);
+    }
+
+    let mut rng = Rng(spec.seed ^ 0x9E37_79B9_7F4A_7C15);
+    const CHUNK: u64 = 1 << 20;
+    let mut s_bytes = Vec::new();
+    let mut a_bytes = Vec::new();
+    for (t, tensor) in tensors.iter().enumerate() {
+        let elem = tensor.dtype.size() as u64;
+        let numel = tensor.nbytes() / elem;
+        let mut done = 0;
+        while done < numel {
+            let n = (numel - done).min(CHUNK);
+            s_bytes.clear();
+            a_bytes.clear();
+            for _ in 0..n {
+                let (s, a) = sample(&mut rng, tensor.dtype, spec.specials);
+                s_bytes.extend_from_slice(&s[..elem as usize]);
+                a_bytes.extend_from_slice(&a[..elem as usize]);
+            }
+            for (m, bytes) in [(0, &s_bytes), (1, &a_bytes)] {
+                let (shard, offset) = layouts[m].1.place[t];
+                files[m][shard]
+                    .write_all_at(bytes, offset + done * elem)
+                    .map_err(|e| Error::io(out.join(layouts[m].0), "writing", e))?;
+            }
+            done += n;
+        }
+    }
+    Ok(tensors.iter().map(Tensor::nbytes).sum())
+}
+
+/// One element of each model, as little-endian bytes (first `dtype.size()` bytes used).
+fn sample(rng: &mut Rng, dtype: Dtype, specials: bool) -> ([u8; 8], [u8; 8]) {
+    let r = rng.next();
+    let s = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.12;
+    let delta = (((r >> 16) & 0xFFFF) as f32 / 65536.0 - 0.5) * 0.004;
+    let (mut s, mut a) = (encode(dtype, s), encode(dtype, s + delta));
+    if specials && r % 61 == 0 {
+        let pick = rng.next();
+        let special = SPECIALS[(pick % SPECIALS.len() as u64) as usize];
+        let bits = encode(dtype, f32::from_bits(special));
+        if pick & (1 << 40) != 0 {
+            s = bits;
+        } else {
+            a = bits;
+        }
+    }
+    (s, a)
+}
+
+/// f32 bit patterns of the values arithmetic gets wrong most easily.
+const SPECIALS: [u32; 12] = [
+    0x7FC0_0000, // NaN
+    0xFFC0_1234, // negative NaN with payload
+    0x7F80_0000, // +Inf
+    0xFF80_0000, // -Inf
+    0x0000_0000, // +0
+    0x8000_0000, // -0
+    0x0001_0000, // subnormal (also in bf16)
+    0x8000_0001, // smallest negative subnormal (f32 only)
+    0x7F7F_0000, // near the bf16 maximum: overflows when extrapolated
+    0x477F_E000, // near the f16 maximum
+    0x3F80_8000, // a bf16 rounding tie
+    0x0080_0000, // smallest normal
+];
+
+fn encode(dtype: Dtype, value: f32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    match dtype {
+        Dtype::BF16 => out[..2].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes()),
+        Dtype::F16 => out[..2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes()),
+        Dtype::F32 => out[..4].copy_from_slice(&value.to_le_bytes()),
+        Dtype::I64 => out.copy_from_slice(&((value * 1e6) as i64).to_le_bytes()),
+        other => unreachable!("synth makes no {other} tensors"),
+    }
+    out
+}
+
+fn write_side_files(dir: &Path, role: &str, spec: &PairSpec) -> Result<()> {
+    let s = spec.shape;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "vocab_size": s.vocab,
+        "num_hidden_layers": s.layers,
+        "torch_dtype": match spec.dtype { Dtype::BF16 => "bfloat16", Dtype::F16 => "float16", _ => "float32" },
+        "_synthetic": format!("mergestream synth, {role} model, seed {}", spec.seed),
+    });
+    write_text(
+        &dir.join("config.json"),
+        &serde_json::to_string_pretty(&config).expect("json"),
+    )?;
+    write_text(
+        &dir.join("generation_config.json"),
+        "{\n  \"do_sample\": true,\n  \"temperature\": 0.6\n}\n",
+    )?;
+    write_text(
+        &dir.join("tokenizer_config.json"),
+        &format!("{{\n  \"chat_template\": \"{role}: {{{{ messages }}}}\"\n}}\n"),
+    )?;
+    write_text(
+        &dir.join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\"}}\n",
+    )
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, "writing", e))
+}
+
+/// wyrand: fast, seedable, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xA076_1D64_78BD_642F);
+        let t = (self.0 as u128) * ((self.0 ^ 0xE703_7ED1_A0B4_28DB) as u128);
+        ((t >> 64) ^ t) as u64
+    }
+}
