@@ -1,0 +1,210 @@
+//! Shared helpers for the end-to-end tests: run the binary, make inputs, read outputs with an
+//! independent reader (the `safetensors` crate), and compute the ExPO reference independently of
+//! the tool's kernel (with the `half` crate's conversions).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mergestream"))
+}
+
+/// Runs `mergestream ARGS`, returning its output (whatever the exit status).
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("the mergestream binary runs")
+}
+
+/// Runs `mergestream ARGS` and panics with its stderr unless it succeeds.
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "mergestream {args:?} failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("mergestream-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// `mergestream synth DIR EXTRA...` (writes DIR/sft and DIR/aligned).
+pub fn synth(dir: &Path, extra: &[&str]) {
+    let mut args = vec!["synth", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_ok(&args);
+}
+
+/// `mergestream expo --sft DIR/sft --aligned DIR/aligned --alpha ALPHA --out OUT --quiet EXTRA...`.
+pub fn expo_args<'a>(pair: &'a str, out: &'a str, alpha: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "expo".into(),
+        "--sft".into(),
+        format!("{pair}/sft"),
+        "--aligned".into(),
+        format!("{pair}/aligned"),
+        "--alpha".into(),
+        alpha.into(),
+        "--out".into(),
+        out.into(),
+        "--quiet".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+pub fn expo(pair: &Path, out: &Path, alpha: &str, extra: &[&str]) -> Output {
+    let args = expo_args(pair.to_str().unwrap(), out.to_str().unwrap(), alpha, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&refs)
+}
+
+/// One tensor as an independent reader sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Every tensor of a model directory (index + shards, or one model.safetensors), read with the
+/// `safetensors` crate.
+pub fn load_model(dir: &Path) -> BTreeMap<String, Tensor> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        let mut names: Vec<String> = json["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut out = BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
+        for (name, view) in st.tensors() {
+            let prev = out.insert(
+                name.clone(),
+                Tensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                },
+            );
+            assert!(prev.is_none(), "{name} appears in two shards");
+        }
+    }
+    out
+}
+
+/// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN.
+pub fn expo_element(dtype: safetensors::Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
+    use safetensors::Dtype as D;
+    let to_f32 = |b: &[u8]| match dtype {
+        D::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        D::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        D::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        other => panic!("no reference for {other:?}"),
+    };
+    let (a, s) = (to_f32(a), to_f32(s));
+    let d = a - s;
+    let t = alpha * d;
+    let o = a + t;
+    match dtype {
+        D::BF16 if o.is_nan() => 0x7FC0u16.to_le_bytes().to_vec(),
+        D::F16 if o.is_nan() => 0x7E00u16.to_le_bytes().to_vec(),
+        D::F32 if o.is_nan() => 0x7FC0_0000u32.to_le_bytes().to_vec(),
+        D::BF16 => half::bf16::from_f32(o).to_le_bytes().to_vec(),
+        D::F16 => half::f16::from_f32(o).to_le_bytes().to_vec(),
+        _ => o.to_le_bytes().to_vec(),
+    }
+}
+
+/// Checks every tensor of the merged model at `out` against the reference computed from the
+/// pair at `pair`; integer tensors must equal the aligned model's. Returns the tensor count.
+pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
+    let sft = load_model(&pair.join("sft"));
+    let aligned = load_model(&pair.join("aligned"));
+    let merged = load_model(out);
+    assert_eq!(
+        merged.keys().collect::<Vec<_>>(),
+        aligned.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
+    for (name, m) in &merged {
+        let (a, s) = (&aligned[name], &sft[name]);
+        assert_eq!(m.dtype, a.dtype, "{name}: dtype");
+        assert_eq!(m.shape, a.shape, "{name}: shape");
+        let size = m.dtype.size();
+        let float = matches!(
+            m.dtype,
+            safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
+        );
+        if !float {
+            assert_eq!(m.data, a.data, "{name}: copied tensor differs from --aligned");
+            continue;
+        }
+        assert_eq!(m.data.len(), a.data.len(), "{name}: byte length");
+        for (i, ((mo, ao), so)) in m
+            .data
+            .chunks_exact(size)
+            .zip(a.data.chunks_exact(size))
+            .zip(s.data.chunks_exact(size))
+            .enumerate()
+        {
+            let want = expo_element(m.dtype, alpha, ao, so);
+            assert_eq!(
+                mo, &want[..],
+                "{name}[{i}]: got {mo:02x?}, want {want:02x?} (aligned {ao:02x?}, sft {so:02x?})"
+            );
+        }
+    }
+    merged.len()
+}
+
+/// blake3 of every file in `dir` (top level), by name.
+pub fn tree_digest(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let digest = if path.is_dir() {
+            "<dir>".to_string()
+        } else {
+            blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
+        };
+        out.insert(name, digest);
+    }
+    out
+}
+
+/// Panics unless `a` and `b` hold the same files with the same bytes.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert_eq!(tree_digest(a), tree_digest(b), "{} and {} differ", a.display(), b.display());
+}
