@@ -14,6 +14,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
+#[doc(hidden)]
+pub mod failpoint;
 pub mod format;
 pub mod kernel;
 pub mod manifest;
@@ -134,6 +136,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     }
     dir.complete()?;
     drop(dir);
+    failpoint::hit("before-finalize", &|| false);
     let finalized = job.part == Part::WHOLE;
     if finalized {
         output::finalize(&job.out, Some(Part::WHOLE))?;

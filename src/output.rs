@@ -103,16 +103,7 @@ impl OutputDir {
     /// Creates or opens `out` for `part` of `plan`, applying `existing`.
     pub fn open(out: &Path, plan: &Plan, part: Part, existing: Existing) -> Result<OutputDir> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
-        let work = out.join(WORK_DIR);
-        std::fs::create_dir_all(&work)
-            .map_err(|e| Error::io(&work, "creating work directory", e))?;
-        let lock = lock(
-            &work.join(format!("{}.lock", part.tag())),
-            out,
-            &format!("part {part}"),
-        )?;
-        remove_temporaries(&work, part)?;
-
+        // Look before touching anything, so a refusal leaves the directory as it was.
         let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
         let writes: BTreeSet<&str> = plan
             .shards
@@ -127,27 +118,30 @@ impl OutputDir {
                 .file_name()
                 .to_string_lossy()
                 .into_owned();
-            if name != WORK_DIR && !writes.contains(name.as_str()) {
+            if name != WORK_DIR && !writes.contains(name.as_str()) && !ours.contains(&name) {
                 foreign.push(name);
             }
         }
         foreign.sort();
-        if !foreign.is_empty() {
-            if existing != Existing::Overwrite {
-                let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
-                let more = if foreign.len() > 5 { ", …" } else { "" };
-                return Err(Error::output(
-                    out,
-                    format!(
-                        "is not empty (holds {}{more}); pass --force to replace earlier output",
-                        shown.join(", ")
-                    ),
-                ));
-            }
-            for name in &foreign {
-                if looks_like_output(name) || ours.contains(name) {
-                    remove(&out.join(name))?;
-                }
+        if !foreign.is_empty() && existing != Existing::Overwrite {
+            let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+            let more = if foreign.len() > 5 { ", …" } else { "" };
+            return Err(Error::output(
+                out,
+                format!(
+                    "is not empty (holds {}{more}); pass --force to replace earlier output",
+                    shown.join(", ")
+                ),
+            ));
+        }
+        let work = out.join(WORK_DIR);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| Error::io(&work, "creating work directory", e))?;
+        let lock = lock(&work.join(format!("{}.lock", part.tag())), out, &format!("part {part}"))?;
+        remove_temporaries(&work, part)?;
+        for name in &foreign {
+            if looks_like_output(name) {
+                remove(&out.join(name))?;
             }
         }
 
@@ -334,6 +328,7 @@ impl ShardSink for ShardWriter<'_> {
         let file = self.current.take().expect("finish follows begin");
         debug_assert_eq!(file.written, shard.file_len());
         let record = file.persist()?;
+        crate::failpoint::hit("shard-renamed", &|| false);
         self.dir.add(record)
     }
 }

@@ -303,7 +303,8 @@ fn write_stage(
 ) -> Result<()> {
     let mut pending: BTreeMap<u64, Job> = BTreeMap::new();
     let mut next = 0u64;
-    for &s in run.shards {
+    let signalled = || run.cancel.signal.load(Ordering::Relaxed) != 0;
+    for (position, &s) in run.shards.iter().enumerate() {
         let shard = &run.plan.shards[s];
         sink.begin(shard)?;
         let mut written = 0u64;
@@ -325,6 +326,9 @@ fn write_stage(
             };
             run.cancel.check()?;
             sink.write(job.output())?;
+            if written == 0 && position == run.shards.len().min(2) - 1 {
+                crate::failpoint::hit("shard-data", &signalled);
+            }
             written += job.len as u64;
             progress.advance(job.len as u64);
             next += 1;
