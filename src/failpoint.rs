@@ -30,7 +30,8 @@ pub fn hit(name: &str, cancelled: &dyn Fn() -> bool) {
             std::thread::sleep(Duration::from_secs(60));
         }
         "pause" => {
-            let dir = PathBuf::from(std::env::var_os("MERGESTREAM_FAILPOINT_DIR").unwrap_or_default());
+            let dir =
+                PathBuf::from(std::env::var_os("MERGESTREAM_FAILPOINT_DIR").unwrap_or_default());
             let _ = std::fs::write(dir.join(format!("reached-{name}")), b"");
             let go = dir.join(format!("continue-{name}"));
             let started = Instant::now();

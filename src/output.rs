@@ -137,7 +137,11 @@ impl OutputDir {
         let work = out.join(WORK_DIR);
         std::fs::create_dir_all(&work)
             .map_err(|e| Error::io(&work, "creating work directory", e))?;
-        let lock = lock(&work.join(format!("{}.lock", part.tag())), out, &format!("part {part}"))?;
+        let lock = lock(
+            &work.join(format!("{}.lock", part.tag())),
+            out,
+            &format!("part {part}"),
+        )?;
         remove_temporaries(&work, part)?;
         for name in &foreign {
             if looks_like_output(name) {
@@ -473,6 +477,7 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
             name: INDEX_FILE.into(),
             hash,
         });
+        crate::failpoint::hit("finalize-index", &|| false);
     }
     let hash = write_atomic(
         &work,

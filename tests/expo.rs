@@ -23,7 +23,18 @@ fn merge_and_check(synth_args: &[&str], alpha: &str, extra: &[&str]) -> tempfile
 #[test]
 fn llama_bf16_pair_matches_reference_bit_for_bit() {
     merge_and_check(
-        &["--preset", "tiny-llama", "--sft-shards", "3", "--aligned-shards", "2", "--specials", "--int-buffer", "--seed", "11"],
+        &[
+            "--preset",
+            "tiny-llama",
+            "--sft-shards",
+            "3",
+            "--aligned-shards",
+            "2",
+            "--specials",
+            "--int-buffer",
+            "--seed",
+            "11",
+        ],
         "0.3",
         &["--max-shard-size", "100KB"],
     );
@@ -32,7 +43,17 @@ fn llama_bf16_pair_matches_reference_bit_for_bit() {
 #[test]
 fn mistral_bf16_pair_matches_reference_bit_for_bit() {
     merge_and_check(
-        &["--preset", "tiny-mistral", "--sft-shards", "1", "--aligned-shards", "4", "--specials", "--seed", "12"],
+        &[
+            "--preset",
+            "tiny-mistral",
+            "--sft-shards",
+            "1",
+            "--aligned-shards",
+            "4",
+            "--specials",
+            "--seed",
+            "12",
+        ],
         "0.2",
         &[],
     );
@@ -42,7 +63,17 @@ fn mistral_bf16_pair_matches_reference_bit_for_bit() {
 fn f16_and_f32_pairs_match_reference() {
     for dtype in ["F16", "F32"] {
         merge_and_check(
-            &["--preset", "tiny-llama", "--layers", "1", "--dtype", dtype, "--specials", "--seed", "13"],
+            &[
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--dtype",
+                dtype,
+                "--specials",
+                "--seed",
+                "13",
+            ],
             "0.5",
             &["--max-shard-size", "150KB"],
         );
@@ -52,7 +83,19 @@ fn f16_and_f32_pairs_match_reference() {
 #[test]
 fn negative_and_large_alpha_match_reference() {
     for alpha in ["-0.7", "37.5"] {
-        merge_and_check(&["--preset", "tiny-llama", "--layers", "1", "--specials", "--seed", "14"], alpha, &[]);
+        merge_and_check(
+            &[
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--specials",
+                "--seed",
+                "14",
+            ],
+            alpha,
+            &[],
+        );
     }
 }
 
@@ -60,10 +103,22 @@ fn negative_and_large_alpha_match_reference() {
 fn output_is_independent_of_threads_and_chunk_size() {
     let dir = tempdir();
     let pair = dir.path().join("pair");
-    synth(&pair, &["--preset", "tiny-mistral", "--specials", "--int-buffer"]);
+    synth(
+        &pair,
+        &["--preset", "tiny-mistral", "--specials", "--int-buffer"],
+    );
     let reference = dir.path().join("ref");
-    run_ok(&expo_args(pair.to_str().unwrap(), reference.to_str().unwrap(), "0.3", &["--max-shard-size", "200KB"])
-        .iter().map(String::as_str).collect::<Vec<_>>());
+    run_ok(
+        &expo_args(
+            pair.to_str().unwrap(),
+            reference.to_str().unwrap(),
+            "0.3",
+            &["--max-shard-size", "200KB"],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
     for (i, extra) in [
         vec!["--threads", "1"],
         vec!["--threads", "5", "--chunk-size", "4KiB"],
@@ -84,7 +139,11 @@ fn output_is_independent_of_threads_and_chunk_size() {
 
 #[test]
 fn output_is_hugging_face_shaped() {
-    let dir = merge_and_check(&["--preset", "tiny-llama", "--int-buffer"], "0.3", &["--max-shard-size", "100KB"]);
+    let dir = merge_and_check(
+        &["--preset", "tiny-llama", "--int-buffer"],
+        "0.3",
+        &["--max-shard-size", "100KB"],
+    );
     let out = dir.path().join("out");
     let names: Vec<String> = tree_digest(&out).into_keys().collect();
     assert_eq!(
@@ -103,7 +162,8 @@ fn output_is_hugging_face_shaped() {
         ]
     );
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let merged = load_model(&out);
     let total: usize = merged.values().map(|t| t.data.len()).sum();
     assert_eq!(index["metadata"]["total_size"], total as u64);
@@ -123,11 +183,20 @@ fn output_is_hugging_face_shaped() {
         serde_json::from_slice(&std::fs::read(out.join("mergestream.json")).unwrap()).unwrap();
     assert_eq!(provenance["method"], "expo");
     assert_eq!(provenance["alpha"], 0.3);
-    assert!(provenance["inputs"]["sft"]["files"].as_array().unwrap().len() == 3);
+    assert!(
+        provenance["inputs"]["sft"]["files"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    );
     // Non-weight files are the aligned model's.
     let pair = dir.path().join("pair");
     for f in ["config.json", "tokenizer_config.json"] {
-        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(pair.join("aligned").join(f)).unwrap());
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(pair.join("aligned").join(f)).unwrap()
+        );
     }
 }
 
@@ -141,10 +210,23 @@ fn single_shard_output_is_model_safetensors_without_index() {
 
 #[test]
 fn b3sum_checks_the_manifest() {
-    let dir = merge_and_check(&["--preset", "tiny-llama", "--layers", "1"], "0.3", &["--max-shard-size", "60KB"]);
+    let dir = merge_and_check(
+        &["--preset", "tiny-llama", "--layers", "1"],
+        "0.3",
+        &["--max-shard-size", "60KB"],
+    );
     let out = dir.path().join("out");
-    match std::process::Command::new("b3sum").arg("--check").arg("checksums.b3").current_dir(&out).output() {
-        Ok(r) => assert!(r.status.success(), "b3sum --check failed:\n{}", String::from_utf8_lossy(&r.stdout)),
+    match std::process::Command::new("b3sum")
+        .arg("--check")
+        .arg("checksums.b3")
+        .current_dir(&out)
+        .output()
+    {
+        Ok(r) => assert!(
+            r.status.success(),
+            "b3sum --check failed:\n{}",
+            String::from_utf8_lossy(&r.stdout)
+        ),
         Err(_) if std::env::var("CI").as_deref() != Ok("true") => {
             eprintln!("SKIPPED: b3sum is not installed (scripts/test-env.sh installs it)")
         }
@@ -154,9 +236,16 @@ fn b3sum_checks_the_manifest() {
 
 #[test]
 fn verify_catches_a_flipped_byte_a_missing_file_and_an_extra_file() {
-    let dir = merge_and_check(&["--preset", "tiny-llama", "--layers", "1"], "0.3", &["--max-shard-size", "60KB"]);
+    let dir = merge_and_check(
+        &["--preset", "tiny-llama", "--layers", "1"],
+        "0.3",
+        &["--max-shard-size", "60KB"],
+    );
     let out = dir.path().join("out");
-    let name = tree_digest(&out).into_keys().find(|n| n.starts_with("model-00002-of-")).unwrap();
+    let name = tree_digest(&out)
+        .into_keys()
+        .find(|n| n.starts_with("model-00002-of-"))
+        .unwrap();
     let shard = out.join(&name);
     let mut bytes = std::fs::read(&shard).unwrap();
     let at = bytes.len() - 100;
@@ -215,7 +304,10 @@ fn write_single(path: &Path, tensors: &[(&str, &str, Vec<u64>)]) {
         if i > 0 {
             json.push(',');
         }
-        json += &format!("\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{at},{}]}}", at + n);
+        json += &format!(
+            "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{at},{}]}}",
+            at + n
+        );
         at += n;
     }
     json.push('}');
@@ -231,24 +323,37 @@ fn every_mismatch_is_listed_at_once_and_nothing_is_written() {
     let dir = tempdir();
     let sft = dir.path().join("sft/model.safetensors");
     let aligned = dir.path().join("aligned/model.safetensors");
-    write_single(&sft, &[
-        ("same", "BF16", vec![2, 2]),
-        ("only_in_sft", "BF16", vec![2]),
-        ("reshaped", "BF16", vec![4, 2]),
-        ("retyped", "F16", vec![3]),
-        ("wide", "F64", vec![1]),
-    ]);
-    write_single(&aligned, &[
-        ("same", "BF16", vec![2, 2]),
-        ("only_in_aligned", "F32", vec![2]),
-        ("reshaped", "BF16", vec![2, 4]),
-        ("retyped", "BF16", vec![3]),
-        ("wide", "F64", vec![1]),
-    ]);
+    write_single(
+        &sft,
+        &[
+            ("same", "BF16", vec![2, 2]),
+            ("only_in_sft", "BF16", vec![2]),
+            ("reshaped", "BF16", vec![4, 2]),
+            ("retyped", "F16", vec![3]),
+            ("wide", "F64", vec![1]),
+        ],
+    );
+    write_single(
+        &aligned,
+        &[
+            ("same", "BF16", vec![2, 2]),
+            ("only_in_aligned", "F32", vec![2]),
+            ("reshaped", "BF16", vec![2, 4]),
+            ("retyped", "BF16", vec![3]),
+            ("wide", "F64", vec![1]),
+        ],
+    );
     let out = dir.path().join("out");
     let r = run(&[
-        "expo", "--sft", dir.path().join("sft").to_str().unwrap(), "--aligned", dir.path().join("aligned").to_str().unwrap(),
-        "--alpha", "0.3", "--out", out.to_str().unwrap(),
+        "expo",
+        "--sft",
+        dir.path().join("sft").to_str().unwrap(),
+        "--aligned",
+        dir.path().join("aligned").to_str().unwrap(),
+        "--alpha",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
     let err = stderr(&r);
@@ -262,7 +367,10 @@ fn every_mismatch_is_listed_at_once_and_nothing_is_written() {
     ] {
         assert!(err.contains(expect), "missing {expect:?} in:\n{err}");
     }
-    assert!(!out.exists(), "a failed plan must not create the output directory");
+    assert!(
+        !out.exists(),
+        "a failed plan must not create the output directory"
+    );
 }
 
 #[test]
@@ -275,8 +383,16 @@ fn refuses_a_non_empty_output_directory_unless_forced() {
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let r = expo(&pair, &out, "0.3", &[]);
     assert_eq!(r.status.code(), Some(2));
-    assert!(stderr(&r).contains("is not empty (holds notes.txt)"), "{}", stderr(&r));
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "nothing written");
+    assert!(
+        stderr(&r).contains("is not empty (holds notes.txt)"),
+        "{}",
+        stderr(&r)
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing written"
+    );
     // A finished output is refused too; --force replaces it and leaves unrelated files alone.
     std::fs::remove_file(out.join("notes.txt")).unwrap();
     assert!(expo(&pair, &out, "0.3", &[]).status.success());
@@ -287,7 +403,10 @@ fn refuses_a_non_empty_output_directory_unless_forced() {
     let r = expo(&pair, &out, "0.4", &["--force"]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert_matches_reference(&pair, &out, 0.4);
-    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
 }
 
 #[test]
@@ -305,8 +424,15 @@ fn inspect_and_plan_describe_without_writing() {
     assert_eq!(json["shards"].as_array().unwrap().len(), 3);
     let before = tree_digest(&pair.join("aligned"));
     let r = run_ok(&[
-        "plan", "--sft", pair.join("sft").to_str().unwrap(), "--aligned", pair.join("aligned").to_str().unwrap(),
-        "--alpha", "0.3", "--max-shard-size", "60KB",
+        "plan",
+        "--sft",
+        pair.join("sft").to_str().unwrap(),
+        "--aligned",
+        pair.join("aligned").to_str().unwrap(),
+        "--alpha",
+        "0.3",
+        "--max-shard-size",
+        "60KB",
     ]);
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("OK: 13 tensors match"), "{text}");
