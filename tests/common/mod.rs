@@ -225,3 +225,27 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         b.display()
     );
 }
+
+/// Runs `mergestream ARGS` to completion and returns its exit status and its peak resident
+/// memory in bytes, as the kernel accounts it for the child (`wait4`'s `ru_maxrss`).
+pub fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin())
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the mergestream binary runs");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the pid is our own un-reaped child; `status` and `usage` are valid for writes.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    (
+        std::process::ExitStatus::from_raw(status),
+        usage.ru_maxrss as u64 * 1024,
+        err,
+    )
+}

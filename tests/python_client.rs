@@ -1,0 +1,110 @@
+//! The output as a real client sees it: the Python `safetensors` package loads every shard
+//! through the index, and numpy computes the ExPO reference independently.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The test venv's python: `$MERGESTREAM_TEST_PYTHON`, else whatever `scripts/test-env.sh`
+/// prepares (it installs what is missing).
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MERGESTREAM_TEST_PYTHON") {
+        return p.into();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-env.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "test-env.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn python_safetensors_loads_the_output_and_numpy_agrees() {
+    let py = python();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_output.py");
+    for (i, (synth_args, alpha, extra)) in [
+        (
+            vec![
+                "--preset",
+                "tiny-llama",
+                "--specials",
+                "--int-buffer",
+                "--seed",
+                "21",
+            ],
+            "0.3",
+            vec!["--max-shard-size", "100KB"],
+        ),
+        (
+            vec![
+                "--preset",
+                "tiny-mistral",
+                "--specials",
+                "--seed",
+                "22",
+                "--sft-shards",
+                "1",
+            ],
+            "0.2",
+            vec![],
+        ),
+        (
+            vec![
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--dtype",
+                "F16",
+                "--specials",
+            ],
+            "0.5",
+            vec![],
+        ),
+        (
+            vec![
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--dtype",
+                "F32",
+                "--specials",
+            ],
+            "-0.25",
+            vec![],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempdir();
+        let pair = dir.path().join("pair");
+        synth(&pair, &synth_args);
+        let out = dir.path().join(format!("out{i}"));
+        let r = expo(&pair, &out, alpha, &extra);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let check = Command::new(&py)
+            .arg(script)
+            .arg(&pair)
+            .arg(&out)
+            .arg(alpha)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "python check failed:\n{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&check.stdout).trim());
+    }
+}
