@@ -27,6 +27,7 @@ pub mod progress;
 pub mod synth;
 pub mod units;
 pub mod verify;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -59,6 +60,7 @@ pub struct ExpoJob {
     pub part: Part,
     pub existing: Existing,
     pub show_progress: bool,
+    pub io: writer::IoMode,
 }
 
 /// What a run did.
@@ -70,6 +72,8 @@ pub struct Summary {
     pub bytes_written: u64,
     pub seconds: f64,
     pub isa: &'static str,
+    /// "direct" or "buffered" (the output filesystem refused direct I/O).
+    pub io: &'static str,
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
     pub skipped_files: Vec<(String, &'static str)>,
@@ -105,7 +109,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         settings.chunk_bytes = chunk.max(8) & !7;
     }
     let (sft, aligned, plan) = plan_expo(&job.sft, &job.aligned, job.alpha, job.max_shard_size)?;
-    let mut dir = OutputDir::open(&job.out, &plan, job.part, job.existing)?;
+    let mut dir = OutputDir::open(&job.out, &plan, job.part, job.existing, job.io)?;
 
     let mine = plan.shards_of(job.part);
     let todo: Vec<usize> = mine
@@ -115,18 +119,20 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         .collect();
     let bytes: u64 = todo.iter().map(|&s| plan.shards[s].file_len()).sum();
     let bar = progress::Bar::new(bytes, job.show_progress);
+    let mut writer = ShardWriter::new(&mut dir);
     let result = pipeline::run(
         &plan,
         &sft,
         &aligned,
         &todo,
         &settings,
-        &mut ShardWriter::new(&mut dir),
+        &mut writer,
         &bar,
         cancel,
     );
     bar.finish();
     result?;
+    let buffered = writer.buffered;
     if job.part.index == 0 {
         for f in &plan.extra_files {
             if !dir.has(&f.name) {
@@ -148,6 +154,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         bytes_written: bytes,
         seconds: started.elapsed().as_secs_f64(),
         isa: isa.name(),
+        io: if buffered { "buffered" } else { "direct" },
         finalized,
         skipped_files: plan.skipped_files,
     })

@@ -12,6 +12,7 @@ use mergestream::output::{self, Existing};
 use mergestream::pipeline::Cancel;
 use mergestream::plan::Part;
 use mergestream::units::{format_bytes, parse_size};
+use mergestream::writer::IoMode;
 use mergestream::{progress, synth, verify, Error, ExpoJob, Result};
 
 #[derive(Parser)]
@@ -100,6 +101,9 @@ struct ExpoArgs {
     /// No progress bar, no summary.
     #[arg(long, short)]
     quiet: bool,
+    /// How shards are written: direct I/O where the filesystem allows it (auto), always, or never.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = IoMode::parse)]
+    io: IoMode,
     /// Bytes per chunk (for testing; output never depends on it).
     #[arg(long, hide = true, value_parser = parse_size)]
     chunk_size: Option<u64>,
@@ -213,6 +217,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
             Existing::Refuse
         },
         show_progress: !args.quiet,
+        io: args.io,
     };
     let summary = mergestream::expo(&job, &cancel)?;
     if !args.quiet {
@@ -237,14 +242,15 @@ fn expo(args: ExpoArgs) -> Result<()> {
             )
         };
         eprintln!(
-            "mergestream: {what}: {} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}",
+            "mergestream: {what}: {} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
             summary.tensors,
             format_bytes(summary.bytes_written),
             summary.shards_written,
             if summary.shards_written == 1 { "" } else { "s" },
             summary.seconds,
             format_bytes(rate as u64),
-            summary.isa
+            summary.isa,
+            summary.io
         );
     }
     Ok(())

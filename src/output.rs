@@ -15,13 +15,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tempfile::NamedTempFile;
 
 use crate::error::{Error, Result};
 use crate::format::index::INDEX_FILE;
 use crate::manifest::{self, Entry};
 use crate::pipeline::ShardSink;
 use crate::plan::{OutShard, Part, Plan, MANIFEST_FILE, PROVENANCE_FILE};
+use crate::writer::{IoMode, StreamFile, Written};
 
 /// The work directory inside an output directory.
 pub const WORK_DIR: &str = ".mergestream";
@@ -96,12 +96,19 @@ pub struct OutputDir {
     part: Part,
     fingerprint: String,
     record: PartRecord,
+    io: IoMode,
     _lock: File,
 }
 
 impl OutputDir {
     /// Creates or opens `out` for `part` of `plan`, applying `existing`.
-    pub fn open(out: &Path, plan: &Plan, part: Part, existing: Existing) -> Result<OutputDir> {
+    pub fn open(
+        out: &Path,
+        plan: &Plan,
+        part: Part,
+        existing: Existing,
+        io: IoMode,
+    ) -> Result<OutputDir> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
         // Look before touching anything, so a refusal leaves the directory as it was.
         let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
@@ -193,6 +200,7 @@ impl OutputDir {
             part,
             fingerprint: plan.fingerprint.clone(),
             record,
+            io,
             _lock: lock,
         };
         dir.save_record()?;
@@ -226,7 +234,7 @@ impl OutputDir {
     /// Copies `source` into the output as `name`, hashing it on the way.
     pub fn copy_file(&mut self, source: &Path, name: &str) -> Result<()> {
         let mut input = File::open(source).map_err(|e| Error::io(source, "opening", e))?;
-        let mut file = self.temporary(name)?;
+        let mut file = self.create(name)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = input
@@ -237,24 +245,18 @@ impl OutputDir {
             }
             file.write(&buf[..n])?;
         }
-        let record = file.persist()?;
-        self.add(record)
+        let written = file.persist()?;
+        self.add(record(name, &written))
     }
 
-    fn temporary(&self, name: &str) -> Result<HashingFile> {
-        let temp = tempfile::Builder::new()
-            .prefix(&format!("{}.{name}.", self.part.tag()))
-            .suffix(".tmp")
-            .permissions(file_mode())
-            .tempfile_in(&self.work)
-            .map_err(|e| Error::io(self.path.join(name), "creating temporary file", e))?;
-        Ok(HashingFile {
-            final_path: self.path.join(name),
-            name: name.to_owned(),
-            temp,
-            hasher: blake3::Hasher::new(),
-            written: 0,
-        })
+    /// A new output file `name`, under a temporary name of this part until persisted.
+    fn create(&self, name: &str) -> Result<StreamFile> {
+        StreamFile::create(
+            &self.work,
+            &format!("{}.{name}.", self.part.tag()),
+            &self.path.join(name),
+            self.io,
+        )
     }
 
     pub fn fingerprint(&self) -> &str {
@@ -262,60 +264,36 @@ impl OutputDir {
     }
 }
 
-/// A file being written under a temporary name, hashed as it goes.
-struct HashingFile {
-    final_path: PathBuf,
-    name: String,
-    temp: NamedTempFile,
-    hasher: blake3::Hasher,
-    written: u64,
-}
-
-impl HashingFile {
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.temp
-            .as_file_mut()
-            .write_all(bytes)
-            .map_err(|e| Error::io(&self.final_path, "writing", e))?;
-        self.hasher.update(bytes);
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Syncs the file and renames it to its final name.
-    fn persist(self) -> Result<FileRecord> {
-        let path = self.final_path;
-        self.temp
-            .as_file()
-            .sync_all()
-            .map_err(|e| Error::io(&path, "syncing", e))?;
-        self.temp
-            .persist(&path)
-            .map_err(|e| Error::io(&path, "renaming into place", e.error))?;
-        sync_dir(path.parent().expect("output files live in a directory"))?;
-        Ok(FileRecord {
-            name: self.name,
-            size: self.written,
-            blake3: self.hasher.finalize().to_hex().to_string(),
-        })
-    }
-}
-
 /// The pipeline's sink: each shard becomes a file of the output directory.
 pub struct ShardWriter<'a> {
     dir: &'a mut OutputDir,
-    current: Option<HashingFile>,
+    current: Option<StreamFile>,
+    /// Whether any shard was written through the page cache.
+    pub buffered: bool,
 }
 
 impl<'a> ShardWriter<'a> {
     pub fn new(dir: &'a mut OutputDir) -> ShardWriter<'a> {
-        ShardWriter { dir, current: None }
+        ShardWriter {
+            dir,
+            current: None,
+            buffered: false,
+        }
+    }
+}
+
+fn record(name: &str, written: &Written) -> FileRecord {
+    FileRecord {
+        name: name.to_owned(),
+        size: written.size,
+        blake3: written.blake3.to_hex().to_string(),
     }
 }
 
 impl ShardSink for ShardWriter<'_> {
     fn begin(&mut self, shard: &OutShard) -> Result<()> {
-        let mut file = self.dir.temporary(&shard.name)?;
+        let mut file = self.dir.create(&shard.name)?;
+        self.buffered |= !file.is_direct();
         file.write(&shard.prefix)?;
         self.current = Some(file);
         Ok(())
@@ -330,10 +308,10 @@ impl ShardSink for ShardWriter<'_> {
 
     fn finish(&mut self, shard: &OutShard) -> Result<()> {
         let file = self.current.take().expect("finish follows begin");
-        debug_assert_eq!(file.written, shard.file_len());
-        let record = file.persist()?;
+        let written = file.persist()?;
+        debug_assert_eq!(written.size, shard.file_len());
         crate::failpoint::hit("shard-renamed", &|| false);
-        self.dir.add(record)
+        self.dir.add(record(&shard.name, &written))
     }
 }
 
