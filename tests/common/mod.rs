@@ -52,7 +52,12 @@ pub fn synth(dir: &Path, extra: &[&str]) {
 }
 
 /// `mergestream expo --sft DIR/sft --aligned DIR/aligned --alpha ALPHA --out OUT --quiet EXTRA...`.
-pub fn expo_args<'a>(pair: &'a str, out: &'a str, alpha: &'a str, extra: &[&'a str]) -> Vec<String> {
+pub fn expo_args<'a>(
+    pair: &'a str,
+    out: &'a str,
+    alpha: &'a str,
+    extra: &[&'a str],
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "expo".into(),
         "--sft".into(),
@@ -166,7 +171,10 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
         );
         if !float {
-            assert_eq!(m.data, a.data, "{name}: copied tensor differs from --aligned");
+            assert_eq!(
+                m.data, a.data,
+                "{name}: copied tensor differs from --aligned"
+            );
             continue;
         }
         assert_eq!(m.data.len(), a.data.len(), "{name}: byte length");
@@ -179,7 +187,8 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
         {
             let want = expo_element(m.dtype, alpha, ao, so);
             assert_eq!(
-                mo, &want[..],
+                mo,
+                &want[..],
                 "{name}[{i}]: got {mo:02x?}, want {want:02x?} (aligned {ao:02x?}, sft {so:02x?})"
             );
         }
@@ -197,7 +206,9 @@ pub fn tree_digest(dir: &Path) -> BTreeMap<String, String> {
         let digest = if path.is_dir() {
             "<dir>".to_string()
         } else {
-            blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
+            blake3::hash(&std::fs::read(&path).unwrap())
+                .to_hex()
+                .to_string()
         };
         out.insert(name, digest);
     }
@@ -206,5 +217,11 @@ pub fn tree_digest(dir: &Path) -> BTreeMap<String, String> {
 
 /// Panics unless `a` and `b` hold the same files with the same bytes.
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    assert_eq!(tree_digest(a), tree_digest(b), "{} and {} differ", a.display(), b.display());
+    assert_eq!(
+        tree_digest(a),
+        tree_digest(b),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
 }
