@@ -87,8 +87,18 @@ pub fn plan_expo(
 }
 
 /// Runs `job`: plans, then writes this part's shards (all of them for a whole run), and for a
-/// whole run finalizes the output.
+/// whole run ([`Part::WHOLE`]) finalizes the output.
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
+    run_expo(job, cancel, job.part == Part::WHOLE)
+}
+
+/// Runs `job.part` as one part of a partitioned run, even when it is `0/1`: writes the part's
+/// shards and record and leaves [`output::finalize`] to a later step, as `--part` asks.
+pub fn expo_part(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
+    run_expo(job, cancel, false)
+}
+
+fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
     let started = Instant::now();
     output::precheck(&job.out)?;
     let isa = kernel::Isa::select().map_err(Error::Usage)?;
@@ -134,8 +144,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     }
     dir.complete()?;
     drop(dir);
-    let finalized = job.part == Part::WHOLE;
-    if finalized {
+    if finalize {
         output::finalize(&job.out, Some(Part::WHOLE))?;
     }
     Ok(Summary {
@@ -145,7 +154,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         bytes_written: bytes,
         seconds: started.elapsed().as_secs_f64(),
         isa: isa.name(),
-        finalized,
+        finalized: finalize,
         skipped_files: plan.skipped_files,
     })
 }
