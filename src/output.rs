@@ -419,7 +419,7 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     }
     if counts.len() > 1 {
         problems.push(format!(
-            "records of runs split in different ways are present (into {} parts: {}); remove the stale ones or rerun with --force",
+            "records of runs split in different ways are present (into {} parts: {}); remove the records of the split you do not want from {WORK_DIR}/",
             counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
             records.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ")
         ));
