@@ -93,8 +93,18 @@ pub fn plan_expo(
 }
 
 /// Runs `job`: plans, then writes this part's shards (all of them for a whole run), and for a
-/// whole run finalizes the output.
+/// whole run ([`Part::WHOLE`]) finalizes the output.
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
+    run_expo(job, cancel, job.part == Part::WHOLE)
+}
+
+/// Runs `job.part` as one part of a partitioned run, even when it is `0/1`: writes the part's
+/// shards and record and leaves [`output::finalize`] to a later step, as `--part` asks.
+pub fn expo_part(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
+    run_expo(job, cancel, false)
+}
+
+fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
     let started = Instant::now();
     output::precheck(&job.out)?;
     let isa = kernel::Isa::select().map_err(Error::Usage)?;
@@ -143,8 +153,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     dir.complete()?;
     drop(dir);
     failpoint::hit("before-finalize", &|| false);
-    let finalized = job.part == Part::WHOLE;
-    if finalized {
+    if finalize {
         output::finalize(&job.out, Some(Part::WHOLE))?;
     }
     Ok(Summary {
@@ -155,7 +164,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         seconds: started.elapsed().as_secs_f64(),
         isa: isa.name(),
         io: if buffered { "buffered" } else { "direct" },
-        finalized,
+        finalized: finalize,
         skipped_files: plan.skipped_files,
     })
 }

@@ -219,7 +219,11 @@ fn expo(args: ExpoArgs) -> Result<()> {
         show_progress: !args.quiet,
         io: args.io,
     };
-    let summary = mergestream::expo(&job, &cancel)?;
+    let summary = if args.part.is_some() {
+        mergestream::expo_part(&job, &cancel)?
+    } else {
+        mergestream::expo(&job, &cancel)?
+    };
     if !args.quiet {
         for (name, why) in &summary.skipped_files {
             eprintln!("mergestream: note: not copied from --aligned: {name} ({why})");

@@ -26,6 +26,10 @@ use crate::writer::{IoMode, StreamFile, Written};
 /// The work directory inside an output directory.
 pub const WORK_DIR: &str = ".mergestream";
 
+/// The name prefix of the file [`precheck`] creates and removes to test that a directory is
+/// writable; concurrent parts may see another part's.
+const PROBE_PREFIX: &str = ".mergestream-probe";
+
 /// What to do with an output directory that already holds something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
@@ -83,7 +87,7 @@ pub fn precheck(out: &Path) -> Result<()> {
         }
     };
     tempfile::Builder::new()
-        .prefix(".mergestream-probe")
+        .prefix(PROBE_PREFIX)
         .tempfile_in(&probe_in)
         .map(drop)
         .map_err(|e| Error::output(&probe_in, format!("is not writable: {e}")))
@@ -125,11 +129,29 @@ impl OutputDir {
                 .file_name()
                 .to_string_lossy()
                 .into_owned();
-            if name != WORK_DIR && !writes.contains(name.as_str()) && !ours.contains(&name) {
+            // Another part's `precheck` probe may come and go while we look.
+            if name != WORK_DIR
+                && !writes.contains(name.as_str())
+                && !ours.contains(&name)
+                && !name.starts_with(PROBE_PREFIX)
+            {
                 foreign.push(name);
             }
         }
         foreign.sort();
+        if foreign.iter().any(|n| n == MANIFEST_FILE) && existing != Existing::Overwrite {
+            let which = if part.count > 1 {
+                format!(": part {part} has nothing to add to it")
+            } else {
+                String::new()
+            };
+            return Err(Error::output(
+                out,
+                format!(
+                    "is already a finished output (it has {MANIFEST_FILE}){which}; use another --out, or pass --force to replace it"
+                ),
+            ));
+        }
         if !foreign.is_empty() && existing != Existing::Overwrite {
             let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
             let more = if foreign.len() > 5 { ", …" } else { "" };
@@ -167,13 +189,18 @@ impl OutputDir {
             (None, _) => fresh,
             (Some(_), Existing::Overwrite) => fresh,
             (Some(old), Existing::Refuse) => {
+                let (state, then) = if old.complete {
+                    ("a finished", "keep it")
+                } else {
+                    ("an unfinished", "finish it")
+                };
                 return Err(Error::output(
                     out,
                     format!(
-                        "holds an unfinished run of part {part} ({} files done); pass --resume to finish it or --force to start over",
+                        "holds {state} run of part {part} ({} files done); pass --resume to {then} or --force to start over",
                         old.files.len()
                     ),
-                ))
+                ));
             }
             (Some(old), Existing::Resume) if old.fingerprint != plan.fingerprint => {
                 return Err(Error::output(
@@ -371,8 +398,9 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     }
     if counts.len() > 1 {
         problems.push(format!(
-            "records of runs split in different ways are present (into {} parts); remove the stale ones or rerun with --force",
-            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            "records of runs split in different ways are present (into {} parts: {}); remove the records of the split you do not want from {WORK_DIR}/",
+            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            records.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ")
         ));
     }
     let count = counts.iter().next().copied().unwrap_or(1);

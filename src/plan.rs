@@ -392,6 +392,7 @@ fn is_weight_file(name: &str) -> bool {
 
 /// The aligned model's non-weight files at the top of its directory (a model named as a single
 /// file has none), sorted by name.
+#[allow(clippy::type_complexity)]
 fn extra_files(aligned: &Model) -> Result<(Vec<ExtraFile>, Vec<(String, &'static str)>)> {
     let (mut files, mut skipped) = (Vec::new(), Vec::new());
     if aligned.path.is_file() {
@@ -504,6 +505,79 @@ mod tests {
         assert_eq!(Part::parse("2/7"), Ok(Part { index: 2, count: 7 }));
         for bad in ["7/7", "1/0", "x/2", "3", "-1/2"] {
             assert!(Part::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A plan with shards of the given file lengths and nothing else.
+    fn plan_of_shards(lens: &[u64]) -> Plan {
+        Plan {
+            alpha: 0.0,
+            tensors: Vec::new(),
+            shards: lens
+                .iter()
+                .enumerate()
+                .map(|(k, &len)| OutShard {
+                    name: shard_name(k, lens.len()),
+                    tensors: 0..0,
+                    prefix: Vec::new(),
+                    data_len: len,
+                })
+                .collect(),
+            extra_files: Vec::new(),
+            skipped_files: Vec::new(),
+            total_size: lens.iter().sum(),
+            index_json: None,
+            provenance_json: String::new(),
+            fingerprint: String::new(),
+        }
+    }
+
+    /// Checks that the parts of `count` split the shards exactly (each once, in shard order) and
+    /// that their byte loads differ by at most the largest shard; returns the loads.
+    fn check_split(lens: &[u64], count: u32) -> Vec<u64> {
+        let plan = plan_of_shards(lens);
+        let mut seen = vec![0u32; lens.len()];
+        let mut loads = Vec::new();
+        for index in 0..count {
+            let mine = plan.shards_of(Part { index, count });
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "{mine:?} not in order"
+            );
+            for &s in &mine {
+                seen[s] += 1;
+            }
+            loads.push(mine.iter().map(|&s| lens[s]).sum::<u64>());
+        }
+        assert!(seen.iter().all(|&n| n == 1), "shards taken {seen:?} times");
+        let largest = lens.iter().copied().max().unwrap_or(0);
+        let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(
+            hi - lo <= largest,
+            "loads {loads:?} differ by more than the largest shard ({largest})"
+        );
+        loads
+    }
+
+    #[test]
+    fn parts_split_shards_by_bytes() {
+        // Two parts, largest first to the lighter part: 10+4+1 and 9+5+1.
+        assert_eq!(check_split(&[10, 9, 5, 4, 1, 1], 2), vec![15, 15]);
+        // More parts than shards: the extra parts get nothing, and still a valid (empty) part.
+        assert_eq!(check_split(&[3, 2, 1], 5), vec![3, 2, 1, 0, 0]);
+        assert_eq!(check_split(&[7], 1), vec![7]);
+        // Equal shards go round-robin from part 0, so part 0 is never the one left short.
+        assert_eq!(check_split(&[5; 5], 2), vec![15, 10]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parts_split_and_balance(
+            lens in proptest::collection::vec(1u64..5_000_000_000, 1..40),
+            count in 1u32..12,
+        ) {
+            check_split(&lens, count);
+            check_split(&lens, 2);
         }
     }
 

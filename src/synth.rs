@@ -259,7 +259,7 @@ fn sample(rng: &mut Rng, dtype: Dtype, specials: bool) -> ([u8; 8], [u8; 8]) {
     let s = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.12;
     let delta = (((r >> 16) & 0xFFFF) as f32 / 65536.0 - 0.5) * 0.004;
     let (mut s, mut a) = (encode(dtype, s), encode(dtype, s + delta));
-    if specials && r % 61 == 0 {
+    if specials && r.is_multiple_of(61) {
         let pick = rng.next();
         let special = SPECIALS[(pick % SPECIALS.len() as u64) as usize];
         let bits = encode(dtype, f32::from_bits(special));

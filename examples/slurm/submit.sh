@@ -11,8 +11,11 @@
 #                found on PATH at submit time, else looked up by the jobs)
 #   LOG_DIR      where job output files go (default: sbatch's default, the
 #                submission directory); created if missing
+#   MERGESTREAM_ARGS  more `mergestream expo` options for every part, e.g.
+#                "--max-shard-size 5GB" (see expo.sbatch)
 #   SBATCH_ARGS  extra sbatch options for both jobs, e.g.
 #                "--partition=cpu --account=proj --cpus-per-task=4"
+#                (expo.sbatch asks for 8 CPUs per part, finalize for 1)
 #   SLURM_CONF   as usual for Slurm clients
 #
 # Output (stdout, two lines, eval-able):
@@ -62,6 +65,7 @@ fi
 # paths containing a comma.
 export SFT ALIGNED ALPHA OUT
 if [ -n "${MERGESTREAM:-}" ]; then export MERGESTREAM; fi
+if [ -n "${MERGESTREAM_ARGS:-}" ]; then export MERGESTREAM_ARGS; fi
 
 # --parsable prints "jobid" or "jobid;cluster".
 expo=$(sbatch --parsable --export=ALL --array="0-$((NPARTS - 1))" \
