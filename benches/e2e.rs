@@ -1,0 +1,1034 @@
+//! End-to-end benchmark: `mergestream expo` on generated checkpoint pairs, against the disk floor.
+//!
+//! For each requested size (GB per model) this generates an SFT/aligned pair with
+//! `mergestream synth`, then measures, several times each and interleaved:
+//!
+//! - the **floor**: this process reading both inputs' files sequentially in 4 MiB `pread`s and
+//!   writing files of exactly the sizes the merge writes, then `fsync` — the tool's I/O pattern
+//!   with no arithmetic, hashing or bookkeeping. A reader thread and a writer thread overlap, as
+//!   the tool's stages do. Writes go through `O_DIRECT` (4096-aligned buffers and lengths, the
+//!   tail fixed with `ftruncate`) or the page cache (`--io`);
+//! - **`mergestream expo`** as a child process: wall time, and user+sys CPU time and peak RSS
+//!   from `wait4`'s `rusage` of that child alone;
+//! - with `--mergekit`, mergekit 0.1.5's `task_arithmetic` (the same ExPO formula) in a
+//!   throwaway venv, timed the same way.
+//!
+//! It prints the machine, the date and the commit, and a markdown table. It deliberately checks
+//! nothing about the output's bytes (the tests do that) and never changes the library.
+//!
+//! `cargo bench --bench e2e -- [--sizes 0.1,2,10] [--cold] [--mergekit] [--dir PATH] [--keep]`
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mergestream");
+/// The piece size of the floor's reads and writes: the tool's largest chunk.
+const PIECE: usize = 4 << 20;
+/// O_DIRECT alignment of buffers, offsets and lengths.
+const ALIGN: usize = 4096;
+const GB: f64 = 1e9;
+const MERGEKIT: &str = "mergekit==0.1.5";
+
+#[derive(Parser)]
+#[command(about = "End-to-end benchmark of `mergestream expo` against the disk floor")]
+struct Args {
+    /// Sizes in GB per model, or PRESET:LAYERS (e.g. mistral-7b:3), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["0.1".to_string(), "2".to_string()])]
+    sizes: Vec<String>,
+    /// Drop the page cache before every run (needs root).
+    #[arg(long)]
+    cold: bool,
+    /// Also time mergekit 0.1.5 (installed from PyPI into a venv under --dir, kept for reuse).
+    #[arg(long)]
+    mergekit: bool,
+    /// Where pairs, outputs and the venv go (default: target/bench-e2e).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep generated pairs (reused by later runs) and the last outputs.
+    #[arg(long)]
+    keep: bool,
+    /// How the floor writes, and what `--io` the tool gets if it has that flag
+    /// (default: direct if an O_DIRECT file can be written in --dir).
+    #[arg(long, value_enum)]
+    io: Option<IoMode>,
+    /// Measured runs of the floor and of mergestream, per size.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Measured runs of mergekit, per size (it is slow).
+    #[arg(long, default_value_t = 1)]
+    mergekit_runs: usize,
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+    alpha: f32,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IoMode {
+    Direct,
+    Buffered,
+}
+
+impl IoMode {
+    fn name(self) -> &'static str {
+        match self {
+            IoMode::Direct => "direct",
+            IoMode::Buffered => "buffered",
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("e2e: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn run(args: &Args) -> Res<()> {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let dir = dir.canonicalize().map_err(|e| e.to_string())?;
+    let specs: Vec<PairSpec> = args
+        .sizes
+        .iter()
+        .map(|s| PairSpec::parse(s))
+        .collect::<Res<_>>()?;
+
+    let (io, io_note) = match args.io {
+        Some(m) => (m, "set by --io"),
+        None if direct_works(&dir) => (IoMode::Direct, "auto: O_DIRECT works here"),
+        None => (IoMode::Buffered, "auto: O_DIRECT refused here"),
+    };
+    let help = output(Command::new(BIN).args(["expo", "--help"]))?;
+    let tool_has_io = help.contains("--io <") || help.contains("--io=");
+    let cold_ok = if args.cold {
+        drop_caches().is_ok()
+    } else {
+        true
+    };
+
+    let machine = Machine::probe(&dir);
+    println!("## mergestream e2e benchmark\n");
+    println!("- date: {}", machine.date);
+    println!("- commit: {}", machine.commit);
+    println!("- binary: {BIN}");
+    println!(
+        "- machine: {}, {} cores, {} GiB RAM",
+        machine.cpu, machine.cores, machine.ram_gib
+    );
+    println!("- bench dir: {} ({})", dir.display(), machine.fs);
+    println!(
+        "- floor I/O: {} ({io_note}); mergestream {}",
+        io.name(),
+        if tool_has_io {
+            format!("gets --io {}", io.name())
+        } else {
+            "has no --io flag yet: it writes buffered".to_string()
+        }
+    );
+    println!(
+        "- runs: {} measured (median, min) after one warm-up; cache: {}",
+        args.runs.max(1),
+        match (args.cold, cold_ok) {
+            (false, _) => "warm (inputs as the warm-up left them)",
+            (true, true) => "cold (sync; echo 3 > /proc/sys/vm/drop_caches before each run)",
+            (true, false) => "cold: not permitted (drop_caches failed), runs are warm",
+        }
+    );
+    println!(
+        "- alpha {}, mergestream defaults otherwise (--memory 256MiB, threads = cores)\n",
+        args.alpha
+    );
+
+    let mergekit = if args.mergekit {
+        match install_mergekit(&dir) {
+            Ok(m) => {
+                println!("- mergekit: {}\n", m.versions);
+                Some(m)
+            }
+            Err(why) => {
+                println!("- mergekit: skipped: {why}\n");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let ctx = Ctx {
+        dir: dir.clone(),
+        io,
+        tool_has_io,
+        cold: args.cold && cold_ok,
+        runs: args.runs.max(1),
+        alpha: args.alpha,
+    };
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for spec in &specs {
+        match bench_size(&ctx, spec, mergekit.as_ref(), args, &mut notes) {
+            Ok(row) => rows.push(row),
+            Err(why) => notes.push(format!("{}: skipped: {why}", spec.label())),
+        }
+    }
+
+    println!("| size | I/O | cache | floor s | floor GB/s | mergestream s | mergestream GB/s | ratio to floor | CPU s | peak RSS MiB | mergekit s | speedup |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!("{}", r.markdown());
+    }
+    println!();
+    println!("Times are median (min) of the measured runs; GB/s = output bytes / s (each run reads twice that); ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
+    for n in &notes {
+        println!("- {n}");
+    }
+    Ok(())
+}
+
+struct Ctx {
+    dir: PathBuf,
+    io: IoMode,
+    tool_has_io: bool,
+    cold: bool,
+    runs: usize,
+    alpha: f32,
+}
+
+/// What to generate: a preset's widths and a number of layers.
+struct PairSpec {
+    /// What the user asked for, as typed.
+    asked: String,
+    preset: &'static str,
+    layers: u64,
+}
+
+/// `(hidden, intermediate, vocab, kv)` of the synth presets, widest first (kept in step with
+/// `src/synth.rs`; the actual bytes are read back from the generated files).
+const PRESETS: [(&str, [u64; 4]); 5] = [
+    ("llama3-70b", [8192, 28672, 128256, 1024]),
+    ("llama3-8b", [4096, 14336, 128256, 1024]),
+    ("mistral-7b", [4096, 14336, 32000, 1024]),
+    ("tiny-mistral", [96, 256, 250, 48]),
+    ("tiny-llama", [64, 176, 320, 32]),
+];
+
+impl PairSpec {
+    fn parse(text: &str) -> Res<PairSpec> {
+        if let Some((name, layers)) = text.split_once(':') {
+            let preset = PRESETS
+                .iter()
+                .find(|(p, _)| *p == name)
+                .ok_or_else(|| format!("unknown preset '{name}'"))?
+                .0;
+            let layers = layers
+                .parse()
+                .map_err(|_| format!("'{layers}' is not a layer count"))?;
+            return Ok(PairSpec {
+                asked: text.to_string(),
+                preset,
+                layers,
+            });
+        }
+        let gb: f64 = text
+            .parse()
+            .map_err(|_| format!("'{text}' is not a size in GB or PRESET:LAYERS"))?;
+        let target = gb * GB;
+        // The widest preset whose embedding and lm_head alone fit, with the layer count that
+        // comes closest to the target.
+        let (preset, dims) = PRESETS
+            .iter()
+            .find(|(_, d)| model_bytes(*d, 0) as f64 <= target)
+            .unwrap_or(&PRESETS[PRESETS.len() - 1]);
+        let per_layer = (model_bytes(*dims, 1) - model_bytes(*dims, 0)) as f64;
+        let layers = ((target - model_bytes(*dims, 0) as f64) / per_layer)
+            .round()
+            .max(0.0) as u64;
+        Ok(PairSpec {
+            asked: text.to_string(),
+            preset,
+            layers,
+        })
+    }
+
+    fn label(&self) -> String {
+        format!("{} ({} --layers {})", self.asked, self.preset, self.layers)
+    }
+
+    fn bytes(&self) -> u64 {
+        let dims = PRESETS
+            .iter()
+            .find(|(p, _)| *p == self.preset)
+            .expect("parsed")
+            .1;
+        model_bytes(dims, self.layers)
+    }
+}
+
+/// BF16 tensor bytes of a synth model (the layout of `synth::tensors`).
+fn model_bytes([h, i, v, kv]: [u64; 4], layers: u64) -> u64 {
+    let per_layer = 2 * h * h + 2 * kv * h + 3 * i * h + 2 * h;
+    2 * (2 * v * h + h + layers * per_layer)
+}
+
+/// One size's results.
+struct Row {
+    label: String,
+    io: String,
+    cache: &'static str,
+    out_bytes: u64,
+    floor: Stats,
+    tool: Stats,
+    tool_cpu: Stats,
+    tool_rss_mib: u64,
+    mergekit: Option<Result<Stats, String>>,
+}
+
+impl Row {
+    fn markdown(&self) -> String {
+        let rate = |s: f64| self.out_bytes as f64 / GB / s;
+        let mergekit = match &self.mergekit {
+            None => ("—".to_string(), "—".to_string()),
+            Some(Err(_)) => ("failed".to_string(), "—".to_string()),
+            Some(Ok(m)) => (m.show(), format!("{:.1}×", m.median / self.tool.median)),
+        };
+        format!(
+            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            self.label,
+            self.io,
+            self.cache,
+            self.floor.show(),
+            rate(self.floor.median),
+            self.tool.show(),
+            rate(self.tool.median),
+            self.tool.median / self.floor.median,
+            self.tool_cpu.show(),
+            self.tool_rss_mib,
+            mergekit.0,
+            mergekit.1
+        )
+    }
+}
+
+/// Median and minimum of a few measurements.
+struct Stats {
+    median: f64,
+    min: f64,
+}
+
+impl Stats {
+    fn of(mut xs: Vec<f64>) -> Stats {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        let median = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Stats { median, min: xs[0] }
+    }
+
+    fn show(&self) -> String {
+        let digits = if self.median < 1.0 { 3 } else { 2 };
+        format!("{:.digits$} ({:.digits$})", self.median, self.min)
+    }
+}
+
+fn bench_size(
+    ctx: &Ctx,
+    spec: &PairSpec,
+    mergekit: Option<&Mergekit>,
+    args: &Args,
+    notes: &mut Vec<String>,
+) -> Res<Row> {
+    let pair = ctx
+        .dir
+        .join(format!("pair-{}-L{}", spec.preset, spec.layers));
+    let out = ctx.dir.join("out-mergestream");
+    let floor_out = ctx.dir.join("out-floor");
+    let mk_out = ctx.dir.join("out-mergekit");
+    for d in [&out, &floor_out, &mk_out] {
+        remove_dir(d)?;
+    }
+    let marker = pair.join("bench-pair.json");
+    let reuse = marker.is_file();
+    if !reuse {
+        remove_dir(&pair)?;
+    }
+
+    // Two inputs and one output at a time (each output is removed before the next run), plus
+    // room for everything else on the disk.
+    let size = spec.bytes();
+    let need = if reuse { size } else { 3 * size } + size / 20 + (1 << 30);
+    let free = free_bytes(&ctx.dir)?;
+    if free < need {
+        return Err(format!(
+            "needs about {:.1} GB free in {}, has {:.1} GB",
+            need as f64 / GB,
+            ctx.dir.display(),
+            free as f64 / GB
+        ));
+    }
+
+    let sft_shards = 1 + size.div_ceil(4_000_000_000);
+    let aligned_shards = sft_shards + 1;
+    if !reuse {
+        eprintln!("e2e: {}: generating {} per model…", spec.label(), gb(size));
+        let t = Instant::now();
+        run_quiet(
+            Command::new(BIN).arg("synth").arg(&pair).args([
+                "--preset",
+                spec.preset,
+                "--layers",
+                &spec.layers.to_string(),
+                "--sft-shards",
+                &sft_shards.to_string(),
+                "--aligned-shards",
+                &aligned_shards.to_string(),
+            ]),
+            &ctx.dir.join("synth.log"),
+        )?;
+        eprintln!("e2e: generated in {:.0} s", t.elapsed().as_secs_f64());
+        if args.keep {
+            std::fs::write(
+                &marker,
+                format!(
+                    "{{\"preset\":\"{}\",\"layers\":{}}}\n",
+                    spec.preset, spec.layers
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    let sft = safetensors_files(&pair.join("sft"))?;
+    let aligned = safetensors_files(&pair.join("aligned"))?;
+    let in_bytes: u64 = file_sizes(&aligned)?.iter().sum();
+
+    let mut expo = Command::new(BIN);
+    expo.arg("expo")
+        .arg("--sft")
+        .arg(pair.join("sft"))
+        .arg("--aligned")
+        .arg(pair.join("aligned"))
+        .arg("--alpha")
+        .arg(ctx.alpha.to_string())
+        .arg("--out")
+        .arg(&out)
+        .arg("--force");
+    if ctx.tool_has_io {
+        expo.args(["--io", ctx.io.name()]);
+    }
+
+    // Warm-up: warms the cache, shows the tool's own summary, and tells the output's sizes.
+    eprintln!("e2e: {}: warm-up run", spec.label());
+    let log = ctx.dir.join("mergestream.log");
+    measure(&mut expo, &log)?;
+    let summary = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Some(line) = summary.lines().rev().find(|l| l.contains("done")) {
+        notes.push(format!("{}: warm-up said: {}", spec.label(), line.trim()));
+    }
+    let out_files = safetensors_files(&out)?;
+    let out_sizes = file_sizes(&out_files)?;
+    let out_bytes: u64 = out_sizes.iter().sum();
+    expo.arg("--quiet");
+
+    let mut floor_t = Vec::new();
+    let mut tool_t = Vec::new();
+    let mut tool_cpu = Vec::new();
+    let mut tool_rss = 0;
+    for i in 0..ctx.runs {
+        eprintln!("e2e: {}: run {}/{}", spec.label(), i + 1, ctx.runs);
+        remove_dir(&out)?;
+        if ctx.cold {
+            drop_caches()?;
+        }
+        floor_t.push(floor(&sft, &aligned, &floor_out, &out_sizes, ctx.io)?);
+        remove_dir(&floor_out)?;
+        if ctx.cold {
+            drop_caches()?;
+        }
+        let m = measure(&mut expo, &log)?;
+        tool_t.push(m.wall);
+        tool_cpu.push(m.cpu);
+        tool_rss = tool_rss.max(m.max_rss_kib >> 10);
+    }
+
+    let mk = mergekit.map(|mk| {
+        remove_dir(&out)?;
+        let r = time_mergekit(ctx, mk, &pair, &mk_out, args.mergekit_runs.max(1), notes);
+        if let Err(why) = &r {
+            notes.push(format!("{}: mergekit failed: {why}", spec.label()));
+        }
+        r
+    });
+    let mk = match mk {
+        Some(Err(e)) if e.starts_with("removing") => return Err(e),
+        other => other,
+    };
+
+    if !args.keep {
+        remove_dir(&out)?;
+        remove_dir(&pair)?;
+    }
+    remove_dir(&mk_out)?;
+    notes.push(format!(
+        "{}: inputs {} per model (sft {} shards, aligned {}), output {} in {} files",
+        spec.label(),
+        gb(in_bytes),
+        sft.len(),
+        aligned.len(),
+        gb(out_bytes),
+        out_files.len()
+    ));
+    Ok(Row {
+        label: format!("{} GB ({} L{})", fmt_gb(in_bytes), spec.preset, spec.layers),
+        io: if ctx.tool_has_io {
+            ctx.io.name().to_string()
+        } else {
+            format!("floor {}, tool buffered", ctx.io.name())
+        },
+        cache: if ctx.cold { "cold" } else { "warm" },
+        out_bytes,
+        floor: Stats::of(floor_t),
+        tool: Stats::of(tool_t),
+        tool_cpu: Stats::of(tool_cpu),
+        tool_rss_mib: tool_rss,
+        mergekit: mk,
+    })
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{} GB ({bytes} bytes)", fmt_gb(bytes))
+}
+
+fn fmt_gb(bytes: u64) -> String {
+    let g = bytes as f64 / GB;
+    if g < 1.0 {
+        format!("{g:.3}")
+    } else {
+        format!("{g:.2}")
+    }
+}
+
+/// A finished child's resource use.
+struct Measured {
+    wall: f64,
+    cpu: f64,
+    max_rss_kib: u64,
+}
+
+/// Runs `cmd` with stdout and stderr into `log`, and reports its wall time and, from `wait4`,
+/// its own CPU time and peak RSS.
+fn measure(cmd: &mut Command, log: &Path) -> Res<Measured> {
+    let file = File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let err = file.try_clone().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let reaped = loop {
+        // SAFETY: `status` and `usage` are valid for writes; `pid` is our unreaped child (std's
+        // `Child` never waits on it: we drop it without calling `wait`).
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r != -1 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break r;
+        }
+    };
+    let wall = start.elapsed().as_secs_f64();
+    drop(child);
+    if reaped != pid {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let tail = tail(log, 20);
+        return Err(format!(
+            "{:?} failed (wait status {status}); end of {}:\n{tail}",
+            cmd.get_program(),
+            log.display()
+        ));
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Measured {
+        wall,
+        cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+    })
+}
+
+fn run_quiet(cmd: &mut Command, log: &Path) -> Res<()> {
+    measure(cmd, log).map(drop)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn output(cmd: &mut Command) -> Res<String> {
+    let o = cmd
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {:?}: {e}", cmd.get_program()))?;
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn remove_dir(path: &Path) -> Res<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing {}: {e}", path.display())),
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Res<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("listing {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("{} holds no .safetensors file", dir.display()));
+    }
+    Ok(files)
+}
+
+fn file_sizes(files: &[PathBuf]) -> Res<Vec<u64>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .map(|m| m.len())
+                .map_err(|e| format!("{}: {e}", f.display()))
+        })
+        .collect()
+}
+
+fn free_bytes(dir: &Path) -> Res<u64> {
+    let s = rustix::fs::statvfs(dir).map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
+    Ok(s.f_bavail * s.f_frsize)
+}
+
+/// Whether a file opened with O_DIRECT in `dir` takes an aligned write.
+fn direct_works(dir: &Path) -> bool {
+    let path = dir.join(".e2e-direct-probe");
+    let ok = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .and_then(|f| f.write_all_at(AlignedBuf::new(ALIGN).as_slice(), 0))
+        .is_ok();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+fn drop_caches() -> Res<()> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .map_err(|e| format!("dropping the page cache: {e}"))
+}
+
+/// A zeroed buffer whose start is 4096-aligned, for O_DIRECT (an over-sized Vec, sliced).
+struct AlignedBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let bytes = vec![0u8; len + ALIGN];
+        let start = bytes.as_ptr().align_offset(ALIGN);
+        AlignedBuf { bytes, start, len }
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
+}
+
+/// Files read one after another in `PIECE`-sized `pread`s.
+struct Stream {
+    files: Vec<File>,
+    file: usize,
+    offset: u64,
+}
+
+impl Stream {
+    fn open(paths: &[PathBuf]) -> Res<Stream> {
+        let files = paths
+            .iter()
+            .map(|p| File::open(p).map_err(|e| format!("opening {}: {e}", p.display())))
+            .collect::<Res<_>>()?;
+        Ok(Stream {
+            files,
+            file: 0,
+            offset: 0,
+        })
+    }
+
+    /// Reads the next piece into `buf`; 0 at the end of the last file.
+    fn next(&mut self, buf: &mut [u8]) -> Res<usize> {
+        while let Some(f) = self.files.get(self.file) {
+            let n = f.read_at(buf, self.offset).map_err(|e| e.to_string())?;
+            if n > 0 {
+                self.offset += n as u64;
+                return Ok(n);
+            }
+            self.file += 1;
+            self.offset = 0;
+        }
+        Ok(0)
+    }
+}
+
+/// The disk floor: reads all of `sft` and `aligned` (a piece of each in turn, as the tool reads
+/// a chunk of each tensor from both) on one thread while another writes files of `sizes` into
+/// `out` and fsyncs them. Returns the wall time in seconds.
+fn floor(sft: &[PathBuf], aligned: &[PathBuf], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    let mut streams = [Stream::open(sft)?, Stream::open(aligned)?];
+    const IN_FLIGHT: usize = 6;
+    let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT);
+    let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT + 1);
+    for _ in 0..IN_FLIGHT {
+        free_tx.send(AlignedBuf::new(PIECE)).expect("room");
+    }
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Res<()> {
+            let mut spare = AlignedBuf::new(PIECE);
+            loop {
+                let Ok(mut buf) = free_rx.recv() else {
+                    return Ok(());
+                };
+                let n =
+                    streams[0].next(spare.as_mut_slice())? + streams[1].next(buf.as_mut_slice())?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if full_tx.send(buf).is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let written = write_files(out, sizes, io, &full_rx, &free_tx);
+        drop(free_tx);
+        // Let the reader finish reading everything even once the writer has its bytes.
+        for _ in full_rx.iter() {}
+        reader.join().expect("reader does not panic")?;
+        written
+    })?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The floor's writer: files of `sizes` from pieces off `full` (contents do not matter),
+/// returned to `free`; zeros once the reader runs dry.
+fn write_files(
+    out: &Path,
+    sizes: &[u64],
+    io: IoMode,
+    full: &crossbeam_channel::Receiver<AlignedBuf>,
+    free: &crossbeam_channel::Sender<AlignedBuf>,
+) -> Res<()> {
+    let zeros = AlignedBuf::new(PIECE);
+    for (k, &size) in sizes.iter().enumerate() {
+        let path = out.join(format!("floor-{k}.bin"));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        if io == IoMode::Direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let mut file = opts
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(PIECE as u64) as usize;
+            // O_DIRECT writes whole blocks; the tail's padding is cut off below.
+            let len = match io {
+                IoMode::Direct => len.next_multiple_of(ALIGN),
+                IoMode::Buffered => len,
+            };
+            let piece = full.recv().ok();
+            let bytes = piece.as_ref().unwrap_or(&zeros).as_slice();
+            file.write_all(&bytes[..len])
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            at += len as u64;
+            if let Some(p) = piece {
+                let _ = free.send(p);
+            }
+        }
+        file.set_len(size)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("syncing {}: {e}", path.display()))?;
+    }
+    File::open(out)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", out.display()))
+}
+
+/// The machine and the build, for the table's header.
+struct Machine {
+    cpu: String,
+    cores: usize,
+    ram_gib: u64,
+    fs: String,
+    date: String,
+    commit: String,
+}
+
+impl Machine {
+    fn probe(dir: &Path) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let ram_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let df = output(Command::new("df").args(["--output=fstype,source"]).arg(dir))
+            .unwrap_or_default();
+        let fs = df
+            .lines()
+            .nth(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on "))
+            .unwrap_or_else(|| "unknown filesystem".into());
+        let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let root = env!("CARGO_MANIFEST_DIR");
+        let head =
+            output(Command::new("git").args(["-C", root, "rev-parse", "--short=12", "HEAD"]))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+        let dirty = output(Command::new("git").args([
+            "-C",
+            root,
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]))
+        .is_ok_and(|s| !s.trim().is_empty());
+        let branch =
+            output(Command::new("git").args(["-C", root, "rev-parse", "--abbrev-ref", "HEAD"]))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ram_gib: ram_kib >> 20,
+            fs,
+            date,
+            commit: format!(
+                "{head} ({branch}){}",
+                if dirty {
+                    ", with uncommitted changes"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// An installed mergekit.
+struct Mergekit {
+    yaml: PathBuf,
+    /// mergekit's, torch's and transformers' versions.
+    versions: String,
+}
+
+/// Creates `DIR/mergekit-venv` and installs mergekit 0.1.5 from PyPI (with whatever torch it
+/// pulls), or reuses an earlier install.
+fn install_mergekit(dir: &Path) -> Res<Mergekit> {
+    let venv = dir.join("mergekit-venv");
+    let yaml = venv.join("bin/mergekit-yaml");
+    let stamp = venv.join(".e2e-installed");
+    if yaml.is_file() && stamp.is_file() {
+        eprintln!("e2e: reusing {}", venv.display());
+        return Ok(Mergekit::at(&venv));
+    }
+    // torch from PyPI brings CUDA wheels: several GB.
+    if free_bytes(dir)? < 12_000_000_000 {
+        return Err(format!(
+            "installing {MERGEKIT} with torch takes about 6 GB in {} and less than 12 GB is free",
+            dir.display()
+        ));
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .ok_or("no python3 on PATH")?;
+    let log = dir.join("mergekit-install.log");
+    eprintln!(
+        "e2e: installing {MERGEKIT} into {} (log: {}); torch from PyPI is large…",
+        venv.display(),
+        log.display()
+    );
+    let start = Instant::now();
+    remove_dir(&venv)?;
+    run_quiet(Command::new(python).args(["-m", "venv"]).arg(&venv), &log)
+        .map_err(|e| format!("creating the venv failed: {e}"))?;
+    let limit = Duration::from_secs(20 * 60);
+    let mut pip = Command::new(venv.join("bin/pip"));
+    pip.args(["install", "--no-input", MERGEKIT]);
+    let status = run_with_limit(&mut pip, &log, limit)?;
+    match status {
+        None => {
+            return Err(format!(
+                "pip install {MERGEKIT} did not finish within {} minutes; see {}",
+                limit.as_secs() / 60,
+                log.display()
+            ))
+        }
+        Some(false) => {
+            return Err(format!(
+                "pip install {MERGEKIT} failed; end of {}:\n{}",
+                log.display(),
+                tail(&log, 15)
+            ))
+        }
+        Some(true) => {}
+    }
+    if !yaml.is_file() {
+        return Err(format!(
+            "pip installed {MERGEKIT} but {} is missing",
+            yaml.display()
+        ));
+    }
+    std::fs::write(&stamp, "").map_err(|e| e.to_string())?;
+    eprintln!(
+        "e2e: installed {MERGEKIT} in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(Mergekit::at(&venv))
+}
+
+impl Mergekit {
+    fn at(venv: &Path) -> Mergekit {
+        let script = "import importlib.metadata as m\nprint(', '.join(p + ' ' + m.version(p) for p in ['mergekit', 'torch', 'transformers']))";
+        let versions = output(Command::new(venv.join("bin/python")).args(["-c", script]))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Mergekit {
+            yaml: venv.join("bin/mergekit-yaml"),
+            versions: format!("{versions}, in {}", venv.display()),
+        }
+    }
+}
+
+/// Runs `cmd` with output appended to `log`; `None` if it was killed for taking over `limit`.
+fn run_with_limit(cmd: &mut Command, log: &Path, limit: Duration) -> Res<Option<bool>> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .map_err(|e| e.to_string())?;
+    let err = file.try_clone().map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(Some(status.success()));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Times mergekit's `task_arithmetic` with base = sft, model = aligned at weight 1 + alpha:
+/// sft + (1+α)(aligned − sft) = aligned + α(aligned − sft), the ExPO formula.
+fn time_mergekit(
+    ctx: &Ctx,
+    mk: &Mergekit,
+    pair: &Path,
+    out: &Path,
+    runs: usize,
+    notes: &mut Vec<String>,
+) -> Res<Stats> {
+    let config = ctx.dir.join("mergekit-expo.yml");
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {sft}\nmodels:\n  - model: {aligned}\n    parameters:\n      weight: {w}\ndtype: bfloat16\n",
+        sft = pair.join("sft").display(),
+        aligned = pair.join("aligned").display(),
+        w = 1.0 + ctx.alpha as f64,
+    );
+    std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+    let log = ctx.dir.join("mergekit.log");
+    let mut times = Vec::new();
+    for i in 0..runs {
+        eprintln!("e2e: mergekit run {}/{runs}", i + 1);
+        remove_dir(out)?;
+        if ctx.cold {
+            drop_caches()?;
+        }
+        let mut cmd = Command::new(&mk.yaml);
+        cmd.arg(&config).arg(out).args([
+            "--lazy-unpickle",
+            // Parameters per shard: 2.5B bf16 parameters = 5 GB, mergestream's default.
+            "--out-shard-size",
+            "2500M",
+            // The synthetic tokenizer files are stand-ins that transformers cannot load.
+            "--no-copy-tokenizer",
+        ]);
+        let m = measure(&mut cmd, &log)?;
+        notes.push(format!(
+            "{}: mergekit run {}: {:.1} s wall, {:.1} s CPU, {} MiB peak RSS",
+            pair.file_name().unwrap_or_default().to_string_lossy(),
+            i + 1,
+            m.wall,
+            m.cpu,
+            m.max_rss_kib >> 10
+        ));
+        times.push(m.wall);
+    }
+    remove_dir(out)?;
+    Ok(Stats::of(times))
+}
