@@ -228,6 +228,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 
 /// Runs `mergestream ARGS` to completion and returns its exit status and its peak resident
 /// memory in bytes, as the kernel accounts it for the child (`wait4`'s `ru_maxrss`).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which std cannot do
 pub fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64, String) {
     use std::os::unix::process::ExitStatusExt;
     let mut child = Command::new(bin())
