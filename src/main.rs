@@ -131,6 +131,9 @@ struct SynthArgs {
     /// BF16, F16 or F32.
     #[arg(long, default_value = "BF16")]
     dtype: String,
+    /// Store the SFT model's float tensors as this type instead (a mixed-precision pair).
+    #[arg(long)]
+    sft_dtype: Option<String>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long, default_value_t = 3)]
@@ -375,12 +378,17 @@ fn synth_pair(args: SynthArgs) -> Result<()> {
     if let Some(layers) = args.layers {
         shape.layers = layers;
     }
-    let dtype = Dtype::parse(&args.dtype.to_ascii_uppercase())
-        .filter(|d| d.mergeable().is_some())
-        .ok_or_else(|| Error::Usage(format!("--dtype {} is not BF16, F16 or F32", args.dtype)))?;
+    let float = |text: &str| {
+        Dtype::parse(&text.to_ascii_uppercase())
+            .filter(|d| d.mergeable().is_some())
+            .ok_or_else(|| Error::Usage(format!("{text} is not BF16, F16 or F32")))
+    };
+    let dtype = float(&args.dtype)?;
+    let sft_dtype = args.sft_dtype.as_deref().map(float).transpose()?;
     let spec = synth::PairSpec {
         shape,
         dtype,
+        sft_dtype,
         seed: args.seed,
         sft_shards: args.sft_shards.max(1),
         aligned_shards: args.aligned_shards.max(1),

@@ -115,7 +115,10 @@ struct Slot {
 /// One chunk of one tensor.
 struct Job {
     seq: u64,
+    /// Bytes of the aligned input and of the output.
     len: usize,
+    /// Bytes of the SFT input.
+    sft_len: usize,
     op: Op,
     slot: Slot,
 }
@@ -123,7 +126,7 @@ struct Job {
 impl Job {
     fn output(&self) -> &[u8] {
         match self.op {
-            Op::Expo(_) => &self.slot.out[..self.len],
+            Op::Expo(_) | Op::ExpoMixed { .. } => &self.slot.out[..self.len],
             Op::Copy => &self.slot.aligned[..self.len],
         }
     }
@@ -213,17 +216,24 @@ pub fn run(
 
 /// Reads every chunk of the selected shards, in output order.
 fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> {
-    let chunk = run.settings.chunk_bytes as u64;
     let mut seq = 0;
     for &s in run.shards {
         for t in &run.plan.tensors[run.plan.shards[s].tensors.clone()] {
+            // Chunks are whole elements of both inputs (the SFT side may be a wider type).
+            let (wa, ws) = match t.op {
+                Op::ExpoMixed { aligned, sft } => (aligned.size() as u64, sft.size() as u64),
+                _ => (t.dtype.size() as u64, t.dtype.size() as u64),
+            };
+            let per_chunk = run.settings.chunk_bytes as u64 / wa.max(ws);
+            let numel = t.nbytes / wa;
             let mut done = 0;
-            while done < t.nbytes {
+            while done < numel {
                 run.cancel.check()?;
                 if run.cancel.aborted() {
                     return Ok(());
                 }
-                let len = (t.nbytes - done).min(chunk) as usize;
+                let n = (numel - done).min(per_chunk);
+                let (len, sft_len) = ((n * wa) as usize, (n * ws) as usize);
                 let Ok(mut slot) = pool.recv() else {
                     return Ok(()); // the writer has stopped
                 };
@@ -231,15 +241,16 @@ fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> 
                     run.aligned,
                     t.aligned,
                     &t.name,
-                    done,
+                    done * wa,
                     &mut slot.aligned[..len],
                 )?;
                 if let Some(loc) = t.sft {
-                    read_chunk(run.sft, loc, &t.name, done, &mut slot.sft[..len])?;
+                    read_chunk(run.sft, loc, &t.name, done * ws, &mut slot.sft[..sft_len])?;
                 }
                 let job = Job {
                     seq,
                     len,
+                    sft_len,
                     op: t.op,
                     slot,
                 };
@@ -247,7 +258,7 @@ fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> 
                     return Ok(());
                 }
                 seq += 1;
-                done += len as u64;
+                done += n;
             }
         }
     }
@@ -276,17 +287,16 @@ fn read_chunk(model: &Model, loc: TensorLoc, name: &str, at: u64, buf: &mut [u8]
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
     let alpha = run.plan.alpha;
     for mut job in input {
-        if let Op::Expo(dtype) = job.op {
-            let Slot { aligned, sft, out } = &mut job.slot;
-            let n = job.len;
-            kernel::expo(
-                run.settings.isa,
-                dtype,
-                alpha,
-                &aligned[..n],
-                &sft[..n],
-                &mut out[..n],
-            );
+        let Slot { aligned, sft, out } = &mut job.slot;
+        let (a, s, o) = (
+            &aligned[..job.len],
+            &sft[..job.sft_len],
+            &mut out[..job.len],
+        );
+        match job.op {
+            Op::Expo(dtype) => kernel::expo(run.settings.isa, dtype, alpha, a, s, o),
+            Op::ExpoMixed { aligned, sft } => kernel::expo_mixed(aligned, sft, alpha, a, s, o),
+            Op::Copy => {}
         }
         if output.send(job).is_err() {
             return;

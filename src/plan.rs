@@ -31,6 +31,12 @@ pub const MANIFEST_FILE: &str = "checksums.b3";
 pub enum Op {
     /// `aligned + alpha * (aligned - sft)`, in f32, rounded to the dtype.
     Expo(FloatDtype),
+    /// The same, for a tensor the SFT model stores in another float type (`sft`); the output
+    /// takes the aligned model's type.
+    ExpoMixed {
+        aligned: FloatDtype,
+        sft: FloatDtype,
+    },
     /// Copied from the aligned model unchanged (integer and boolean buffers).
     Copy,
 }
@@ -268,16 +274,20 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
                 ),
             });
         }
-        if s.dtype != t.dtype {
+        let both_float = t.dtype.mergeable().is_some() && s.dtype.mergeable().is_some();
+        if s.dtype != t.dtype && !both_float {
             problems.push(Mismatch {
                 tensor: t.name.clone(),
                 problem: format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
             });
         }
-        let op = match t.dtype.mergeable() {
-            Some(float) => Op::Expo(float),
-            None if t.dtype.is_integer() => Op::Copy,
-            None => {
+        let op = match (t.dtype.mergeable(), s.dtype.mergeable()) {
+            (Some(a), Some(s)) if a == s => Op::Expo(a),
+            (Some(a), Some(s)) => Op::ExpoMixed { aligned: a, sft: s },
+            // The dtype disagreement is reported above.
+            (Some(_), None) => continue,
+            (None, _) if t.dtype.is_integer() => Op::Copy,
+            (None, _) => {
                 problems.push(Mismatch {
                     tensor: t.name.clone(),
                     problem: format!(
@@ -295,7 +305,7 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
             nbytes: t.nbytes(),
             op,
             aligned: loc,
-            sft: matches!(op, Op::Expo(_)).then_some(sft_loc),
+            sft: (op != Op::Copy).then_some(sft_loc),
         });
     }
     for (_, s) in sft.tensors() {

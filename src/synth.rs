@@ -52,6 +52,8 @@ pub const PRESETS: &str = "tiny-llama, tiny-mistral, llama3-8b, mistral-7b, llam
 pub struct PairSpec {
     pub shape: Shape,
     pub dtype: Dtype,
+    /// The SFT model's float type, when it differs from the aligned model's.
+    pub sft_dtype: Option<Dtype>,
     pub seed: u64,
     pub sft_shards: usize,
     pub aligned_shards: usize,
@@ -183,16 +185,28 @@ fn lay_out(tensors: &[Tensor], order: &[usize], shards: usize) -> Layout {
 /// Writes a model pair under `out` (`out/sft`, `out/aligned`) and returns their data size.
 pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
     let tensors = tensors(spec);
+    // The SFT model may store its float tensors in another type.
+    let sft_tensors: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.clone(),
+            dtype: match spec.sft_dtype {
+                Some(d) if t.dtype.mergeable().is_some() => d,
+                _ => t.dtype,
+            },
+            shape: t.shape.clone(),
+        })
+        .collect();
     let forward: Vec<usize> = (0..tensors.len()).collect();
     // The aligned model stores its tensors in another order (lm_head and the last layers
     // first), as re-saved checkpoints often do.
     let reversed: Vec<usize> = forward.iter().rev().copied().collect();
     let layouts = [
-        ("sft", lay_out(&tensors, &forward, spec.sft_shards)),
+        ("sft", lay_out(&sft_tensors, &forward, spec.sft_shards)),
         ("aligned", lay_out(&tensors, &reversed, spec.aligned_shards)),
     ];
     let mut files: Vec<Vec<File>> = Vec::new();
-    for (role, layout) in &layouts {
+    for ((role, layout), tensors) in layouts.iter().zip([&sft_tensors, &tensors]) {
         let dir = out.join(role);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "creating", e))?;
         let mut handles = Vec::new();
@@ -229,22 +243,22 @@ pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
     let mut s_bytes = Vec::new();
     let mut a_bytes = Vec::new();
     for (t, tensor) in tensors.iter().enumerate() {
-        let elem = tensor.dtype.size() as u64;
-        let numel = tensor.nbytes() / elem;
+        let (s_dtype, a_dtype) = (sft_tensors[t].dtype, tensor.dtype);
+        let numel = tensor.nbytes() / a_dtype.size() as u64;
         let mut done = 0;
         while done < numel {
             let n = (numel - done).min(CHUNK);
             s_bytes.clear();
             a_bytes.clear();
             for _ in 0..n {
-                let (s, a) = sample(&mut rng, tensor.dtype, spec.specials);
-                s_bytes.extend_from_slice(&s[..elem as usize]);
-                a_bytes.extend_from_slice(&a[..elem as usize]);
+                let (s, a) = sample(&mut rng, spec.specials);
+                s_bytes.extend_from_slice(&encode(s_dtype, s)[..s_dtype.size()]);
+                a_bytes.extend_from_slice(&encode(a_dtype, a)[..a_dtype.size()]);
             }
-            for (m, bytes) in [(0, &s_bytes), (1, &a_bytes)] {
+            for (m, bytes, elem) in [(0, &s_bytes, s_dtype.size()), (1, &a_bytes, a_dtype.size())] {
                 let (shard, offset) = layouts[m].1.place[t];
                 files[m][shard]
-                    .write_all_at(bytes, offset + done * elem)
+                    .write_all_at(bytes, offset + done * elem as u64)
                     .map_err(|e| Error::io(out.join(layouts[m].0), "writing", e))?;
             }
             done += n;
@@ -253,16 +267,15 @@ pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
     Ok(tensors.iter().map(Tensor::nbytes).sum())
 }
 
-/// One element of each model, as little-endian bytes (first `dtype.size()` bytes used).
-fn sample(rng: &mut Rng, dtype: Dtype, specials: bool) -> ([u8; 8], [u8; 8]) {
+/// One element of each model: (sft, aligned).
+fn sample(rng: &mut Rng, specials: bool) -> (f32, f32) {
     let r = rng.next();
     let s = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.12;
     let delta = (((r >> 16) & 0xFFFF) as f32 / 65536.0 - 0.5) * 0.004;
-    let (mut s, mut a) = (encode(dtype, s), encode(dtype, s + delta));
+    let (mut s, mut a) = (s, s + delta);
     if specials && r.is_multiple_of(61) {
         let pick = rng.next();
-        let special = SPECIALS[(pick % SPECIALS.len() as u64) as usize];
-        let bits = encode(dtype, f32::from_bits(special));
+        let bits = f32::from_bits(SPECIALS[(pick % SPECIALS.len() as u64) as usize]);
         if pick & (1 << 40) != 0 {
             s = bits;
         } else {

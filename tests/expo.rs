@@ -81,6 +81,28 @@ fn f16_and_f32_pairs_match_reference() {
 }
 
 #[test]
+fn mixed_precision_pairs_merge_in_f32_and_take_the_aligned_dtype() {
+    for (aligned, sft) in [("BF16", "F32"), ("F16", "BF16"), ("F32", "F16")] {
+        merge_and_check(
+            &[
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--dtype",
+                aligned,
+                "--sft-dtype",
+                sft,
+                "--specials",
+                "--int-buffer",
+            ],
+            "0.3",
+            &["--chunk-size", "4KiB"],
+        );
+    }
+}
+
+#[test]
 fn negative_and_large_alpha_match_reference() {
     for alpha in ["-0.7", "37.5"] {
         merge_and_check(
@@ -329,7 +351,7 @@ fn every_mismatch_is_listed_at_once_and_nothing_is_written() {
             ("same", "BF16", vec![2, 2]),
             ("only_in_sft", "BF16", vec![2]),
             ("reshaped", "BF16", vec![4, 2]),
-            ("retyped", "F16", vec![3]),
+            ("retyped", "I32", vec![3]),
             ("wide", "F64", vec![1]),
         ],
     );
@@ -362,7 +384,7 @@ fn every_mismatch_is_listed_at_once_and_nothing_is_written() {
         "tensor 'only_in_aligned': missing from the SFT model",
         "tensor 'only_in_sft': missing from the aligned model",
         "tensor 'reshaped': shape [2, 4] in --aligned but [4, 2] in --sft",
-        "tensor 'retyped': dtype BF16 in --aligned but F16 in --sft",
+        "tensor 'retyped': dtype BF16 in --aligned but I32 in --sft",
         "tensor 'wide': dtype F64 cannot be merged",
     ] {
         assert!(err.contains(expect), "missing {expect:?} in:\n{err}");

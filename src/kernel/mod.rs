@@ -88,6 +88,8 @@ pub enum Isa {
 }
 
 /// Name of the environment variable that overrides [`Isa::select`].
+pub use scalar::expo_mixed;
+
 pub const ISA_ENV_VAR: &str = "MERGESTREAM_ISA";
 
 impl Isa {

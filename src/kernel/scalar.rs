@@ -504,3 +504,101 @@ mod tests {
         }
     }
 }
+
+/// Widens one little-endian element of `dtype` to `f32` (exact).
+#[inline(always)]
+fn widen(dtype: FloatDtype, bytes: &[u8]) -> f32 {
+    match dtype {
+        FloatDtype::BF16 => bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+        FloatDtype::F16 => f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+        FloatDtype::F32 => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+    }
+}
+
+/// ExPO for a tensor stored in different float types by the two models: both sides widen
+/// exactly to `f32`, the arithmetic is the same three operations, and the result is rounded to
+/// the aligned model's type (NaN canonicalized), so the result equals what the one-type path
+/// gives whenever the types agree. `aligned` and `out` hold elements of `aligned_dtype`, `sft`
+/// the same number of elements of `sft_dtype`. A rare path (checkpoints saved at different
+/// precisions), kept simple rather than fast.
+///
+/// # Panics
+///
+/// If the element counts differ.
+pub fn expo_mixed(
+    aligned_dtype: FloatDtype,
+    sft_dtype: FloatDtype,
+    alpha: f32,
+    aligned: &[u8],
+    sft: &[u8],
+    out: &mut [u8],
+) {
+    let (wa, ws) = (aligned_dtype.size(), sft_dtype.size());
+    assert!(
+        aligned.len() == out.len() && aligned.len() / wa == sft.len() / ws,
+        "expo_mixed: element counts differ"
+    );
+    for ((a, s), o) in aligned
+        .chunks_exact(wa)
+        .zip(sft.chunks_exact(ws))
+        .zip(out.chunks_exact_mut(wa))
+    {
+        let r = expo_f32(widen(aligned_dtype, a), widen(sft_dtype, s), alpha);
+        match aligned_dtype {
+            FloatDtype::BF16 => {
+                let bits = if r.is_nan() {
+                    BF16_NAN
+                } else {
+                    f32_to_bf16_rne(r)
+                };
+                o.copy_from_slice(&bits.to_le_bytes());
+            }
+            FloatDtype::F16 => {
+                let bits = if r.is_nan() {
+                    F16_NAN
+                } else {
+                    f32_to_f16_rne(r)
+                };
+                o.copy_from_slice(&bits.to_le_bytes());
+            }
+            FloatDtype::F32 => {
+                let bits = if r.is_nan() { F32_NAN } else { r.to_bits() };
+                o.copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod mixed_tests {
+    use super::*;
+
+    #[test]
+    fn mixed_equals_one_type_path_when_types_agree() {
+        let a: Vec<u8> = (0..4096u32)
+            .flat_map(|i| ((i * 2654435761) as u16).to_le_bytes())
+            .collect();
+        let s: Vec<u8> = (0..4096u32)
+            .flat_map(|i| ((i * 40503) as u16).to_le_bytes())
+            .collect();
+        for dtype in [FloatDtype::BF16, FloatDtype::F16] {
+            let (mut one, mut mixed) = (vec![0u8; a.len()], vec![0u8; a.len()]);
+            expo(dtype, 0.3, &a, &s, &mut one);
+            expo_mixed(dtype, dtype, 0.3, &a, &s, &mut mixed);
+            assert_eq!(one, mixed, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_widens_both_sides_exactly() {
+        // aligned BF16 1.0, sft F32 0.99999994 (not representable in BF16): the difference
+        // survives because sft is not rounded to BF16 first.
+        let a = 0x3F80u16.to_le_bytes();
+        let s = 0.999_999_94f32.to_le_bytes();
+        let mut out = [0u8; 2];
+        expo_mixed(FloatDtype::BF16, FloatDtype::F32, 1e7, &a, &s, &mut out);
+        let want = f32_to_bf16_rne(1.0 + 1e7 * (1.0 - 0.999_999_94f32));
+        assert_eq!(u16::from_le_bytes(out), want);
+        assert_ne!(want, 0x3F80);
+    }
+}

@@ -129,14 +129,26 @@ pub fn load_model(dir: &Path) -> BTreeMap<String, Tensor> {
 
 /// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN.
 pub fn expo_element(dtype: safetensors::Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
+    expo_element_mixed(dtype, dtype, alpha, a, s)
+}
+
+/// The reference when the SFT side is stored as `sft_dtype`: both widen exactly to f32, the
+/// result takes the aligned dtype.
+pub fn expo_element_mixed(
+    dtype: safetensors::Dtype,
+    sft_dtype: safetensors::Dtype,
+    alpha: f32,
+    a: &[u8],
+    s: &[u8],
+) -> Vec<u8> {
     use safetensors::Dtype as D;
-    let to_f32 = |b: &[u8]| match dtype {
+    let to_f32 = |dtype: D, b: &[u8]| match dtype {
         D::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         D::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
         D::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         other => panic!("no reference for {other:?}"),
     };
-    let (a, s) = (to_f32(a), to_f32(s));
+    let (a, s) = (to_f32(dtype, a), to_f32(sft_dtype, s));
     let d = a - s;
     let t = alpha * d;
     let o = a + t;
@@ -182,10 +194,10 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
             .data
             .chunks_exact(size)
             .zip(a.data.chunks_exact(size))
-            .zip(s.data.chunks_exact(size))
+            .zip(s.data.chunks_exact(s.dtype.size()))
             .enumerate()
         {
-            let want = expo_element(m.dtype, alpha, ao, so);
+            let want = expo_element_mixed(m.dtype, s.dtype, alpha, ao, so);
             assert_eq!(
                 mo,
                 &want[..],
