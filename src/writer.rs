@@ -48,8 +48,9 @@ impl IoMode {
 
 /// Direct I/O alignment of buffers, offsets and lengths (a page; covers 512 and 4096 sectors).
 pub const ALIGN: usize = 4096;
-/// Size of one staging buffer.
-pub const STAGE_BYTES: usize = 4 << 20;
+/// Size of one staging buffer: large direct writes (8 MiB measured ~8% faster than 4 MiB, and
+/// 1 MiB ~50% slower, on this machine's virtio disk).
+pub const STAGE_BYTES: usize = 8 << 20;
 /// Staging buffers per file: one filling, the others with the I/O thread.
 pub const STAGES: usize = 3;
 
