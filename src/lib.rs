@@ -57,7 +57,9 @@ pub struct ExpoJob {
     pub threads: usize,
     /// Chunk size override (testing); output bytes never depend on it.
     pub chunk_bytes: Option<usize>,
-    pub part: Part,
+    /// One part of a partitioned run (finalized later by [`output::finalize`]), or `None` for
+    /// a whole run, which finalizes itself.
+    pub part: Option<Part>,
     pub existing: Existing,
     pub show_progress: bool,
     pub io: writer::IoMode,
@@ -93,18 +95,8 @@ pub fn plan_expo(
 }
 
 /// Runs `job`: plans, then writes this part's shards (all of them for a whole run), and for a
-/// whole run ([`Part::WHOLE`]) finalizes the output.
+/// whole run finalizes the output.
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
-    run_expo(job, cancel, job.part == Part::WHOLE)
-}
-
-/// Runs `job.part` as one part of a partitioned run, even when it is `0/1`: writes the part's
-/// shards and record and leaves [`output::finalize`] to a later step, as `--part` asks.
-pub fn expo_part(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
-    run_expo(job, cancel, false)
-}
-
-fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
     let started = Instant::now();
     output::precheck(&job.out)?;
     let isa = kernel::Isa::select().map_err(Error::Usage)?;
@@ -119,9 +111,10 @@ fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
         settings.chunk_bytes = chunk.max(8) & !7;
     }
     let (sft, aligned, plan) = plan_expo(&job.sft, &job.aligned, job.alpha, job.max_shard_size)?;
-    let mut dir = OutputDir::open(&job.out, &plan, job.part, job.existing, job.io)?;
+    let part = job.part.unwrap_or(Part::WHOLE);
+    let mut dir = OutputDir::open(&job.out, &plan, part, job.existing, job.io)?;
 
-    let mine = plan.shards_of(job.part);
+    let mine = plan.shards_of(part);
     let todo: Vec<usize> = mine
         .iter()
         .copied()
@@ -143,7 +136,7 @@ fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
     bar.finish();
     result?;
     let buffered = writer.buffered;
-    if job.part.index == 0 {
+    if part.index == 0 {
         for f in &plan.extra_files {
             if !dir.has(&f.name) {
                 dir.copy_file(&f.source, &f.name)?;
@@ -153,6 +146,7 @@ fn run_expo(job: &ExpoJob, cancel: &Cancel, finalize: bool) -> Result<Summary> {
     dir.complete()?;
     drop(dir);
     failpoint::hit("before-finalize", &|| false);
+    let finalize = job.part.is_none();
     if finalize {
         output::finalize(&job.out, Some(Part::WHOLE))?;
     }

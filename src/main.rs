@@ -211,7 +211,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         chunk_bytes: args.chunk_size.map(|c| c as usize),
-        part: args.part.unwrap_or(Part::WHOLE),
+        part: args.part,
         existing: if args.resume {
             Existing::Resume
         } else if args.force {
@@ -222,11 +222,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
         show_progress: !args.quiet,
         io: args.io,
     };
-    let summary = if args.part.is_some() {
-        mergestream::expo_part(&job, &cancel)?
-    } else {
-        mergestream::expo(&job, &cancel)?
-    };
+    let summary = mergestream::expo(&job, &cancel)?;
     if !args.quiet {
         for (name, why) in &summary.skipped_files {
             eprintln!("mergestream: note: not copied from --aligned: {name} ({why})");
@@ -245,7 +241,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
         } else {
             format!(
                 "part {} done (run `mergestream finalize` after all parts)",
-                job.part
+                job.part.unwrap_or(Part::WHOLE)
             )
         };
         eprintln!(

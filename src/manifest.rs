@@ -56,17 +56,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Vec<String>> {
     }
 }
 
-/// blake3 of a file's contents, read in fixed-size pieces.
+/// blake3 of a file's contents.
 pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
     let mut hasher = blake3::Hasher::new();
+    hash_into(path, &mut hasher)?;
+    Ok(hasher.finalize())
+}
+
+/// Feeds a file's contents to `hasher`, read in fixed-size pieces.
+pub fn hash_into(path: &Path, hasher: &mut blake3::Hasher) -> Result<()> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file
             .read(&mut buf)
             .map_err(|e| Error::io(path, "reading", e))?;
         if n == 0 {
-            return Ok(hasher.finalize());
+            return Ok(());
         }
         hasher.update(&buf[..n]);
     }

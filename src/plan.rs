@@ -7,10 +7,8 @@
 //! trust what an earlier one wrote. Nothing here reads tensor data or writes a file.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, Mismatch, Result};
 use crate::format::header::{self, TensorInfo};
@@ -144,15 +142,14 @@ impl Plan {
         }
         let tensors = match_models(sft, aligned)?;
         let alpha_text = format!("{alpha}");
-        let inputs = |m: &Model| {
-            serde_json::to_string(
-                &m.file_list()
-                    .into_iter()
-                    .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
-                    .collect::<Vec<_>>(),
-            )
-            .expect("serializing JSON cannot fail")
+        let files = |m: &Model| -> Vec<serde_json::Value> {
+            m.file_list()
+                .into_iter()
+                .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
+                .collect()
         };
+        let inputs =
+            |m: &Model| serde_json::to_string(&files(m)).expect("serializing JSON cannot fail");
         let metadata = vec![
             ("format".to_string(), "pt".to_string()),
             ("mergestream.tool".into(), TOOL.into()),
@@ -176,12 +173,6 @@ impl Plan {
         });
         let (extra_files, skipped_files) = extra_files(aligned)?;
 
-        let files = |m: &Model| -> Vec<serde_json::Value> {
-            m.file_list()
-                .into_iter()
-                .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
-                .collect()
-        };
         let alpha_json: serde_json::Value = alpha_text
             .parse::<f64>()
             .ok()
@@ -487,23 +478,9 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
     for f in &plan.extra_files {
         h.update(f.name.as_bytes());
         h.update(&f.size.to_le_bytes());
-        hash_file_into(&f.source, &mut h)?;
+        crate::manifest::hash_into(&f.source, &mut h)?;
     }
     Ok(h.finalize().to_hex().to_string())
-}
-
-fn hash_file_into(path: &Path, h: &mut blake3::Hasher) -> Result<()> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Error::io(path, "reading", e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ fn negative_and_large_alpha_match_reference() {
 }
 
 #[test]
-fn output_is_independent_of_threads_and_chunk_size() {
+fn output_is_independent_of_threads_chunk_size_and_io_mode() {
     let dir = tempdir();
     let pair = dir.path().join("pair");
     synth(
@@ -146,6 +146,8 @@ fn output_is_independent_of_threads_and_chunk_size() {
         vec!["--threads", "5", "--chunk-size", "4KiB"],
         vec!["--threads", "2", "--chunk-size", "520"],
         vec!["--threads", "3", "--memory", "40MiB"],
+        vec!["--io", "buffered"],
+        vec!["--io", "direct", "--threads", "1"],
     ]
     .into_iter()
     .enumerate()
