@@ -95,7 +95,14 @@ impl IoThread {
         let (tx, done) = bounded::<io::Result<Stage>>(STAGES);
         let handle = std::thread::spawn(move || {
             for (mut stage, offset) in rx {
-                let result = file.write_all_at(stage.filled(), offset).map(|()| {
+                let mut result = file.write_all_at(stage.filled(), offset);
+                if matches!(&result, Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()))
+                    && drop_direct_io(&file)
+                {
+                    // Some filesystems accept O_DIRECT at open and refuse it at write time.
+                    result = file.write_all_at(stage.filled(), offset);
+                }
+                let result = result.map(|()| {
                     stage.len = 0;
                     stage
                 });
@@ -138,6 +145,17 @@ impl Drop for IoThread {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Turns direct I/O off for `file` if it was on; tells whether it was.
+fn drop_direct_io(file: &File) -> bool {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+    match fcntl_getfl(file) {
+        Ok(flags) if flags.contains(OFlags::DIRECT) => {
+            fcntl_setfl(file, flags - OFlags::DIRECT).is_ok()
+        }
+        _ => false,
     }
 }
 

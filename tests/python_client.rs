@@ -82,6 +82,19 @@ fn python_safetensors_loads_the_output_and_numpy_agrees() {
             "-0.25",
             vec![],
         ),
+        (
+            vec![
+                "--preset",
+                "tiny-llama",
+                "--layers",
+                "1",
+                "--sft-dtype",
+                "F32",
+                "--specials",
+            ],
+            "0.3",
+            vec![],
+        ),
     ]
     .into_iter()
     .enumerate()
