@@ -15,6 +15,8 @@
 
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod manifest;
 pub mod model;
