@@ -37,8 +37,12 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Model { path: PathBuf, reason: String },
     /// The two models do not match; every mismatch is listed.
-    #[error("the models do not match ({} problem{}):\n{}", problems.len(), plural(problems.len()), bullet_list(problems))]
-    Mismatch { problems: Vec<Mismatch> },
+    #[error("the models do not match ({} problem{}; --sft {}, --aligned {}):\n{}", problems.len(), plural(problems.len()), sft.display(), aligned.display(), bullet_list(problems))]
+    Mismatch {
+        sft: PathBuf,
+        aligned: PathBuf,
+        problems: Vec<Mismatch>,
+    },
     /// An input file changed (truncated, rewritten, replaced) while the run read it.
     #[error("{}: input changed while reading: {reason}", path.display())]
     InputChanged { path: PathBuf, reason: String },

@@ -17,6 +17,8 @@ pub mod error;
 #[doc(hidden)]
 pub mod failpoint;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod manifest;
 pub mod model;

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -53,23 +54,7 @@ impl Identity {
 
 impl Shard {
     fn open(path: PathBuf, name: String) -> Result<Shard> {
-        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "opening shard", e))?;
-        if meta.is_dir() {
-            return Err(Error::Model {
-                path,
-                reason: "is a directory, not a safetensors file".into(),
-            });
-        }
-        let file = File::open(&path).map_err(|e| Error::io(&path, "opening shard", e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(&path, "reading file status", e))?;
-        if !meta.is_file() {
-            return Err(Error::Model {
-                path,
-                reason: "is not a regular file".into(),
-            });
-        }
+        let (file, meta) = open_regular(&path, "opening shard")?;
         let header = header::read(&path, &file, meta.len())?;
         advise_sequential(&file);
         Ok(Shard {
@@ -146,12 +131,20 @@ impl Model {
             let shard = Shard::open(path.to_path_buf(), name)?;
             return Model::from_shards(path, dir, vec![shard], None);
         }
+        if !meta.is_dir() {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                reason: "is neither a safetensors file nor a model directory".into(),
+            });
+        }
+        // `symlink_metadata`, so that a dangling link (an HF cache missing a blob) is reported
+        // as such, not as an absent file.
         let index_path = path.join(INDEX_FILE);
-        if index_path.exists() {
+        if std::fs::symlink_metadata(&index_path).is_ok() {
             return Model::open_indexed(path, &index_path);
         }
         let single = path.join(SINGLE_FILE);
-        if single.exists() {
+        if std::fs::symlink_metadata(&single).is_ok() {
             let shard = Shard::open(single, SINGLE_FILE.into())?;
             return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
         }
@@ -162,8 +155,7 @@ impl Model {
     }
 
     fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
-        let meta =
-            std::fs::metadata(index_path).map_err(|e| Error::io(index_path, "opening index", e))?;
+        let (mut file, meta) = open_regular(index_path, "opening index")?;
         if meta.len() > MAX_INDEX_LEN {
             return Err(Error::index(
                 index_path,
@@ -171,8 +163,9 @@ impl Model {
                 format!("{} bytes is larger than any index should be", meta.len()),
             ));
         }
-        let bytes =
-            std::fs::read(index_path).map_err(|e| Error::io(index_path, "reading index", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::io(index_path, "reading index", e))?;
         let index = index::parse(index_path, &bytes)?;
         let shards = index
             .shards()
@@ -316,6 +309,39 @@ impl Model {
             .map(|(n, loc)| (n.as_str(), self.shards[loc.shard].name.as_str()))
             .collect()
     }
+}
+
+/// Opens `path` for reading if it is a regular file (following symlinks). Anything else is
+/// refused before it is opened: opening a FIFO blocks until a writer comes, and SIGINT would only
+/// set the cancel flag. `O_NONBLOCK` covers a swap after the check; it changes nothing for a
+/// regular file.
+fn open_regular(path: &Path, what: &'static str) -> Result<(File, std::fs::Metadata)> {
+    let not_regular = || Error::Model {
+        path: path.to_path_buf(),
+        reason: "is not a regular file (a FIFO, socket or device?)".into(),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, what, e))?;
+    if meta.is_dir() {
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            reason: "is a directory, not a file".into(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| Error::io(path, what, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, "reading file status", e))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    Ok((file, meta))
 }
 
 fn file_name(path: &Path) -> String {

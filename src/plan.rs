@@ -311,7 +311,11 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
         Ok(tensors)
     } else {
         problems.sort();
-        Err(Error::Mismatch { problems })
+        Err(Error::Mismatch {
+            sft: sft.path.clone(),
+            aligned: aligned.path.clone(),
+            problems,
+        })
     }
 }
 

@@ -2,12 +2,13 @@
 //!
 //! A safetensors file is `u64 little-endian N`, then `N` bytes of JSON (an object mapping tensor
 //! names to `{dtype, shape, data_offsets}`, plus an optional `__metadata__` object of strings),
-//! then the data section. [`parse`] enforces every rule a reader later relies on — header length
-//! bounded and inside the file, valid UTF-8 JSON object, no duplicate names, known dtypes, shape
-//! dimensions that are non-negative integers whose product does not overflow, byte length equal
-//! to dtype × shape, offsets that tile the data section exactly (in bounds, no overlap, no gap) —
-//! so that nothing downstream needs to check again. [`encode`] writes the header of an output
-//! shard. Neither reads or writes tensor data.
+//! then the data section. [`read`] (from an open file) and [`parse_file_bytes`] (from memory)
+//! share one path through [`parse`], which enforces every rule a reader later relies on — header
+//! length bounded and inside the file, valid UTF-8 JSON object, no duplicate names, known dtypes,
+//! shape dimensions that are non-negative integers whose product does not overflow, byte length
+//! equal to dtype × shape, offsets that tile the data section exactly (in bounds, no overlap, no
+//! gap) — so that nothing downstream needs to check again. [`encode`] writes the header of an
+//! output shard. None of them reads or writes tensor data.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -74,6 +75,28 @@ impl Header {
 
 /// Reads and validates the header of `file` (whose length is `file_len`), naming `path` in errors.
 pub fn read(path: &Path, file: &File, file_len: u64) -> Result<Header> {
+    read_with(path, file_len, |buf, at| file.read_exact_at(buf, at))
+}
+
+/// Validates a whole safetensors file held in memory, naming `path` in errors. The same checks
+/// as [`read`], through the same code; for callers (and fuzzing) that have the bytes already.
+pub fn parse_file_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
+    read_with(path, bytes.len() as u64, |buf, at| {
+        let src = usize::try_from(at)
+            .ok()
+            .and_then(|at| bytes.get(at..)?.get(..buf.len()))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    })
+}
+
+/// [`read`] over any source: `read_at(buf, offset)` fills `buf` from the file at `offset`.
+fn read_with(
+    path: &Path,
+    file_len: u64,
+    mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+) -> Result<Header> {
     if file_len < 8 {
         return Err(Error::format(
             path,
@@ -84,8 +107,7 @@ pub fn read(path: &Path, file: &File, file_len: u64) -> Result<Header> {
         ));
     }
     let mut len_bytes = [0u8; 8];
-    file.read_exact_at(&mut len_bytes, 0)
-        .map_err(|e| Error::io(path, "reading header length", e))?;
+    read_at(&mut len_bytes, 0).map_err(|e| Error::io(path, "reading header length", e))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::format(
@@ -102,8 +124,7 @@ pub fn read(path: &Path, file: &File, file_len: u64) -> Result<Header> {
         ));
     }
     let mut json = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut json, 8)
-        .map_err(|e| Error::io(path, "reading header", e))?;
+    read_at(&mut json, 8).map_err(|e| Error::io(path, "reading header", e))?;
     parse(path, &json, file_len - 8 - header_len)
 }
 
@@ -219,9 +240,12 @@ fn parse_tensor(name: &str, fields: Entries) -> std::result::Result<TensorInfo, 
         let d = d
             .as_u64()
             .ok_or_else(|| format!("shape dimension {d} is not a non-negative integer"))?;
-        numel = numel
-            .checked_mul(d)
-            .ok_or_else(|| format!("shape {dims:?} has more elements than fit in 64 bits"))?;
+        numel = numel.checked_mul(d).ok_or_else(|| {
+            format!(
+                "shape {} has more elements than fit in 64 bits",
+                json_list(&dims)
+            )
+        })?;
         shape.push(d);
     }
     let nbytes = numel
@@ -235,7 +259,12 @@ fn parse_tensor(name: &str, fields: Entries) -> std::result::Result<TensorInfo, 
         .map(|o| o.as_u64())
         .collect::<Option<_>>()
         .filter(|o: &Vec<u64>| o.len() == 2)
-        .ok_or_else(|| format!("data_offsets {offsets:?} is not two non-negative integers"))?;
+        .ok_or_else(|| {
+            format!(
+                "data_offsets {} is not two non-negative integers",
+                json_list(&offsets)
+            )
+        })?;
     let (start, end) = (offsets[0], offsets[1]);
     if end < start {
         return Err(format!(
@@ -298,6 +327,12 @@ pub fn encode(metadata: &[(String, String)], tensors: &[TensorInfo]) -> Vec<u8> 
     out.extend_from_slice(json.as_bytes());
     out.resize(padded as usize, b' ');
     out
+}
+
+/// `values` as the header wrote them, `[1, -2, 3.5]`, for messages.
+fn json_list(values: &[Value]) -> String {
+    let items: Vec<String> = values.iter().map(Value::to_string).collect();
+    format!("[{}]", items.join(", "))
 }
 
 fn json_string(s: &str) -> String {

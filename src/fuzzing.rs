@@ -1,0 +1,408 @@
+//! Fuzzing entry points: the bodies of the cargo-fuzz targets in `fuzz/`.
+//!
+//! Each function takes a fuzzer's bytes, drives one public entry point of the library, and
+//! panics only when a promise the library makes is broken (a header that validates but does not
+//! tile its data section, a failed merge that leaves output behind, a merged value that differs
+//! from the reference, …). Errors are expected outcomes, not findings. The functions live here,
+//! not in `fuzz/`, so that `tests/fuzz_corpus.rs` replays the seed corpus and every crash
+//! reproducer under plain `cargo test`, through the very same code.
+//!
+//! Not part of the API: hidden from the docs, and free to change with the targets.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::format::header::{self, Header};
+use crate::format::index::{self, INDEX_FILE};
+use crate::format::Dtype;
+use crate::model::Model;
+use crate::output::Existing;
+use crate::pipeline::Cancel;
+use crate::plan::Part;
+use crate::{Error, ExpoJob};
+
+/// Separates the parts of an `index` input: the index JSON, then up to [`SHARD_NAMES`]`.len()`
+/// shard files.
+pub const SEPARATOR: &[u8] = b"\n--shard--\n";
+
+/// The file names the shards of an `index` input are written under, in order.
+pub const SHARD_NAMES: [&str; 3] = ["a.safetensors", "b.safetensors", "c.safetensors"];
+
+/// Bytes of parameters that open a `merge` input; the rest is a safetensors file.
+pub const MERGE_PARAMS: usize = 8;
+
+/// Float dtypes the merge target lets reach the kernel. F16 and F32 join once the kernel
+/// stand-in (`src/kernel/mod.rs`, which has only the BF16 path and panics on the others) is
+/// replaced by the real one; inputs with those dtypes are skipped until then.
+pub const MERGED_FLOATS: &[Dtype] = &[Dtype::BF16];
+
+/// `header`: a whole file, parsed from memory by the same code that reads shards.
+pub fn header(data: &[u8]) {
+    let path = Path::new("fuzz.safetensors");
+    match header::parse_file_bytes(path, data) {
+        Ok(h) => check_header(&h, data.len() as u64),
+        Err(e) => check_error(&e),
+    }
+}
+
+/// `index`: `INDEX JSON` [`SEPARATOR`] `SHARD` ([`SEPARATOR`] `SHARD`)…, written to a scratch
+/// directory and opened as a model, so the index is parsed and cross-checked against real
+/// shard headers.
+pub fn index(data: &[u8]) {
+    let mut parts = split(data, SEPARATOR);
+    let index_json = parts.remove(0);
+    let parsed = index::parse(Path::new(INDEX_FILE), index_json);
+    match &parsed {
+        Ok(idx) => check_index(idx),
+        Err(e) => check_error(e),
+    }
+
+    let scratch = scratch();
+    let dir = scratch.path();
+    write(&dir.join(INDEX_FILE), index_json);
+    for (name, bytes) in SHARD_NAMES.iter().zip(&parts) {
+        write(&dir.join(name), bytes);
+    }
+    match Model::open(dir) {
+        Ok(model) => {
+            let idx = parsed.expect("a model opened through its index, so the index parses");
+            assert_eq!(model.tensor_count(), idx.weight_map.len());
+            for (tensor, shard) in &idx.weight_map {
+                let (loc, _) = model
+                    .get(tensor)
+                    .unwrap_or_else(|| panic!("tensor '{tensor}' listed but not in the model"));
+                assert_eq!(&model.shards[loc.shard].name, shard, "tensor '{tensor}'");
+            }
+            for shard in &model.shards {
+                assert_eq!(shard.path.parent(), Some(dir), "a shard outside the model");
+                check_header(&shard.header, shard.len());
+            }
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+/// `merge`: `PARAMS` (see [`MERGE_PARAMS`]) then a safetensors file `A`. A second file `B` is
+/// derived from `A` (values perturbed; tensors renamed, reshaped, retyped, dropped or added, and
+/// the layout reordered, as the parameters say), and the two are merged as a whole run. A
+/// successful run must verify and match the reference element by element; a failed one must
+/// leave nothing behind.
+pub fn merge(data: &[u8]) {
+    let Some((params, file)) = data.split_first_chunk::<MERGE_PARAMS>() else {
+        return;
+    };
+    let parsed = header::parse_file_bytes(Path::new("a.safetensors"), file).ok();
+    let unmerged_float = |d: Dtype| d.mergeable().is_some() && !MERGED_FLOATS.contains(&d);
+    if let Some(h) = &parsed {
+        if h.tensors.iter().any(|t| unmerged_float(t.dtype)) {
+            return;
+        }
+    }
+    let derived = match &parsed {
+        Some(h) => derive(params, h, file),
+        None => file.to_vec(),
+    };
+
+    let scratch = scratch();
+    let dir = scratch.path();
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    write(&a, file);
+    write(&b, &derived);
+    let ((sft, sft_bytes), (aligned, aligned_bytes)) = if params[0] & 1 == 0 {
+        ((a, file), (b, &derived[..]))
+    } else {
+        ((b, &derived[..]), (a, file))
+    };
+    let alpha = ALPHAS[params[1] as usize % ALPHAS.len()];
+    let job = ExpoJob {
+        sft,
+        aligned,
+        out: dir.join("out"),
+        alpha,
+        max_shard_size: SHARD_SIZES[params[2] as usize % SHARD_SIZES.len()],
+        memory: 40 << 20,
+        threads: 1,
+        chunk_bytes: Some(8 * (1 + params[3] as usize % 64)),
+        part: Part::WHOLE,
+        existing: Existing::Refuse,
+        show_progress: false,
+    };
+    match crate::expo(&job, &Cancel::default()) {
+        Ok(_) => {
+            if let Err(e) = crate::verify::verify(&job.out) {
+                panic!("a finished run does not verify: {e}");
+            }
+            check_merged(sft_bytes, aligned_bytes, &job.out, alpha);
+        }
+        Err(e) => {
+            check_error(&e);
+            let mut left: Vec<String> = std::fs::read_dir(dir)
+                .expect("the scratch directory lists")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            assert_eq!(
+                left,
+                ["a.safetensors", "b.safetensors"],
+                "a failed run ({e}) left files behind"
+            );
+        }
+    }
+}
+
+const ALPHAS: [f32; 12] = [
+    0.5,
+    0.0,
+    -1.0,
+    0.1,
+    2.0,
+    1e-3,
+    -0.3,
+    f32::MAX,
+    f32::MIN_POSITIVE,
+    1e30,
+    f32::NAN,
+    f32::INFINITY,
+];
+
+const SHARD_SIZES: [u64; 8] = [u64::MAX, 0, 1, 2, 16, 100, 4096, 5_000_000_000];
+
+/// Invariants of a header that validated, for a file of `file_len` bytes.
+fn check_header(h: &Header, file_len: u64) {
+    assert_eq!(h.file_len(), file_len, "header and data must fill the file");
+    let mut at = 0;
+    let mut names = HashSet::new();
+    for t in &h.tensors {
+        assert!(names.insert(&t.name), "tensor '{}' twice", t.name);
+        assert_ne!(t.name, "__metadata__");
+        assert_eq!(
+            t.start, at,
+            "tensor '{}' does not start where the last ended",
+            t.name
+        );
+        assert!(t.end >= t.start);
+        at = t.end;
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .expect("numel fits in u64");
+        assert_eq!(
+            Some(t.nbytes()),
+            numel.checked_mul(t.dtype.size() as u64),
+            "tensor '{}': nbytes is not numel × dtype size",
+            t.name
+        );
+    }
+    assert_eq!(at, h.data_len, "tensors must tile the data section");
+
+    // What encode writes, parse reads back the same.
+    let mut file = header::encode(&h.metadata, &h.tensors);
+    assert_eq!(file.len() as u64 % header::DATA_ALIGN, 0);
+    file.resize(file.len() + h.data_len as usize, 0);
+    let again = header::parse_file_bytes(Path::new("encoded"), &file)
+        .unwrap_or_else(|e| panic!("an encoded header does not parse: {e}"));
+    assert_eq!(again.tensors, h.tensors);
+    assert_eq!(again.metadata, h.metadata);
+}
+
+fn check_index(idx: &index::Index) {
+    assert!(!idx.weight_map.is_empty());
+    let mut names = HashSet::new();
+    for (tensor, shard) in &idx.weight_map {
+        assert!(names.insert(tensor), "tensor '{tensor}' twice");
+        assert!(index::check_shard_name(shard).is_ok());
+        assert!(!shard.contains('/') && shard != ".." && shard != ".");
+    }
+    let shards = idx.shards();
+    assert!(shards.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// An error must render, and say something.
+fn check_error(e: &Error) {
+    let text = e.to_string();
+    assert!(!text.is_empty());
+    assert!((1..=2).contains(&e.exit_code()), "{text}");
+}
+
+/// Checks the merged model at `out` against the reference computed from the input files.
+fn check_merged(sft: &[u8], aligned: &[u8], out: &Path, alpha: f32) {
+    let read = |bytes: &[u8]| {
+        let h = header::parse_file_bytes(Path::new("input"), bytes).expect("inputs parsed");
+        let base = h.data_start() as usize;
+        h.tensors
+            .into_iter()
+            .map(|t| {
+                let data = bytes[base + t.start as usize..base + t.end as usize].to_vec();
+                (t.name.clone(), (t, data))
+            })
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (sft, aligned) = (read(sft), read(aligned));
+    let merged = Model::open(out).unwrap_or_else(|e| panic!("the output does not open: {e}"));
+    assert_eq!(merged.tensor_count(), aligned.len());
+    for (name, (a, a_data)) in &aligned {
+        let (loc, m) = merged
+            .get(name)
+            .unwrap_or_else(|| panic!("tensor '{name}' missing from the output"));
+        assert_eq!((m.dtype, &m.shape), (a.dtype, &a.shape), "tensor '{name}'");
+        let shard = &merged.shards[loc.shard];
+        let mut got = vec![0u8; m.nbytes() as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &shard.file,
+            &mut got,
+            shard.header.data_start() + m.start,
+        )
+        .expect("output tensor data reads");
+        let want = if a.dtype.mergeable().is_some() {
+            let s_data = &sft[name].1;
+            let size = a.dtype.size();
+            a_data
+                .chunks_exact(size)
+                .zip(s_data.chunks_exact(size))
+                .flat_map(|(a_el, s_el)| expo_reference(a.dtype, alpha, a_el, s_el))
+                .collect()
+        } else {
+            a_data.clone()
+        };
+        assert!(got == want, "tensor '{name}' differs from the reference");
+    }
+}
+
+/// One element of `aligned + alpha * (aligned - sft)` in f32, unfused, rounded to nearest even,
+/// NaN canonical: the kernel's contract, computed with the `half` crate's conversions.
+fn expo_reference(dtype: Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
+    let to_f32 = |b: &[u8]| match dtype {
+        Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    };
+    let (a, s) = (to_f32(a), to_f32(s));
+    let o = a + alpha * (a - s);
+    match dtype {
+        Dtype::BF16 if o.is_nan() => 0x7FC0u16.to_le_bytes().to_vec(),
+        Dtype::F16 if o.is_nan() => 0x7E00u16.to_le_bytes().to_vec(),
+        Dtype::BF16 => half::bf16::from_f32(o).to_le_bytes().to_vec(),
+        Dtype::F16 => half::f16::from_f32(o).to_le_bytes().to_vec(),
+        _ if o.is_nan() => 0x7FC0_0000u32.to_le_bytes().to_vec(),
+        _ => o.to_le_bytes().to_vec(),
+    }
+}
+
+/// Derives the second model of a `merge` input from the first, as `params` say:
+/// - `params[4]`, a set of edits to tensor `params[5] % n`: bit 0 renames it, bit 1 reshapes
+///   it (same bytes), bit 2 retypes it (same element size), bit 3 drops it, bit 4 adds a tensor;
+/// - `params[5]` bit 7 reverses the data layout;
+/// - `params[6..8]` seed the perturbation of the values (0 keeps them);
+/// - `params[7] % 8` spaces of header padding.
+fn derive(params: &[u8; MERGE_PARAMS], h: &Header, file: &[u8]) -> Vec<u8> {
+    let base = h.data_start() as usize;
+    let mut tensors: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = h
+        .tensors
+        .iter()
+        .map(|t| {
+            let data = file[base + t.start as usize..base + t.end as usize].to_vec();
+            (t.name.clone(), t.dtype, t.shape.clone(), data)
+        })
+        .collect();
+    let edits = params[4];
+    if !tensors.is_empty() {
+        let k = params[5] as usize % tensors.len();
+        let t = &mut tensors[k];
+        if edits & 1 != 0 {
+            t.0.push('\'');
+        }
+        if edits & 2 != 0 {
+            t.2.push(1);
+        }
+        if edits & 4 != 0 {
+            t.1 = match t.1 {
+                Dtype::BF16 => Dtype::I16,
+                Dtype::I16 | Dtype::U16 | Dtype::F16 => Dtype::BF16,
+                Dtype::U8 => Dtype::I8,
+                Dtype::I32 => Dtype::U32,
+                Dtype::U32 | Dtype::F32 => Dtype::I32,
+                Dtype::I64 => Dtype::U64,
+                Dtype::U64 | Dtype::F64 => Dtype::I64,
+                _ => Dtype::U8,
+            };
+        }
+        if edits & 8 != 0 {
+            tensors.remove(k);
+        }
+    }
+    if edits & 16 != 0 {
+        let n = params[5] as u64 % 5;
+        tensors.push(("extra".into(), Dtype::U8, vec![n], vec![7; n as usize]));
+    }
+    if params[5] & 0x80 != 0 {
+        tensors.reverse();
+    }
+    let mut state = u32::from(params[6]) << 8 | u32::from(params[7]);
+    if state != 0 {
+        for t in &mut tensors {
+            for byte in &mut t.3 {
+                // xorshift32: cheap, deterministic, hits every bit pattern.
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                *byte ^= state as u8;
+            }
+        }
+    }
+
+    let mut json = serde_json::Map::new();
+    if !h.metadata.is_empty() {
+        let meta: serde_json::Map<_, _> = h
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        json.insert("__metadata__".into(), meta.into());
+    }
+    let mut at = 0;
+    for (name, dtype, shape, data) in &tensors {
+        let end = at + data.len() as u64;
+        json.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [at, end]}),
+        );
+        at = end;
+    }
+    let mut text = serde_json::to_vec(&json).expect("serializing JSON cannot fail");
+    text.resize(text.len() + params[7] as usize % 8, b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    for (_, _, _, data) in &tensors {
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// `data` cut at every `sep`; always at least one part.
+fn split<'a>(data: &'a [u8], sep: &[u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = data;
+    while let Some(at) = rest.windows(sep.len()).position(|w| w == sep) {
+        parts.push(&rest[..at]);
+        rest = &rest[at + sep.len()..];
+    }
+    parts.push(rest);
+    parts
+}
+
+/// A fresh directory on tmpfs where there is one (`$MERGESTREAM_FUZZ_DIR` overrides).
+fn scratch() -> tempfile::TempDir {
+    let base = std::env::var_os("MERGESTREAM_FUZZ_DIR")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("mergestream-fuzz-")
+        .tempdir_in(base)
+        .expect("a scratch directory")
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}

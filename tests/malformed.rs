@@ -1,0 +1,877 @@
+//! Malformed inputs through the real binary: every one must fail with the right exit code (2 for
+//! bad input or I/O, 1 for models that do not match), name the offending file (and tensor), give
+//! a reason a user can act on, and leave no output behind — whether `--out` did not exist (the
+//! precheck creates nothing) or existed empty (plan failures come before the output directory is
+//! opened). Valid edge cases must merge and match the independent reference.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// A safetensors file: the 8-byte length, `json` verbatim, then `data`.
+fn raw(json: impl AsRef<[u8]>, data: &[u8]) -> Vec<u8> {
+    let json = json.as_ref();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json);
+    out.extend_from_slice(data);
+    out
+}
+
+fn dtype_size(dtype: &str) -> u64 {
+    match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "BF16" | "F16" | "I16" | "U16" => 2,
+        "F32" | "I32" | "U32" => 4,
+        _ => 8,
+    }
+}
+
+/// A valid file of `tensors` (name, dtype, shape), laid out in the order given, with data bytes
+/// from a simple generator seeded by `seed` (every bit pattern is a valid value to merge).
+fn st(tensors: &[(&str, &str, &[u64])], seed: u8) -> Vec<u8> {
+    let mut json = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape) in tensors {
+        let n = shape.iter().product::<u64>() * dtype_size(dtype);
+        let start = data.len() as u64;
+        for i in 0..n {
+            // Small exponents keep BF16 values finite, so the test compares real arithmetic.
+            let byte = (i as u8).wrapping_mul(31).wrapping_add(seed);
+            data.push(if i % 2 == 1 {
+                0x3E | (byte & 0x81)
+            } else {
+                byte
+            });
+        }
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, start + n]}),
+        );
+    }
+    raw(serde_json::to_vec(&json).unwrap(), &data)
+}
+
+const GOOD: &[(&str, &str, &[u64])] = &[("w", "BF16", &[2, 2]), ("b", "BF16", &[2])];
+
+/// A scratch area holding the inputs of one case.
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Case {
+        Case { dir: tempdir() }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes `bytes` at `rel` (parents created) and returns its path.
+    fn file(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A valid one-file model directory `rel` holding `tensors`.
+    fn model(&self, rel: &str, tensors: &[(&str, &str, &[u64])], seed: u8) -> PathBuf {
+        self.file(&format!("{rel}/model.safetensors"), &st(tensors, seed));
+        self.path(rel)
+    }
+
+    /// The good model, as the other side of a case.
+    fn good(&self) -> PathBuf {
+        self.model("good", GOOD, 1)
+    }
+
+    /// A sharded model directory `rel`: the two GOOD tensors in two shards, and `index` as its
+    /// index JSON. Returns the directory.
+    fn sharded(&self, rel: &str, index: &str) -> PathBuf {
+        self.file(&format!("{rel}/s1.safetensors"), &st(&GOOD[..1], 3));
+        self.file(&format!("{rel}/s2.safetensors"), &st(&GOOD[1..], 4));
+        self.file(
+            &format!("{rel}/model.safetensors.index.json"),
+            index.as_bytes(),
+        );
+        self.path(rel)
+    }
+}
+
+const GOOD_INDEX: &str =
+    r#"{"metadata":{"total_size":12},"weight_map":{"w":"s1.safetensors","b":"s2.safetensors"}}"#;
+
+/// Runs `expo --sft SFT --aligned ALIGNED` twice, with `--out` absent and with it an empty
+/// directory, and checks the failure: exit `code`, stderr naming every one of `names` and
+/// saying `reason`, and no output left behind. Returns stderr.
+fn fails(sft: &Path, aligned: &Path, code: i32, names: &[&str], reason: &str) -> String {
+    let outs = tempdir();
+    let mut last = String::new();
+    for existing in [false, true] {
+        let out = outs.path().join(if existing { "empty" } else { "absent" });
+        if existing {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let result = run(&[
+            "expo",
+            "--sft",
+            sft.to_str().unwrap(),
+            "--aligned",
+            aligned.to_str().unwrap(),
+            "--alpha",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        let err = stderr(&result);
+        assert_eq!(
+            result.status.code(),
+            Some(code),
+            "exit code; stderr:\n{err}"
+        );
+        for name in names {
+            assert!(err.contains(name), "stderr does not name {name:?}:\n{err}");
+        }
+        assert!(
+            err.contains(reason),
+            "stderr does not say {reason:?}:\n{err}"
+        );
+        assert!(err.starts_with("mergestream: error: "), "{err}");
+        if existing {
+            let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+            assert!(left.is_empty(), "{} left in --out: {left:?}", left.len());
+        } else {
+            assert!(!out.exists(), "--out was created");
+        }
+        last = err;
+    }
+    last
+}
+
+/// A broken single-file model given as --aligned (directory form) against a good --sft.
+fn broken_file(bytes: &[u8], tensor: Option<&str>, reason: &str) {
+    let case = Case::new();
+    let file = case.file("bad/model.safetensors", bytes);
+    let mut names = vec![file.to_str().unwrap().to_owned()];
+    names.extend(tensor.map(|t| format!("tensor '{t}'")));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    fails(&case.good(), &case.path("bad"), 2, &names, reason);
+}
+
+/// The same file given directly as --sft (file form) against a good --aligned.
+fn broken_file_as_sft(bytes: &[u8], tensor: Option<&str>, reason: &str) {
+    let case = Case::new();
+    let file = case.file("bad.safetensors", bytes);
+    let mut names = vec![file.to_str().unwrap().to_owned()];
+    names.extend(tensor.map(|t| format!("tensor '{t}'")));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    fails(&file, &case.good(), 2, &names, reason);
+}
+
+const ONE: &str = r#"{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
+const FOUR: &[u8] = &[0, 0, 0x80, 0x3F];
+
+// ---- the file and its header ----
+
+#[test]
+fn empty_file() {
+    broken_file(
+        b"",
+        None,
+        "file is 0 bytes long, too short to be safetensors",
+    );
+}
+
+#[test]
+fn shorter_than_8_bytes() {
+    broken_file_as_sft(b"\x05\0\0\0\0", None, "file is 5 bytes long, too short");
+}
+
+#[test]
+fn header_length_past_end_of_file() {
+    broken_file(
+        &raw(ONE, FOUR)[..30],
+        None,
+        "header length 55 runs past the end of the file (30 bytes)",
+    );
+}
+
+#[test]
+fn absurd_header_length() {
+    let mut bytes = 200_000_000u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    broken_file(
+        &bytes,
+        None,
+        "header length 200000000 exceeds the limit of 100000000 bytes",
+    );
+}
+
+#[test]
+fn header_not_utf8() {
+    broken_file_as_sft(
+        &raw(b"{\"a\xff\":1}", b""),
+        None,
+        "header is not valid UTF-8 (at byte 3)",
+    );
+}
+
+#[test]
+fn header_not_json() {
+    broken_file(
+        &raw("{this is not json", b""),
+        None,
+        "header is not valid JSON",
+    );
+}
+
+#[test]
+fn header_json_but_not_an_object() {
+    broken_file(&raw("[1,2,3]", b""), None, "header is not a JSON object");
+}
+
+#[test]
+fn tensor_entry_not_an_object() {
+    broken_file(
+        &raw(r#"{"a":3}"#, b""),
+        Some("a"),
+        "entry is not a JSON object",
+    );
+}
+
+#[test]
+fn duplicate_tensor_names() {
+    let json = r#"{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},"a":{"dtype":"BF16","shape":[2],"data_offsets":[4,8]}}"#;
+    broken_file(
+        &raw(json, &[FOUR, FOUR].concat()),
+        Some("a"),
+        "appears twice in the header",
+    );
+}
+
+#[test]
+fn unknown_dtype() {
+    broken_file_as_sft(
+        &raw(ONE.replace("BF16", "Q7"), FOUR),
+        Some("a"),
+        "unknown dtype 'Q7'",
+    );
+}
+
+#[test]
+fn negative_dimension() {
+    broken_file(
+        &raw(ONE.replace("[2]", "[-2]"), FOUR),
+        Some("a"),
+        "shape dimension -2 is not a non-negative integer",
+    );
+}
+
+#[test]
+fn fractional_dimension() {
+    broken_file(
+        &raw(ONE.replace("[2]", "[1.5]"), FOUR),
+        Some("a"),
+        "shape dimension 1.5 is not a non-negative integer",
+    );
+}
+
+#[test]
+fn overflowing_dimensions() {
+    broken_file(
+        &raw(ONE.replace("[2]", "[4294967296,4294967296]"), FOUR),
+        Some("a"),
+        "shape [4294967296, 4294967296] has more elements than fit in 64 bits",
+    );
+}
+
+#[test]
+fn byte_length_not_dtype_times_shape() {
+    broken_file(
+        &raw(ONE.replace("[2]", "[3]"), FOUR),
+        Some("a"),
+        "data_offsets [0, 4] span 4 bytes but BF16 [3] needs 6",
+    );
+}
+
+#[test]
+fn offsets_out_of_bounds() {
+    // The file was cut: the header promises 4 bytes of data, 2 are there.
+    broken_file_as_sft(
+        &raw(ONE, &FOUR[..2]),
+        Some("a"),
+        "data_offsets end at 4, past the end of the data section (2 bytes; file truncated?)",
+    );
+}
+
+#[test]
+fn offsets_overlapping() {
+    let json = r#"{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},"b":{"dtype":"BF16","shape":[2],"data_offsets":[2,6]}}"#;
+    broken_file(
+        &raw(json, &[0; 6]),
+        Some("b"),
+        "data_offsets [2, 6] overlap the previous tensor (which ends at 4)",
+    );
+}
+
+#[test]
+fn offsets_leaving_a_gap() {
+    broken_file(
+        &raw(ONE.replace("[0,4]", "[2,6]"), &[0; 6]),
+        Some("a"),
+        "leave a gap of 2 bytes after the previous tensor",
+    );
+}
+
+#[test]
+fn offsets_reversed() {
+    broken_file(
+        &raw(ONE.replace("[0,4]", "[4,0]"), FOUR),
+        Some("a"),
+        "data_offsets [4, 0] end before they start",
+    );
+}
+
+#[test]
+fn trailing_bytes_not_indexed() {
+    broken_file(
+        &raw(ONE, &[FOUR, &[9, 9]].concat()),
+        Some("a"),
+        "tensors cover 4 bytes but the data section is 6 bytes (trailing bytes not indexed)",
+    );
+}
+
+#[test]
+fn missing_dtype_field() {
+    broken_file(
+        &raw(r#"{"a":{"shape":[2],"data_offsets":[0,4]}}"#, FOUR),
+        Some("a"),
+        "missing field 'dtype'",
+    );
+}
+
+#[test]
+fn data_offsets_not_two_integers() {
+    broken_file(
+        &raw(ONE.replace("[0,4]", "[0,\"4\"]"), FOUR),
+        Some("a"),
+        "data_offsets [0, \"4\"] is not two non-negative integers",
+    );
+}
+
+#[test]
+fn metadata_value_not_a_string() {
+    broken_file(
+        &raw(r#"{"__metadata__":{"format":1}}"#, b""),
+        None,
+        "__metadata__ value of 'format' is not a string",
+    );
+}
+
+#[test]
+fn model_without_tensors() {
+    let case = Case::new();
+    let bad = case.file("bad/model.safetensors", &raw("{}", b""));
+    fails(
+        &case.good(),
+        bad.parent().unwrap(),
+        2,
+        &[case.path("bad").to_str().unwrap()],
+        "the model has no tensors",
+    );
+}
+
+// ---- model directories and their index ----
+
+#[test]
+fn directory_with_shards_but_no_index() {
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    std::fs::remove_file(dir.join("model.safetensors.index.json")).unwrap();
+    fails(
+        &dir,
+        &case.good(),
+        2,
+        &[dir.to_str().unwrap()],
+        "not a model: no model.safetensors.index.json or model.safetensors in this directory",
+    );
+}
+
+#[test]
+fn index_not_json() {
+    let case = Case::new();
+    let dir = case.sharded("bad", r#"{"weight_map": {"w": "#);
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[dir.join("model.safetensors.index.json").to_str().unwrap()],
+        "not valid JSON",
+    );
+}
+
+#[test]
+fn index_without_weight_map() {
+    let case = Case::new();
+    let dir = case.sharded("bad", r#"{"metadata":{"total_size":12}}"#);
+    fails(
+        &dir,
+        &case.good(),
+        2,
+        &[dir.join("model.safetensors.index.json").to_str().unwrap()],
+        "has no \"weight_map\"",
+    );
+}
+
+#[test]
+fn index_naming_a_missing_shard() {
+    let case = Case::new();
+    let dir = case.sharded(
+        "bad",
+        &GOOD_INDEX.replace("s2.safetensors", "s3.safetensors"),
+    );
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[dir.join("s3.safetensors").to_str().unwrap()],
+        "opening shard: No such file or directory",
+    );
+}
+
+#[test]
+fn index_naming_a_tensor_absent_from_its_shard() {
+    let case = Case::new();
+    let index = GOOD_INDEX.replace(
+        r#""b":"s2.safetensors""#,
+        r#""b":"s2.safetensors","ghost":"s1.safetensors""#,
+    );
+    let dir = case.sharded("bad", &index);
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[
+            dir.join("model.safetensors.index.json").to_str().unwrap(),
+            "tensor 'ghost'",
+        ],
+        "listed in s1.safetensors, which does not contain it",
+    );
+}
+
+#[test]
+fn index_listing_a_tensor_in_the_wrong_shard() {
+    let case = Case::new();
+    // b is in s2, but listed in s1 (x keeps s2 listed, so it is opened).
+    let index = GOOD_INDEX.replace(
+        r#""b":"s2.safetensors""#,
+        r#""b":"s1.safetensors","x":"s2.safetensors""#,
+    );
+    let dir = case.sharded("bad", &index);
+    fails(
+        &dir,
+        &case.good(),
+        2,
+        &[
+            dir.join("model.safetensors.index.json").to_str().unwrap(),
+            "tensor 'b'",
+        ],
+        "listed in s1.safetensors, but it is in s2.safetensors",
+    );
+}
+
+#[test]
+fn index_listing_a_tensor_twice() {
+    let case = Case::new();
+    let index = GOOD_INDEX.replace(r#"{"w":"#, r#"{"b":"s2.safetensors","w":"#);
+    let dir = case.sharded("bad", &index);
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[
+            dir.join("model.safetensors.index.json").to_str().unwrap(),
+            "tensor 'b'",
+        ],
+        "listed twice in \"weight_map\"",
+    );
+}
+
+#[test]
+fn index_not_listing_a_tensor_of_a_shard() {
+    let case = Case::new();
+    let case_dir = case.sharded("bad", GOOD_INDEX);
+    // s2 holds b and an unlisted c.
+    case.file(
+        "bad/s2.safetensors",
+        &st(&[("b", "BF16", &[2]), ("c", "BF16", &[1])], 4),
+    );
+    fails(
+        &case_dir,
+        &case.good(),
+        2,
+        &[
+            case_dir
+                .join("model.safetensors.index.json")
+                .to_str()
+                .unwrap(),
+            "tensor 'c'",
+        ],
+        "is in s2.safetensors but the index does not list it",
+    );
+}
+
+#[test]
+fn tensor_in_two_shards() {
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    case.file("bad/s2.safetensors", &st(GOOD, 4));
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[dir.join("s2.safetensors").to_str().unwrap()],
+        &format!(
+            "tensor 'w' is also in {}",
+            dir.join("s1.safetensors").display()
+        ),
+    );
+}
+
+#[test]
+fn shard_name_with_dot_dot_is_refused() {
+    let case = Case::new();
+    // A file the traversal would reach, so success would be possible if it were followed.
+    case.file("s2.safetensors", &st(&GOOD[1..], 4));
+    let dir = case.sharded("bad", &GOOD_INDEX.replace(r#""b":"s2"#, r#""b":"../s2"#));
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[
+            dir.join("model.safetensors.index.json").to_str().unwrap(),
+            "tensor 'b'",
+        ],
+        "shard name '../s2.safetensors' is a path; shards must be plain file names in the model directory",
+    );
+}
+
+#[test]
+fn shard_name_with_absolute_path_is_refused() {
+    let case = Case::new();
+    let target = case.file("elsewhere/s2.safetensors", &st(&GOOD[1..], 4));
+    let index = GOOD_INDEX.replace(
+        "\"s2.safetensors\"",
+        &format!("{:?}", target.to_str().unwrap()),
+    );
+    let dir = case.sharded("bad", &index);
+    fails(
+        &dir,
+        &case.good(),
+        2,
+        &[
+            dir.join("model.safetensors.index.json").to_str().unwrap(),
+            "tensor 'b'",
+        ],
+        "is a path; shards must be plain file names",
+    );
+}
+
+#[test]
+fn shard_that_is_a_directory() {
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    std::fs::remove_file(dir.join("s2.safetensors")).unwrap();
+    std::fs::create_dir(dir.join("s2.safetensors")).unwrap();
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[dir.join("s2.safetensors").to_str().unwrap()],
+        "is a directory, not a file",
+    );
+}
+
+#[test]
+fn shard_that_is_a_fifo() {
+    // Opening a FIFO for reading would block forever: it must be refused before it is opened.
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    let shard = dir.join("s2.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &shard,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fails(
+        &dir,
+        &case.good(),
+        2,
+        &[shard.to_str().unwrap()],
+        "is not a regular file",
+    );
+}
+
+#[test]
+fn model_that_is_a_fifo() {
+    let case = Case::new();
+    let fifo = case.path("model.fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fails(
+        &case.good(),
+        &fifo,
+        2,
+        &[fifo.to_str().unwrap()],
+        "is neither a safetensors file nor a model directory",
+    );
+}
+
+#[test]
+fn shard_that_is_a_dangling_symlink() {
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    let shard = dir.join("s2.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    std::os::unix::fs::symlink("../blobs/missing", &shard).unwrap();
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[shard.to_str().unwrap()],
+        "opening shard: No such file or directory",
+    );
+}
+
+#[test]
+fn shard_that_is_a_symlink_loop() {
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    let shard = dir.join("s2.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    std::os::unix::fs::symlink("s2.safetensors", &shard).unwrap();
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[shard.to_str().unwrap()],
+        "opening shard: Too many levels of symbolic links",
+    );
+}
+
+#[test]
+fn shard_without_read_permission() {
+    use std::os::unix::fs::PermissionsExt;
+    let case = Case::new();
+    let dir = case.sharded("bad", GOOD_INDEX);
+    let shard = dir.join("s2.safetensors");
+    std::fs::set_permissions(&shard, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::File::open(&shard).is_ok() {
+        eprintln!(
+            "skipped shard_without_read_permission: mode 000 does not stop this user (root) \
+             from reading; the FIFO and dangling-symlink cases cover unreadable shards"
+        );
+        return;
+    }
+    fails(
+        &case.good(),
+        &dir,
+        2,
+        &[shard.to_str().unwrap()],
+        "opening shard: Permission denied",
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    let case = Case::new();
+    let missing = case.path("nowhere");
+    fails(
+        &missing,
+        &case.good(),
+        2,
+        &[missing.to_str().unwrap()],
+        "opening model: No such file or directory",
+    );
+}
+
+// ---- two models that do not match ----
+
+#[test]
+fn all_mismatches_are_listed_in_one_error() {
+    let case = Case::new();
+    let sft = case.model(
+        "sft",
+        &[
+            ("same", "BF16", &[2]),
+            ("only.sft", "BF16", &[2]),
+            ("shape", "BF16", &[2, 2]),
+            ("dtype", "BF16", &[2]),
+        ],
+        1,
+    );
+    let aligned = case.model(
+        "aligned",
+        &[
+            ("same", "BF16", &[2]),
+            ("only.aligned", "BF16", &[2]),
+            ("shape", "BF16", &[4]),
+            ("dtype", "F16", &[2]),
+        ],
+        2,
+    );
+    let head = format!(
+        "the models do not match (4 problems; --sft {}, --aligned {}):",
+        sft.display(),
+        aligned.display()
+    );
+    let err = fails(
+        &sft,
+        &aligned,
+        1,
+        &[
+            &head,
+            "tensor 'only.sft': missing from the aligned model (--aligned)",
+            "tensor 'only.aligned': missing from the SFT model (--sft)",
+            "tensor 'shape': shape [4] in --aligned but [2, 2] in --sft",
+            "tensor 'dtype': dtype F16 in --aligned but BF16 in --sft",
+        ],
+        "do not match",
+    );
+    assert!(!err.contains("'same'"), "{err}");
+}
+
+#[test]
+fn unmergeable_dtype_is_a_mismatch() {
+    let case = Case::new();
+    let t: &[(&str, &str, &[u64])] = &[("w", "BF16", &[2]), ("f8", "F8_E4M3", &[4])];
+    fails(
+        &case.model("sft", t, 1),
+        &case.model("aligned", t, 2),
+        1,
+        &["tensor 'f8'"],
+        "dtype F8_E4M3 cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
+    );
+}
+
+// ---- valid edge cases: they merge, and match the reference ----
+
+/// Merges `pair/sft` and `pair/aligned` (or `sft`/`aligned` paths given) into a fresh output and
+/// checks it against the reference; returns the tensor count.
+fn merges(pair: &Path, sft: &Path, aligned: &Path) -> usize {
+    let out = pair.join("out");
+    run_ok(&[
+        "expo",
+        "--sft",
+        sft.to_str().unwrap(),
+        "--aligned",
+        aligned.to_str().unwrap(),
+        "--alpha",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    run_ok(&["verify", out.to_str().unwrap(), "--quiet"]);
+    assert_matches_reference(pair, &out, 0.3)
+}
+
+#[test]
+fn zero_element_scalar_and_non_ascii_tensors_merge() {
+    let case = Case::new();
+    let t: &[(&str, &str, &[u64])] = &[
+        ("empty", "BF16", &[0]),
+        ("empty.2d", "BF16", &[3, 0]),
+        ("scalar", "BF16", &[]),
+        ("模型.权重", "BF16", &[3]),
+        ("é", "BF16", &[2, 2]),
+        ("position_ids", "I64", &[1, 4]),
+        ("empty.int", "I32", &[0, 5]),
+    ];
+    case.model("sft", t, 5);
+    // The aligned model stores them in another order.
+    let reversed: Vec<_> = t.iter().rev().cloned().collect();
+    case.model("aligned", &reversed, 9);
+    let n = merges(case.dir.path(), &case.path("sft"), &case.path("aligned"));
+    assert_eq!(n, t.len());
+}
+
+#[test]
+fn a_model_of_one_tensor_merges() {
+    let case = Case::new();
+    let t: &[(&str, &str, &[u64])] = &[("only", "BF16", &[5, 3])];
+    case.model("sft", t, 1);
+    case.model("aligned", t, 2);
+    assert_eq!(
+        merges(case.dir.path(), &case.path("sft"), &case.path("aligned")),
+        1
+    );
+}
+
+#[test]
+fn single_safetensors_files_given_directly_merge() {
+    let case = Case::new();
+    let t: &[(&str, &str, &[u64])] = &[("a", "BF16", &[4, 4]), ("b", "BF16", &[7])];
+    case.model("sft", t, 1);
+    case.model("aligned", t, 2);
+    let n = merges(
+        case.dir.path(),
+        &case.path("sft/model.safetensors"),
+        &case.path("aligned/model.safetensors"),
+    );
+    assert_eq!(n, 2);
+}
+
+/// Moves every file of `dir` into an HF-cache-like layout next to it
+/// (`hub/blobs/<blake3>` and `hub/snapshots/rev/<name> -> ../../blobs/<blake3>`), returning the
+/// snapshot directory.
+fn as_hf_cache(dir: &Path, hub: &Path) -> PathBuf {
+    let snapshot = hub.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(hub.join("blobs")).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        std::fs::write(hub.join("blobs").join(&hash), &bytes).unwrap();
+        let name = path.file_name().unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snapshot.join(name)).unwrap();
+    }
+    snapshot
+}
+
+#[test]
+fn symlinked_shards_in_hf_cache_layout_merge() {
+    let dir = tempdir();
+    let pair = dir.path().join("pair");
+    synth(&pair, &["--layers", "1", "--int-buffer"]);
+    let sft = as_hf_cache(&pair.join("sft"), &dir.path().join("hub-sft"));
+    let aligned = as_hf_cache(&pair.join("aligned"), &dir.path().join("hub-aligned"));
+    assert!(
+        std::fs::symlink_metadata(aligned.join("model-00001-of-00002.safetensors"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let n = merges(&pair, &sft, &aligned);
+    assert!(n > 10, "{n} tensors");
+    // The same bytes as a merge of the plain directories.
+    let plain = dir.path().join("plain");
+    let args = expo_args(pair.to_str().unwrap(), plain.to_str().unwrap(), "0.3", &[]);
+    run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_same_tree(&plain, &pair.join("out"));
+}
