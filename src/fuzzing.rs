@@ -18,7 +18,6 @@ use crate::format::Dtype;
 use crate::model::Model;
 use crate::output::Existing;
 use crate::pipeline::Cancel;
-use crate::plan::Part;
 use crate::{Error, ExpoJob};
 
 /// Separates the parts of an `index` input: the index JSON, then up to [`SHARD_NAMES`]`.len()`
@@ -31,10 +30,8 @@ pub const SHARD_NAMES: [&str; 3] = ["a.safetensors", "b.safetensors", "c.safeten
 /// Bytes of parameters that open a `merge` input; the rest is a safetensors file.
 pub const MERGE_PARAMS: usize = 8;
 
-/// Float dtypes the merge target lets reach the kernel. F16 and F32 join once the kernel
-/// stand-in (`src/kernel/mod.rs`, which has only the BF16 path and panics on the others) is
-/// replaced by the real one; inputs with those dtypes are skipped until then.
-pub const MERGED_FLOATS: &[Dtype] = &[Dtype::BF16];
+/// Float dtypes the merge target lets reach the kernel (all that mergestream merges).
+pub const MERGED_FLOATS: &[Dtype] = &[Dtype::BF16, Dtype::F16, Dtype::F32];
 
 /// `header`: a whole file, parsed from memory by the same code that reads shards.
 pub fn header(data: &[u8]) {
@@ -123,9 +120,10 @@ pub fn merge(data: &[u8]) {
         memory: 40 << 20,
         threads: 1,
         chunk_bytes: Some(8 * (1 + params[3] as usize % 64)),
-        part: Part::WHOLE,
+        part: None,
         existing: Existing::Refuse,
         show_progress: false,
+        io: crate::writer::IoMode::Auto,
     };
     match crate::expo(&job, &Cancel::default()) {
         Ok(_) => {
@@ -255,12 +253,11 @@ fn check_merged(sft: &[u8], aligned: &[u8], out: &Path, alpha: f32) {
         )
         .expect("output tensor data reads");
         let want = if a.dtype.mergeable().is_some() {
-            let s_data = &sft[name].1;
-            let size = a.dtype.size();
+            let (s, s_data) = &sft[name];
             a_data
-                .chunks_exact(size)
-                .zip(s_data.chunks_exact(size))
-                .flat_map(|(a_el, s_el)| expo_reference(a.dtype, alpha, a_el, s_el))
+                .chunks_exact(a.dtype.size())
+                .zip(s_data.chunks_exact(s.dtype.size()))
+                .flat_map(|(a_el, s_el)| expo_reference(a.dtype, s.dtype, alpha, a_el, s_el))
                 .collect()
         } else {
             a_data.clone()
@@ -271,13 +268,13 @@ fn check_merged(sft: &[u8], aligned: &[u8], out: &Path, alpha: f32) {
 
 /// One element of `aligned + alpha * (aligned - sft)` in f32, unfused, rounded to nearest even,
 /// NaN canonical: the kernel's contract, computed with the `half` crate's conversions.
-fn expo_reference(dtype: Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
-    let to_f32 = |b: &[u8]| match dtype {
+fn expo_reference(dtype: Dtype, sft_dtype: Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
+    let to_f32 = |dtype: Dtype, b: &[u8]| match dtype {
         Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
         _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
     };
-    let (a, s) = (to_f32(a), to_f32(s));
+    let (a, s) = (to_f32(dtype, a), to_f32(sft_dtype, s));
     let o = a + alpha * (a - s);
     match dtype {
         Dtype::BF16 if o.is_nan() => 0x7FC0u16.to_le_bytes().to_vec(),

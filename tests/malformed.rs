@@ -720,7 +720,7 @@ fn all_mismatches_are_listed_in_one_error() {
             ("same", "BF16", &[2]),
             ("only.sft", "BF16", &[2]),
             ("shape", "BF16", &[2, 2]),
-            ("dtype", "BF16", &[2]),
+            ("dtype", "I16", &[2]),
         ],
         1,
     );
@@ -748,7 +748,7 @@ fn all_mismatches_are_listed_in_one_error() {
             "tensor 'only.sft': missing from the aligned model (--aligned)",
             "tensor 'only.aligned': missing from the SFT model (--sft)",
             "tensor 'shape': shape [4] in --aligned but [2, 2] in --sft",
-            "tensor 'dtype': dtype F16 in --aligned but BF16 in --sft",
+            "tensor 'dtype': dtype F16 in --aligned but I16 in --sft",
         ],
         "do not match",
     );
