@@ -2,6 +2,13 @@
 //! `256MiB` (binary), or a plain number of bytes.
 
 /// Parses `"5GB"`, `"256MiB"`, `"1.5GiB"`, `"4096"` into bytes.
+///
+/// ```
+/// use mergestream::units::parse_size;
+/// assert_eq!(parse_size("5GB"), Ok(5_000_000_000)); // decimal, as transformers reads it
+/// assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+/// assert!(parse_size("5 parsecs").is_err());
+/// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t

@@ -203,6 +203,15 @@ impl fmt::Display for Isa {
 ///
 /// Dispatch happens once per call on `isa`.
 ///
+/// ```
+/// use mergestream::kernel::{expo, FloatDtype, Isa};
+/// // BF16 aligned 1.0, sft 0.5, alpha 0.5: 1.0 + 0.5 * (1.0 - 0.5) = 1.25 (0x3FA0).
+/// let (aligned, sft) = (0x3F80u16.to_le_bytes(), 0x3F00u16.to_le_bytes());
+/// let mut out = [0u8; 2];
+/// expo(Isa::select().unwrap(), FloatDtype::BF16, 0.5, &aligned, &sft, &mut out);
+/// assert_eq!(u16::from_le_bytes(out), 0x3FA0);
+/// ```
+///
 /// # Panics
 ///
 /// If the lengths differ or are not a multiple of `dtype.size()` (a caller
