@@ -115,15 +115,17 @@ pub fn merge(data: &[u8]) {
         sft,
         aligned,
         out: dir.join("out"),
-        alpha,
-        max_shard_size: SHARD_SIZES[params[2] as usize % SHARD_SIZES.len()],
-        memory: 40 << 20,
-        threads: 1,
-        chunk_bytes: Some(8 * (1 + params[3] as usize % 64)),
-        part: None,
-        existing: Existing::Refuse,
-        show_progress: false,
-        io: crate::writer::IoMode::Auto,
+        alphas: vec![alpha],
+        options: crate::RunOptions {
+            max_shard_size: SHARD_SIZES[params[2] as usize % SHARD_SIZES.len()],
+            memory: 40 << 20,
+            threads: 1,
+            chunk_bytes: Some(8 * (1 + params[3] as usize % 64)),
+            part: None,
+            existing: Existing::Refuse,
+            show_progress: false,
+            io: crate::writer::IoMode::Auto,
+        },
     };
     match crate::expo(&job, &Cancel::default()) {
         Ok(_) => {

@@ -21,6 +21,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod kernel;
 pub mod manifest;
+pub mod method;
 pub mod model;
 pub mod output;
 pub mod pipeline;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use error::{Error, Result};
+use method::{Method, Recipe};
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};
@@ -46,13 +48,59 @@ pub const MEMORY_RESERVE: u64 = 32 << 20;
 /// The default `--memory`.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
-/// An ExPO run, as the command line describes it.
+/// An ExPO run, as the command line describes it: one output, or with several alphas a sweep
+/// (`OUT/alpha-0.1/`, `OUT/alpha-0.2/`, …) written from one read of the inputs.
 #[derive(Debug, Clone)]
 pub struct ExpoJob {
     pub sft: PathBuf,
     pub aligned: PathBuf,
     pub out: PathBuf,
-    pub alpha: f32,
+    pub alphas: Vec<f32>,
+    pub options: RunOptions,
+}
+
+impl ExpoJob {
+    /// The general job this ExPO run is.
+    pub fn to_merge_job(&self) -> Result<MergeJob> {
+        let mut seen = Vec::new();
+        for a in &self.alphas {
+            if seen.contains(&a.to_bits()) {
+                return Err(Error::Usage(format!("alpha {a} is given twice")));
+            }
+            seen.push(a.to_bits());
+        }
+        let outputs = match self.alphas.as_slice() {
+            [] => return Err(Error::Usage("no alpha given".into())),
+            &[alpha] => vec![OutputJob {
+                out: self.out.clone(),
+                recipe: Recipe {
+                    method: Method::Expo { alpha },
+                    models: vec![0, 1],
+                },
+            }],
+            alphas => alphas
+                .iter()
+                .map(|&alpha| OutputJob {
+                    out: self.out.join(format!("alpha-{alpha}")),
+                    recipe: Recipe {
+                        method: Method::Expo { alpha },
+                        models: vec![0, 1],
+                    },
+                })
+                .collect(),
+        };
+        Ok(MergeJob {
+            models: vec![self.sft.clone(), self.aligned.clone()],
+            root: (self.alphas.len() > 1).then(|| self.out.clone()),
+            outputs,
+            options: self.options.clone(),
+        })
+    }
+}
+
+/// How a run goes about its work; none of it changes the output bytes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
     pub max_shard_size: u64,
     /// Cap on the process's memory; chunk buffers get all of it but [`MEMORY_RESERVE`].
     pub memory: u64,
@@ -67,9 +115,28 @@ pub struct ExpoJob {
     pub io: writer::IoMode,
 }
 
+/// One output of a run: where it goes and what it is made of.
+#[derive(Debug, Clone)]
+pub struct OutputJob {
+    pub out: PathBuf,
+    pub recipe: Recipe,
+}
+
+/// A run: one or more outputs over a list of input models, each input read once.
+#[derive(Debug, Clone)]
+pub struct MergeJob {
+    /// The input models; recipes refer to them by index.
+    pub models: Vec<PathBuf>,
+    /// The directory holding the outputs' directories, when there are several.
+    pub root: Option<PathBuf>,
+    pub outputs: Vec<OutputJob>,
+    pub options: RunOptions,
+}
+
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    pub outputs: usize,
     pub tensors: usize,
     pub shards_written: usize,
     pub shards_kept: usize,
@@ -83,84 +150,180 @@ pub struct Summary {
     pub skipped_files: Vec<(String, &'static str)>,
 }
 
-/// Opens both models and plans the merge, writing nothing.
+/// Opens every model of `job` and plans every output, writing nothing.
+pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
+    let models = job
+        .models
+        .iter()
+        .map(|p| Model::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let plans = job
+        .outputs
+        .iter()
+        .map(|o| Plan::build(&o.recipe, &models, job.options.max_shard_size))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((models, plans))
+}
+
+/// Opens both models and plans one ExPO output, writing nothing.
 pub fn plan_expo(
     sft: &std::path::Path,
     aligned: &std::path::Path,
     alpha: f32,
     max_shard_size: u64,
 ) -> Result<(Model, Model, Plan)> {
-    let sft = Model::open(sft)?;
-    let aligned = Model::open(aligned)?;
-    let plan = Plan::expo(&sft, &aligned, alpha, max_shard_size)?;
+    let models = vec![Model::open(sft)?, Model::open(aligned)?];
+    let recipe = Recipe {
+        method: Method::Expo { alpha },
+        models: vec![0, 1],
+    };
+    let plan = Plan::build(&recipe, &models, max_shard_size)?;
+    let [sft, aligned]: [Model; 2] = models.try_into().expect("two models");
     Ok((sft, aligned, plan))
 }
 
-/// Runs `job`: plans, then writes this part's shards (all of them for a whole run), and for a
-/// whole run finalizes the output.
+/// Runs an ExPO job (see [`run`]).
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
+    run(&job.to_merge_job()?, cancel)
+}
+
+/// Runs `job`: plans, then writes this part's shards of every output (all of them for a whole
+/// run), reading each input once, and for a whole run finalizes every output.
+pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     let started = Instant::now();
-    output::precheck(&job.out)?;
+    let opts = &job.options;
+    match &job.root {
+        Some(root) => output::precheck(root)?,
+        None => {
+            for o in &job.outputs {
+                output::precheck(&o.out)?;
+            }
+        }
+    }
     let isa = kernel::Isa::select().map_err(Error::Usage)?;
-    let budget = job.memory.checked_sub(MEMORY_RESERVE).ok_or_else(|| {
+    let budget = opts.memory.checked_sub(MEMORY_RESERVE).ok_or_else(|| {
         Error::Usage(format!(
             "--memory must be more than {} MiB",
             MEMORY_RESERVE >> 20
         ))
     })?;
-    let mut settings = Settings::for_budget(budget, job.threads, isa)?;
-    if let Some(chunk) = job.chunk_bytes {
-        settings.chunk_bytes = chunk.max(8) & !7;
+    let (models, plans) = plan_job(job)?;
+    let part = opts.part.unwrap_or(Part::WHOLE);
+    if let Some(root) = &job.root {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "creating output directory", e))?;
     }
-    let (sft, aligned, plan) = plan_expo(&job.sft, &job.aligned, job.alpha, job.max_shard_size)?;
-    let part = job.part.unwrap_or(Part::WHOLE);
-    let mut dir = OutputDir::open(&job.out, &plan, part, job.existing, job.io)?;
-
-    let mine = plan.shards_of(part);
-    let todo: Vec<usize> = mine
+    let mut dirs = job
+        .outputs
         .iter()
-        .copied()
-        .filter(|&s| !dir.has(&plan.shards[s].name))
+        .zip(&plans)
+        .map(|(o, plan)| OutputDir::open(&o.out, plan, part, opts.existing, opts.io))
+        .collect::<Result<Vec<_>>>()?;
+    let todo: Vec<Vec<usize>> = plans
+        .iter()
+        .zip(&dirs)
+        .map(|(plan, dir)| {
+            plan.shards_of(part)
+                .into_iter()
+                .filter(|&s| !dir.has(&plan.shards[s].name))
+                .collect()
+        })
         .collect();
-    let bytes: u64 = todo.iter().map(|&s| plan.shards[s].file_len()).sum();
-    let bar = progress::Bar::new(bytes, job.show_progress);
-    let mut writer = ShardWriter::new(&mut dir);
-    let result = pipeline::run(
-        &plan,
-        &sft,
-        &aligned,
-        &todo,
-        &settings,
-        &mut writer,
-        &bar,
-        cancel,
-    );
-    bar.finish();
-    result?;
-    let buffered = writer.buffered;
-    if part.index == 0 {
-        for f in &plan.extra_files {
-            if !dir.has(&f.name) {
-                dir.copy_file(&f.source, &f.name)?;
+    let bytes: u64 = plans
+        .iter()
+        .zip(&todo)
+        .map(|(plan, todo)| todo.iter().map(|&s| plan.shards[s].file_len()).sum::<u64>())
+        .sum();
+    let bar = progress::Bar::new(bytes, opts.show_progress);
+    let mut buffered = false;
+    let result = (|| {
+        // Outputs listing the same tensors in the same order share one read of the inputs.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for k in 0..plans.len() {
+            match groups
+                .iter_mut()
+                .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
+            {
+                Some(g) => g.push(k),
+                None => groups.push(vec![k]),
             }
         }
+        for group in groups {
+            let shapes: Vec<(&Plan, &[usize])> = group
+                .iter()
+                .map(|&k| (&plans[k], todo[k].as_slice()))
+                .collect();
+            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
+            if let Some(chunk) = opts.chunk_bytes {
+                settings.chunk_bytes = chunk.max(8) & !7;
+            }
+            let mut writers: Vec<ShardWriter> = Vec::new();
+            for (k, dir) in dirs.iter_mut().enumerate() {
+                if group.contains(&k) {
+                    writers.push(ShardWriter::new(dir));
+                }
+            }
+            let mut outputs: Vec<pipeline::Output> = writers
+                .iter_mut()
+                .zip(&group)
+                .map(|(w, &k)| pipeline::Output {
+                    plan: &plans[k],
+                    shards: &todo[k],
+                    sink: w,
+                })
+                .collect();
+            pipeline::run(&models, &mut outputs, &settings, &bar, cancel)?;
+            drop(outputs);
+            buffered |= writers.iter().any(|w| w.buffered);
+        }
+        Ok::<(), Error>(())
+    })();
+    bar.finish();
+    result?;
+    for (plan, dir) in plans.iter().zip(&mut dirs) {
+        if part.index == 0 {
+            for f in &plan.extra_files {
+                if !dir.has(&f.name) {
+                    dir.copy_file(&f.source, &f.name)?;
+                }
+            }
+        }
+        dir.complete()?;
     }
-    dir.complete()?;
-    drop(dir);
+    drop(dirs);
     failpoint::hit("before-finalize", &|| false);
-    let finalize = job.part.is_none();
+    let finalize = opts.part.is_none();
     if finalize {
-        output::finalize(&job.out, Some(Part::WHOLE))?;
+        for o in &job.outputs {
+            output::finalize(&o.out, Some(Part::WHOLE))?;
+        }
     }
+    let mut skipped_files: Vec<(String, &'static str)> =
+        plans.iter().flat_map(|p| p.skipped_files.clone()).collect();
+    skipped_files.sort();
+    skipped_files.dedup();
     Ok(Summary {
-        tensors: mine.iter().map(|&s| plan.shards[s].tensors.len()).sum(),
-        shards_written: todo.len(),
-        shards_kept: mine.len() - todo.len(),
+        outputs: plans.len(),
+        tensors: plans
+            .iter()
+            .map(|p| {
+                p.shards_of(part)
+                    .iter()
+                    .map(|&s| p.shards[s].tensors.len())
+                    .sum::<usize>()
+            })
+            .sum(),
+        shards_written: todo.iter().map(Vec::len).sum(),
+        shards_kept: plans
+            .iter()
+            .zip(&todo)
+            .map(|(p, t)| p.shards_of(part).len() - t.len())
+            .sum(),
         bytes_written: bytes,
         seconds: started.elapsed().as_secs_f64(),
         isa: isa.name(),
         io: if buffered { "buffered" } else { "direct" },
         finalized: finalize,
-        skipped_files: plan.skipped_files,
+        skipped_files,
     })
 }

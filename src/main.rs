@@ -13,7 +13,7 @@ use mergestream::pipeline::Cancel;
 use mergestream::plan::Part;
 use mergestream::units::{format_bytes, parse_size};
 use mergestream::writer::IoMode;
-use mergestream::{progress, synth, verify, Error, ExpoJob, Result};
+use mergestream::{progress, synth, verify, Error, ExpoJob, Result, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -68,9 +68,10 @@ struct ModelPair {
     /// The aligned (DPO/RLHF) model, whose dtypes and non-weight files the output takes.
     #[arg(long, value_name = "DIR")]
     aligned: PathBuf,
-    /// Extrapolation strength (ExPO papers use 0.1 to 0.5).
-    #[arg(long, allow_negative_numbers = true)]
-    alpha: f32,
+    /// Extrapolation strength (ExPO papers use 0.1 to 0.5); several, comma-separated, write a
+    /// sweep (OUT/alpha-0.1/, OUT/alpha-0.2/, …) from one read of the inputs.
+    #[arg(long, allow_negative_numbers = true, value_delimiter = ',', required = true)]
+    alpha: Vec<f32>,
     /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
@@ -178,15 +179,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Finalize { out, quiet } => {
-            let done = output::finalize(&out, None)?;
-            if !quiet {
-                eprintln!(
-                    "mergestream: finalized {} from {} part{}: {} files in checksums.b3",
-                    out.display(),
-                    done.parts,
-                    if done.parts == 1 { "" } else { "s" },
-                    done.files - 1
-                );
+            for (dir, done) in output::finalize_all(&out)? {
+                if !quiet {
+                    eprintln!(
+                        "mergestream: finalized {} from {} part{}: {} files in checksums.b3",
+                        dir.display(),
+                        done.parts,
+                        if done.parts == 1 { "" } else { "s" },
+                        done.files - 1
+                    );
+                }
             }
             Ok(())
         }
@@ -204,23 +206,25 @@ fn expo(args: ExpoArgs) -> Result<()> {
         sft: args.pair.sft,
         aligned: args.pair.aligned,
         out: args.out,
-        alpha: args.pair.alpha,
-        max_shard_size: args.pair.max_shard_size,
-        memory: args.memory,
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        chunk_bytes: args.chunk_size.map(|c| c as usize),
-        part: args.part,
-        existing: if args.resume {
-            Existing::Resume
-        } else if args.force {
-            Existing::Overwrite
-        } else {
-            Existing::Refuse
+        alphas: args.pair.alpha,
+        options: RunOptions {
+            max_shard_size: args.pair.max_shard_size,
+            memory: args.memory,
+            threads: args
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            chunk_bytes: args.chunk_size.map(|c| c as usize),
+            part: args.part,
+            existing: if args.resume {
+                Existing::Resume
+            } else if args.force {
+                Existing::Overwrite
+            } else {
+                Existing::Refuse
+            },
+            show_progress: !args.quiet,
+            io: args.io,
         },
-        show_progress: !args.quiet,
-        io: args.io,
     };
     let summary = mergestream::expo(&job, &cancel)?;
     if !args.quiet {
@@ -241,11 +245,16 @@ fn expo(args: ExpoArgs) -> Result<()> {
         } else {
             format!(
                 "part {} done (run `mergestream finalize` after all parts)",
-                job.part.unwrap_or(Part::WHOLE)
+                job.options.part.unwrap_or(Part::WHOLE)
             )
         };
+        let outputs = if summary.outputs > 1 {
+            format!("{} outputs, ", summary.outputs)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "mergestream: {what}: {} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+            "mergestream: {what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
             summary.tensors,
             format_bytes(summary.bytes_written),
             summary.shards_written,
@@ -260,43 +269,66 @@ fn expo(args: ExpoArgs) -> Result<()> {
 }
 
 fn plan(args: PlanArgs) -> Result<()> {
-    let p = &args.pair;
-    let (sft, aligned, plan) =
-        mergestream::plan_expo(&p.sft, &p.aligned, p.alpha, p.max_shard_size)?;
+    let p = args.pair;
+    let job = ExpoJob {
+        sft: p.sft,
+        aligned: p.aligned,
+        out: PathBuf::from("OUT"),
+        alphas: p.alpha,
+        options: RunOptions {
+            max_shard_size: p.max_shard_size,
+            memory: mergestream::DEFAULT_MEMORY,
+            threads: 1,
+            chunk_bytes: None,
+            part: args.part,
+            existing: Existing::Refuse,
+            show_progress: false,
+            io: IoMode::Auto,
+        },
+    }
+    .to_merge_job()?;
+    let (models, plans) = mergestream::plan_job(&job)?;
     println!(
         "OK: {} tensors match ({} in --sft, {} in --aligned)",
-        plan.tensors.len(),
-        format_bytes(sft.data_bytes()),
-        format_bytes(aligned.data_bytes())
+        plans[0].tensors.len(),
+        format_bytes(models[0].data_bytes()),
+        format_bytes(models[1].data_bytes())
     );
     let part = args.part.unwrap_or(Part::WHOLE);
-    let mine = plan.shards_of(part);
-    println!(
-        "output: {} shard{}, {} of tensor data",
-        plan.shards.len(),
-        if plan.shards.len() == 1 { "" } else { "s" },
-        format_bytes(plan.total_size)
-    );
-    for (i, s) in plan.shards.iter().enumerate() {
-        let marker = if args.part.is_some() && mine.contains(&i) {
-            "  <- this part"
+    for (output, plan) in job.outputs.iter().zip(&plans) {
+        let mine = plan.shards_of(part);
+        let name = if plans.len() > 1 {
+            format!("{}: ", output.out.display())
         } else {
-            ""
+            String::new()
         };
         println!(
-            "  {}  {:>4} tensors  {:>10}{marker}",
-            s.name,
-            s.tensors.len(),
-            format_bytes(s.file_len())
+            "output {name}{} shard{}, {} of tensor data",
+            plan.shards.len(),
+            if plan.shards.len() == 1 { "" } else { "s" },
+            format_bytes(plan.total_size)
         );
+        for (i, s) in plan.shards.iter().enumerate() {
+            let marker = if args.part.is_some() && mine.contains(&i) {
+                "  <- this part"
+            } else {
+                ""
+            };
+            println!(
+                "  {}  {:>4} tensors  {:>10}{marker}",
+                s.name,
+                s.tensors.len(),
+                format_bytes(s.file_len())
+            );
+        }
+        for f in &plan.extra_files {
+            println!("  {}  (copied from --aligned)", f.name);
+        }
+        for (name, why) in &plan.skipped_files {
+            println!("  {name}  (not copied: {why})");
+        }
+        println!("plan fingerprint: {}", plan.fingerprint);
     }
-    for f in &plan.extra_files {
-        println!("  {}  (copied from --aligned)", f.name);
-    }
-    for (name, why) in &plan.skipped_files {
-        println!("  {name}  (not copied: {why})");
-    }
-    println!("plan fingerprint: {}", plan.fingerprint);
     Ok(())
 }
 

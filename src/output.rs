@@ -349,6 +349,41 @@ pub struct Finalized {
     pub parts: u32,
 }
 
+/// Finalizes `out`, or, when `out` holds the outputs of a sweep (directories of their own, each
+/// with a work directory), every one of them; returns what was finalized. Every output is
+/// attempted; the first failure is returned after the others are done.
+pub fn finalize_all(out: &Path) -> Result<Vec<(PathBuf, Finalized)>> {
+    if out.join(WORK_DIR).is_dir() || !out.is_dir() {
+        return Ok(vec![(out.to_path_buf(), finalize(out, None)?)]);
+    }
+    let mut subdirs = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, "listing", e))? {
+        let path = entry.map_err(|e| Error::io(out, "listing", e))?.path();
+        if path.join(WORK_DIR).is_dir() {
+            subdirs.push(path);
+        }
+    }
+    if subdirs.is_empty() {
+        // The single-output messages explain what is missing.
+        return Ok(vec![(out.to_path_buf(), finalize(out, None)?)]);
+    }
+    subdirs.sort();
+    let mut done = Vec::new();
+    let mut first_error = None;
+    for dir in subdirs {
+        match finalize(&dir, None) {
+            Ok(f) => done.push((dir, f)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
 /// Writes the index, `mergestream.json` and `checksums.b3` once every part of the run in `out`
 /// is complete and consistent, then removes the work directory. With `only`, considers just the
 /// records of that part (a whole run finalizing itself); otherwise all records present must form

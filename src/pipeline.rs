@@ -1,15 +1,18 @@
 //! The streaming engine: reader → compute → writer, joined by bounded channels.
 //!
-//! The reader walks the planned output in order, cutting every tensor into chunks of at most
-//! `chunk_bytes`, and reads each chunk of both inputs into a *slot* taken from a fixed pool;
-//! compute workers run the kernel on whole slots; the writer puts chunks back in order and hands
-//! their bytes to a [`ShardSink`]. A slot carries its chunk from read to write and then returns
-//! to the pool, so memory is `slots × 3 × chunk_bytes` whatever the size of a tensor or model,
-//! and no stage can wait on a buffer held by a later one. The engine knows nothing of files on
-//! the output side (that is the sink's business) and nothing of arithmetic (that is the
-//! kernel's): it moves bytes.
+//! A run writes one or more outputs whose tensors come in the same order (one output, or a sweep
+//! of one method over the same models). The reader walks that order once, cutting every tensor
+//! into chunks of whole elements, and for each chunk reads every *distinct* input any output
+//! needs — once, however many outputs use it — into a *slot* taken from a fixed pool. Compute
+//! workers run every output's op on the slot; the writer puts chunks back in order and hands
+//! each output's bytes to that output's [`ShardSink`]. A slot carries its chunk from read to
+//! write and then returns to the pool, so memory is `slots × buffers × chunk_bytes` whatever the
+//! size of a tensor or model, and no stage can wait on a buffer held by a later one. The engine
+//! knows nothing of files on the output side (that is the sinks' business), nothing of
+//! arithmetic (the kernel's) and nothing of methods (the plan's ops are data): it moves bytes.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,40 +21,48 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::kernel::{self, Isa};
-use crate::model::{Model, TensorLoc};
-use crate::plan::{Op, OutShard, Plan};
+use crate::method::{Input, Op};
+use crate::model::Model;
+use crate::plan::{OutShard, Plan};
 
 /// How the engine runs. None of it changes the output bytes.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Compute workers.
     pub threads: usize,
-    /// Bytes of one input chunk (a multiple of 8, so chunks never split an element).
+    /// Bytes of one chunk buffer (a multiple of 8, so chunks never split an element).
     pub chunk_bytes: usize,
-    /// Chunks in flight: the pool holds this many slots of three chunk buffers each.
+    /// Chunks in flight: the pool holds this many slots.
     pub slots: usize,
     pub isa: Isa,
 }
 
 impl Settings {
     /// The largest chunk worth having. Measured (benches/e2e.rs, 1.8 GB pair): 128–256 KiB
-    /// chunks keep a chunk's three buffers in L2 from read to write and run ~1.5x faster than
-    /// 4 MiB ones; more slots than the stages need only spill the cache.
+    /// chunks keep a chunk's buffers in L2 from read to write and run ~1.5x faster than 4 MiB
+    /// ones; more slots than the stages need only spill the cache.
     pub const MAX_CHUNK_BYTES: usize = 256 << 10;
     /// The smallest chunk: below it per-chunk overhead dominates.
     pub const MIN_CHUNK_BYTES: usize = 64 << 10;
 
-    /// Settings whose buffers fit in `buffer_budget` bytes: as many slots as keep every stage
-    /// busy (two per worker plus the reader's and writer's), at the largest chunk size that fits.
-    pub fn for_budget(buffer_budget: u64, threads: usize, isa: Isa) -> Result<Settings> {
+    /// Settings whose buffers fit in `buffer_budget` bytes when a slot holds `buffers` chunk
+    /// buffers: as many slots as keep every stage busy (two per worker plus the reader's and
+    /// writer's), at the largest chunk size that fits.
+    pub fn for_budget(
+        buffer_budget: u64,
+        threads: usize,
+        isa: Isa,
+        buffers: usize,
+    ) -> Result<Settings> {
         let threads = threads.max(1);
+        let buffers = buffers.max(1);
         let slots = 2 * threads + 2;
-        let per_slot = buffer_budget / (3 * slots as u64);
-        let chunk = (per_slot.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
+        let per_buffer = buffer_budget / (buffers * slots) as u64;
+        let chunk = (per_buffer.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
         if chunk < Self::MIN_CHUNK_BYTES {
             return Err(Error::Usage(format!(
-                "--memory is too small for {threads} threads: needs at least {} MiB of buffers",
-                (3 * slots * Self::MIN_CHUNK_BYTES) >> 20
+                "--memory is too small for {threads} threads and {buffers} buffers a chunk: needs at least {} MiB of buffers",
+                (buffers * slots * Self::MIN_CHUNK_BYTES).div_ceil(1 << 20)
             )));
         }
         Ok(Settings {
@@ -61,14 +72,33 @@ impl Settings {
             isa,
         })
     }
-
-    /// Bytes of buffers the pool holds.
-    pub fn buffer_bytes(&self) -> u64 {
-        3 * self.slots as u64 * self.chunk_bytes as u64
-    }
 }
 
-/// Receives the output, shard by shard, in order, from the writer stage.
+/// Chunk buffers one slot needs for `outputs`: for the most demanding tensor, one per distinct
+/// input and one per output computed there (copies write straight from their input's buffer).
+pub fn buffers_per_slot(outputs: &[(&Plan, &[usize])]) -> (usize, usize) {
+    let Some(&(first, _)) = outputs.first() else {
+        return (1, 0);
+    };
+    let (mut reads, mut computed) = (1, 0);
+    for t in 0..first.tensors.len() {
+        let mut inputs: Vec<&Input> = Vec::new();
+        let mut ops = 0;
+        for (plan, _) in outputs {
+            for seg in &plan.tensors[t].segments {
+                inputs.extend(&seg.inputs);
+                ops += usize::from(seg.op != Op::Copy);
+            }
+        }
+        inputs.sort_by_key(|i| (i.model, i.loc.shard, i.loc.entry, i.first));
+        inputs.dedup();
+        reads = reads.max(inputs.len());
+        computed = computed.max(ops);
+    }
+    (reads, computed)
+}
+
+/// Receives one output, shard by shard, in order, from the writer stage.
 pub trait ShardSink {
     /// A shard starts; its header is `shard.prefix`.
     fn begin(&mut self, shard: &OutShard) -> Result<()>;
@@ -107,75 +137,134 @@ impl Progress for () {
     fn advance(&self, _: u64) {}
 }
 
-/// The three buffers of one chunk in flight.
-struct Slot {
-    aligned: Vec<u8>,
-    sft: Vec<u8>,
-    out: Vec<u8>,
+/// One output of a run: its plan, the shards to write (indices into `plan.shards`, ascending)
+/// and where they go.
+pub struct Output<'a> {
+    pub plan: &'a Plan,
+    pub shards: &'a [usize],
+    pub sink: &'a mut dyn ShardSink,
 }
 
-/// One chunk of one tensor.
+/// What one output makes of one piece of a tensor.
+#[derive(Debug)]
+struct Work {
+    /// Index into the run's outputs.
+    output: usize,
+    /// The output shard the bytes belong to.
+    shard: usize,
+    op: Op,
+    /// Buffers (indices into the step's reads) of the op's inputs, in the op's order.
+    inputs: Vec<usize>,
+    /// The slot's output buffer the result goes to (unused by [`Op::Copy`]).
+    out: usize,
+    /// Bytes per output element.
+    width: u64,
+}
+
+/// A stretch of one tensor over which every output's segment stays the same: what to read and
+/// what to compute for each of its chunks.
+#[derive(Debug)]
+struct Step {
+    tensor: usize,
+    /// Elements of the output tensor covered.
+    elems: Range<u64>,
+    /// Distinct inputs, each with the input element lining up with `elems.start`.
+    reads: Vec<(usize, Input)>,
+    work: Vec<Work>,
+    /// Elements per chunk.
+    per_chunk: u64,
+}
+
+/// The buffers of one chunk in flight.
+struct Slot {
+    inputs: Vec<Vec<u8>>,
+    outputs: Vec<Vec<u8>>,
+}
+
+/// One chunk of one step.
 struct Job {
     seq: u64,
-    /// Bytes of the aligned input and of the output.
-    len: usize,
-    /// Bytes of the SFT input.
-    sft_len: usize,
-    op: Op,
+    step: Arc<Step>,
+    /// Elements of the step's tensor.
+    elems: Range<u64>,
     slot: Slot,
 }
 
 impl Job {
-    fn output(&self) -> &[u8] {
-        match self.op {
-            Op::Expo(_) | Op::ExpoMixed { .. } => &self.slot.out[..self.len],
-            Op::Copy => &self.slot.aligned[..self.len],
+    fn n(&self) -> u64 {
+        self.elems.end - self.elems.start
+    }
+
+    /// The bytes `work` produced.
+    fn output(&self, work: &Work) -> &[u8] {
+        let len = (self.n() * work.width) as usize;
+        match work.op {
+            Op::Copy => &self.slot.inputs[work.inputs[0]][..len],
+            Op::Expo { .. } => &self.slot.outputs[work.out][..len],
         }
     }
 }
 
 /// Everything the stages share, read-only.
 struct Run<'a> {
-    plan: &'a Plan,
-    sft: &'a Model,
-    aligned: &'a Model,
-    shards: &'a [usize],
+    models: &'a [Model],
+    plans: Vec<&'a Plan>,
+    /// Per output, per shard: whether this run writes it.
+    selected: Vec<Vec<bool>>,
     settings: &'a Settings,
     cancel: &'a Cancel,
 }
 
-/// Writes the output shards `shards` (indices into `plan.shards`, ascending) into `sink`.
-#[allow(clippy::too_many_arguments)] // the stages' inputs, named at the one call site
+/// Writes every output's selected shards into its sink, reading each input once.
+///
+/// The outputs must list the same tensors in the same order (the plans of one method over the
+/// same layout model do); their ops may read different models.
 pub fn run(
-    plan: &Plan,
-    sft: &Model,
-    aligned: &Model,
-    shards: &[usize],
+    models: &[Model],
+    outputs: &mut [Output],
     settings: &Settings,
-    sink: &mut dyn ShardSink,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<()> {
+    let Some(first) = outputs.first() else {
+        return Ok(());
+    };
+    for o in outputs.iter() {
+        if !o.plan.tensor_names().eq(first.plan.tensor_names()) {
+            return Err(Error::Usage(
+                "internal: outputs of one run must list the same tensors in the same order".into(),
+            ));
+        }
+    }
     let cancel = Cancel {
         signal: cancel.signal.clone(),
         abort: Arc::new(AtomicBool::new(false)),
     };
     let run = Run {
-        plan,
-        sft,
-        aligned,
-        shards,
+        models,
+        plans: outputs.iter().map(|o| o.plan).collect(),
+        selected: outputs
+            .iter()
+            .map(|o| {
+                let mut sel = vec![false; o.plan.shards.len()];
+                for &s in o.shards {
+                    sel[s] = true;
+                }
+                sel
+            })
+            .collect(),
         settings,
         cancel: &cancel,
     };
+    let shapes: Vec<(&Plan, &[usize])> = outputs.iter().map(|o| (o.plan, o.shards)).collect();
+    let (reads, computed) = buffers_per_slot(&shapes);
     let (pool_tx, pool_rx) = bounded::<Slot>(settings.slots);
     for _ in 0..settings.slots {
         let buffer = || vec![0u8; settings.chunk_bytes];
         pool_tx
             .send(Slot {
-                aligned: buffer(),
-                sft: buffer(),
-                out: buffer(),
+                inputs: (0..reads).map(|_| buffer()).collect(),
+                outputs: (0..computed).map(|_| buffer()).collect(),
             })
             .expect("the pool has room for every slot");
     }
@@ -206,7 +295,7 @@ pub fn run(
             scope.spawn(move || compute_stage(run, rx, tx));
         }
         drop((read_rx, done_tx));
-        if let Err(e) = write_stage(run, done_rx, pool_tx, sink, progress) {
+        if let Err(e) = write_stage(run, done_rx, pool_tx, outputs, progress) {
             fail(e);
         }
     });
@@ -216,61 +305,128 @@ pub fn run(
     }
 }
 
+/// The steps of tensor `t`: one per stretch over which no wanted output changes segment.
+fn steps_of(run: &Run, t: usize) -> Vec<Step> {
+    let mut cuts: Vec<u64> = Vec::new();
+    let mut wanted = Vec::new();
+    for (k, plan) in run.plans.iter().enumerate() {
+        let shard = plan
+            .shards
+            .iter()
+            .position(|s| s.tensors.contains(&t))
+            .expect("every tensor is in a shard");
+        if run.selected[k][shard] {
+            wanted.push((k, shard));
+            for seg in &plan.tensors[t].segments {
+                cuts.extend([seg.elems.start, seg.elems.end]);
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut steps = Vec::new();
+    for w in cuts.windows(2) {
+        let elems = w[0]..w[1];
+        let mut reads: Vec<(usize, Input)> = Vec::new();
+        let mut work = Vec::new();
+        let mut widest = 1;
+        for &(k, shard) in &wanted {
+            let tensor = &run.plans[k].tensors[t];
+            let seg = tensor
+                .segments
+                .iter()
+                .find(|s| s.elems.start <= elems.start && elems.end <= s.elems.end)
+                .expect("segments cover the tensor");
+            let mut inputs = Vec::new();
+            for input in &seg.inputs {
+                let at = Input {
+                    first: input.first + (elems.start - seg.elems.start),
+                    ..*input
+                };
+                let i = match reads.iter().position(|(_, r)| *r == at) {
+                    Some(i) => i,
+                    None => {
+                        reads.push((reads.len(), at));
+                        reads.len() - 1
+                    }
+                };
+                widest = widest.max(at.dtype.size() as u64);
+                inputs.push(i);
+            }
+            let width = tensor.dtype.size() as u64;
+            widest = widest.max(width);
+            let out = work.iter().filter(|w: &&Work| w.op != Op::Copy).count();
+            work.push(Work {
+                output: k,
+                shard,
+                op: seg.op,
+                inputs,
+                out,
+                width,
+            });
+        }
+        let per_chunk = (run.settings.chunk_bytes as u64 / widest).max(1);
+        steps.push(Step {
+            tensor: t,
+            elems,
+            reads,
+            work,
+            per_chunk,
+        });
+    }
+    steps
+}
+
 /// Reads every chunk of the selected shards, in output order.
 fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> {
     let mut seq = 0;
-    for &s in run.shards {
-        for t in &run.plan.tensors[run.plan.shards[s].tensors.clone()] {
-            // Chunks are whole elements of both inputs (the SFT side may be a wider type).
-            let (wa, ws) = match t.op {
-                Op::ExpoMixed { aligned, sft } => (aligned.size() as u64, sft.size() as u64),
-                _ => (t.dtype.size() as u64, t.dtype.size() as u64),
-            };
-            let per_chunk = run.settings.chunk_bytes as u64 / wa.max(ws);
-            let numel = t.nbytes / wa;
-            let mut done = 0;
-            while done < numel {
+    let tensors = run.plans.first().map_or(0, |p| p.tensors.len());
+    for t in 0..tensors {
+        for step in steps_of(run, t) {
+            let step = Arc::new(step);
+            let mut at = step.elems.start;
+            while at < step.elems.end {
                 run.cancel.check()?;
                 if run.cancel.aborted() {
                     return Ok(());
                 }
-                let n = (numel - done).min(per_chunk);
-                let (len, sft_len) = ((n * wa) as usize, (n * ws) as usize);
+                let n = (step.elems.end - at).min(step.per_chunk);
                 let Ok(mut slot) = pool.recv() else {
                     return Ok(()); // the writer has stopped
                 };
-                read_chunk(
-                    run.aligned,
-                    t.aligned,
-                    &t.name,
-                    done * wa,
-                    &mut slot.aligned[..len],
-                )?;
-                if let Some(loc) = t.sft {
-                    read_chunk(run.sft, loc, &t.name, done * ws, &mut slot.sft[..sft_len])?;
+                for (i, input) in &step.reads {
+                    let width = input.dtype.size() as u64;
+                    let first = input.first + (at - step.elems.start);
+                    let len = (n * width) as usize;
+                    read_chunk(
+                        &run.models[input.model],
+                        input,
+                        &run.plans[step.work[0].output].tensors[step.tensor].name,
+                        first * width,
+                        &mut slot.inputs[*i][..len],
+                    )?;
                 }
                 let job = Job {
                     seq,
-                    len,
-                    sft_len,
-                    op: t.op,
+                    step: Arc::clone(&step),
+                    elems: at..at + n,
                     slot,
                 };
                 if out.send(job).is_err() {
                     return Ok(());
                 }
                 seq += 1;
-                done += n;
+                at += n;
             }
         }
     }
     Ok(())
 }
 
-/// Reads `buf.len()` bytes of tensor `loc` of `model`, starting `at` bytes into the tensor.
-fn read_chunk(model: &Model, loc: TensorLoc, name: &str, at: u64, buf: &mut [u8]) -> Result<()> {
-    let shard = &model.shards[loc.shard];
-    let info = &shard.header.tensors[loc.entry];
+/// Reads `buf.len()` bytes of `input`'s tensor in `model`, starting `at` bytes into the tensor.
+fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8]) -> Result<()> {
+    let shard = &model.shards[input.loc.shard];
+    let info = &shard.header.tensors[input.loc.entry];
     let offset = shard.header.data_start() + info.start + at;
     shard.file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -287,18 +443,30 @@ fn read_chunk(model: &Model, loc: TensorLoc, name: &str, at: u64, buf: &mut [u8]
 }
 
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
-    let alpha = run.plan.alpha;
     for mut job in input {
-        let Slot { aligned, sft, out } = &mut job.slot;
-        let (a, s, o) = (
-            &aligned[..job.len],
-            &sft[..job.sft_len],
-            &mut out[..job.len],
-        );
-        match job.op {
-            Op::Expo(dtype) => kernel::expo(run.settings.isa, dtype, alpha, a, s, o),
-            Op::ExpoMixed { aligned, sft } => kernel::expo_mixed(aligned, sft, alpha, a, s, o),
-            Op::Copy => {}
+        let n = job.n();
+        let Slot { inputs, outputs } = &mut job.slot;
+        for work in &job.step.work {
+            let len = (n * work.width) as usize;
+            let input = |i: usize| {
+                let (_, at) = &job.step.reads[work.inputs[i]];
+                &inputs[work.inputs[i]][..(n * at.dtype.size() as u64) as usize]
+            };
+            match work.op {
+                Op::Copy => {}
+                Op::Expo {
+                    alpha,
+                    aligned,
+                    sft,
+                } => {
+                    let (a, s, o) = (input(0), input(1), &mut outputs[work.out][..len]);
+                    if aligned == sft {
+                        kernel::expo(run.settings.isa, aligned, alpha, a, s, o);
+                    } else {
+                        kernel::expo_mixed(aligned, sft, alpha, a, s, o);
+                    }
+                }
+            }
         }
         if output.send(job).is_err() {
             return;
@@ -306,51 +474,131 @@ fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
     }
 }
 
-/// Puts chunks back in order and feeds them to the sink, shard by shard.
+/// Where the writer stands in one output.
+struct Cursor {
+    /// Position in the output's shard list of the next shard to begin.
+    next: usize,
+    /// The shard being written and the data bytes written to it so far.
+    open: Option<(usize, u64)>,
+}
+
+/// Puts chunks back in order and feeds each output's bytes to its sink, shard by shard.
 fn write_stage(
     run: &Run,
     input: Receiver<Job>,
     pool: Sender<Slot>,
-    sink: &mut dyn ShardSink,
+    outputs: &mut [Output],
     progress: &dyn Progress,
 ) -> Result<()> {
     let mut pending: BTreeMap<u64, Job> = BTreeMap::new();
     let mut next = 0u64;
+    let mut cursors: Vec<Cursor> = outputs
+        .iter()
+        .map(|_| Cursor {
+            next: 0,
+            open: None,
+        })
+        .collect();
     let signalled = || run.cancel.signal.load(Ordering::Relaxed) != 0;
-    for (position, &s) in run.shards.iter().enumerate() {
-        let shard = &run.plan.shards[s];
-        sink.begin(shard)?;
-        let mut written = 0u64;
-        while written < shard.data_len {
-            let job = match pending.remove(&next) {
-                Some(job) => job,
-                None => {
-                    let Ok(job) = input.recv() else {
-                        // Upstream stopped early; its error (or the signal) says why.
-                        run.cancel.check()?;
-                        return Err(Error::Usage("the read stage stopped early".into()));
-                    };
-                    if job.seq != next {
-                        pending.insert(job.seq, job);
-                        continue;
-                    }
-                    job
+    loop {
+        let job = match pending.remove(&next) {
+            Some(job) => job,
+            None => {
+                let Ok(job) = input.recv() else { break };
+                if job.seq != next {
+                    pending.insert(job.seq, job);
+                    continue;
                 }
-            };
-            run.cancel.check()?;
-            sink.write(job.output())?;
-            if written == 0 && position == run.shards.len().min(2) - 1 {
+                job
+            }
+        };
+        run.cancel.check()?;
+        for work in &job.step.work {
+            let out = &mut outputs[work.output];
+            let cursor = &mut cursors[work.output];
+            open_shard(run, out, cursor, Some(work.shard))?;
+            let bytes = job.output(work);
+            let (shard, written) = cursor.open.as_mut().expect("opened above");
+            if *written == 0 && work.output == 0 && cursor.next == out.shards.len().min(2) {
                 crate::failpoint::hit("shard-data", &signalled);
             }
-            written += job.len as u64;
-            progress.advance(job.len as u64);
-            next += 1;
-            // The pool is never full while this slot is out, and nobody else closes it.
-            let _ = pool.send(job.slot);
+            out.sink.write(bytes)?;
+            *written += bytes.len() as u64;
+            progress.advance(bytes.len() as u64);
+            if *written == out.plan.shards[*shard].data_len {
+                let shard = *shard;
+                cursor.open = None;
+                finish_shard(run, out, shard)?;
+            }
         }
-        run.sft.check_unchanged()?;
-        run.aligned.check_unchanged()?;
-        sink.finish(shard)?;
+        next += 1;
+        // The pool is never full while this slot is out, and nobody else closes it.
+        let _ = pool.send(job.slot);
+    }
+    // Upstream has stopped: an error or a signal says why, unless every shard is done (shards
+    // of empty tensors only are done now).
+    run.cancel.check()?;
+    if run.cancel.aborted() {
+        return Ok(()); // the reader's error is the one reported
+    }
+    for (out, cursor) in outputs.iter_mut().zip(&mut cursors) {
+        open_shard(run, out, cursor, None)?;
+        if cursor.open.is_some() || cursor.next < out.shards.len() {
+            return Err(Error::Usage(
+                "internal: the read stage stopped before every shard was complete".into(),
+            ));
+        }
     }
     Ok(())
+}
+
+/// Makes `target` the output's open shard, beginning (and finishing) every empty shard before
+/// it; with `None`, finishes the empty shards left at the end.
+fn open_shard(
+    run: &Run,
+    out: &mut Output,
+    cursor: &mut Cursor,
+    target: Option<usize>,
+) -> Result<()> {
+    loop {
+        match cursor.open {
+            Some((s, _)) if Some(s) == target => return Ok(()),
+            Some((s, written)) => {
+                return Err(Error::Usage(format!(
+                    "internal: shard {} left after {written} of {} bytes",
+                    out.plan.shards[s].name,
+                    out.plan.shards[s].data_len
+                )))
+            }
+            None => {}
+        }
+        let Some(&s) = out.shards.get(cursor.next) else {
+            return match target {
+                None => Ok(()),
+                Some(t) => Err(Error::Usage(format!(
+                    "internal: data for shard {} which this run does not write",
+                    out.plan.shards[t].name
+                ))),
+            };
+        };
+        let shard = &out.plan.shards[s];
+        if target.is_none() && shard.data_len > 0 {
+            return Ok(()); // reported by the caller
+        }
+        cursor.next += 1;
+        out.sink.begin(shard)?;
+        if shard.data_len == 0 {
+            finish_shard(run, out, s)?;
+        } else {
+            cursor.open = Some((s, 0));
+        }
+    }
+}
+
+/// Checks that the inputs did not change while the shard's data was read, then finishes it.
+fn finish_shard(run: &Run, out: &mut Output, shard: usize) -> Result<()> {
+    for model in run.models {
+        model.check_unchanged()?;
+    }
+    out.sink.finish(&out.plan.shards[shard])
 }

@@ -1,7 +1,8 @@
 //! The plan: what a merge will write, decided from the input headers and options alone.
 //!
-//! [`Plan::expo`] matches the two models tensor by tensor (reporting every mismatch at once),
-//! lays out the output shards and their headers byte for byte, and fingerprints the whole. It
+//! [`Plan::build`] asks the output's [`Recipe`] for every tensor's ops (the method matches the
+//! models tensor by tensor, reporting every mismatch at once), lays out the output shards and
+//! their headers byte for byte, and fingerprints the whole. It
 //! is deterministic — the same inputs and options give the same plan on any machine — which is
 //! what lets partitioned runs ([`Part`]) coordinate without talking, and lets a resumed run
 //! trust what an earlier one wrote. Nothing here reads tensor data or writes a file.
@@ -10,12 +11,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use crate::error::{Error, Mismatch, Result};
+use crate::error::{Error, Result};
 use crate::format::header::{self, TensorInfo};
 use crate::format::index::{self, INDEX_FILE};
-use crate::format::Dtype;
-use crate::kernel::FloatDtype;
-use crate::model::{Model, TensorLoc};
+pub use crate::method::{Input, Op, PlannedTensor, Segment};
+use crate::method::Recipe;
+use crate::model::Model;
 
 /// The tool's name and version, as recorded in provenance.
 pub const TOOL: &str = concat!("mergestream ", env!("CARGO_PKG_VERSION"));
@@ -23,34 +24,6 @@ pub const TOOL: &str = concat!("mergestream ", env!("CARGO_PKG_VERSION"));
 pub const PROVENANCE_FILE: &str = "mergestream.json";
 /// The checksum manifest in an output directory.
 pub const MANIFEST_FILE: &str = "checksums.b3";
-
-/// What is done to one tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// `aligned + alpha * (aligned - sft)`, in f32, rounded to the dtype.
-    Expo(FloatDtype),
-    /// The same, for a tensor the SFT model stores in another float type (`sft`); the output
-    /// takes the aligned model's type.
-    ExpoMixed {
-        aligned: FloatDtype,
-        sft: FloatDtype,
-    },
-    /// Copied from the aligned model unchanged (integer and boolean buffers).
-    Copy,
-}
-
-/// One output tensor.
-#[derive(Debug, Clone)]
-pub struct PlannedTensor {
-    pub name: String,
-    pub dtype: Dtype,
-    pub shape: Vec<u64>,
-    pub nbytes: u64,
-    pub op: Op,
-    pub aligned: TensorLoc,
-    /// The SFT model's tensor, for merged tensors.
-    pub sft: Option<TensorLoc>,
-}
 
 /// One output shard: its name, its tensors (a range of [`Plan::tensors`]) and its header bytes.
 #[derive(Debug, Clone)]
@@ -116,7 +89,8 @@ impl std::fmt::Display for Part {
 /// The complete description of an output.
 #[derive(Debug)]
 pub struct Plan {
-    pub alpha: f32,
+    /// What the output is made of.
+    pub recipe: Recipe,
     pub tensors: Vec<PlannedTensor>,
     pub shards: Vec<OutShard>,
     pub extra_files: Vec<ExtraFile>,
@@ -133,31 +107,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Plans `aligned + alpha * (aligned - sft)` for every tensor.
-    pub fn expo(sft: &Model, aligned: &Model, alpha: f32, max_shard_size: u64) -> Result<Plan> {
-        if !alpha.is_finite() {
-            return Err(Error::Usage(format!(
-                "alpha {alpha} is not a finite number"
-            )));
-        }
-        let tensors = match_models(sft, aligned)?;
-        let alpha_text = format!("{alpha}");
-        let files = |m: &Model| -> Vec<serde_json::Value> {
-            m.file_list()
-                .into_iter()
-                .map(|(name, size)| serde_json::json!({"name": name, "size": size}))
-                .collect()
-        };
-        let inputs =
-            |m: &Model| serde_json::to_string(&files(m)).expect("serializing JSON cannot fail");
-        let metadata = vec![
+    /// Plans the output `recipe` makes from `models`, in shards of at most `max_shard_size`
+    /// bytes of data (a larger tensor gets a shard of its own).
+    pub fn build(recipe: &Recipe, models: &[Model], max_shard_size: u64) -> Result<Plan> {
+        let tensors = recipe.plan_tensors(models)?;
+        let mut metadata = vec![
             ("format".to_string(), "pt".to_string()),
             ("mergestream.tool".into(), TOOL.into()),
-            ("mergestream.method".into(), "expo".into()),
-            ("mergestream.alpha".into(), alpha_text.clone()),
-            ("mergestream.sft".into(), inputs(sft)),
-            ("mergestream.aligned".into(), inputs(aligned)),
         ];
+        metadata.extend(recipe.metadata(models));
         let shards = lay_out(&tensors, &metadata, max_shard_size);
         let total_size = tensors.iter().map(|t| t.nbytes).sum();
         let index_json = (shards.len() > 1).then(|| {
@@ -171,34 +129,25 @@ impl Plan {
                 .collect();
             index::encode(total_size, &map)
         });
-        let (extra_files, skipped_files) = extra_files(aligned)?;
+        let (extra_files, skipped_files) = extra_files(&models[recipe.layout_model()])?;
 
-        let alpha_json: serde_json::Value = alpha_text
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number);
-        let provenance = serde_json::json!({
-            "tool": TOOL,
-            "method": "expo",
-            "formula": "aligned + alpha * (aligned - sft), computed in f32 without fusion, rounded to nearest even",
-            "alpha": alpha_json,
-            "inputs": {
-                "sft": { "files": files(sft) },
-                "aligned": { "files": files(aligned) },
-            },
-            "output": {
+        let mut provenance = recipe.provenance(models);
+        provenance.insert("tool".into(), TOOL.into());
+        provenance.insert(
+            "output".into(),
+            serde_json::json!({
                 "tensors": tensors.len(),
                 "shards": shards.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
                 "total_size": total_size,
-            },
-        });
+            }),
+        );
         let mut provenance_json =
-            serde_json::to_string_pretty(&provenance).expect("serializing JSON cannot fail");
+            serde_json::to_string_pretty(&serde_json::Value::Object(provenance))
+                .expect("serializing JSON cannot fail");
         provenance_json.push('\n');
 
         let mut plan = Plan {
-            alpha,
+            recipe: recipe.clone(),
             tensors,
             shards,
             extra_files,
@@ -208,8 +157,15 @@ impl Plan {
             provenance_json,
             fingerprint: String::new(),
         };
-        plan.fingerprint = fingerprint(&plan, &[sft, aligned])?;
+        let inputs: Vec<&Model> = recipe.models.iter().map(|&m| &models[m]).collect();
+        plan.fingerprint = fingerprint(&plan, &inputs)?;
         Ok(plan)
+    }
+
+    /// Names of the output tensors, in order: outputs with the same sequence can share one read
+    /// of their inputs.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.iter().map(|t| t.name.as_str())
     }
 
     /// Output shards written by `part`, balanced by bytes: largest first, each to the part with
@@ -242,80 +198,6 @@ impl Plan {
         names.extend(self.extra_files.iter().map(|f| f.name.clone()));
         names.sort();
         names
-    }
-}
-
-fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
-    let mut problems = Vec::new();
-    let mut tensors = Vec::with_capacity(aligned.tensor_count());
-    for (loc, t) in aligned.tensors() {
-        let Some((sft_loc, s)) = sft.get(&t.name) else {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: "missing from the SFT model (--sft)".into(),
-            });
-            continue;
-        };
-        if s.shape != t.shape {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: format!(
-                    "shape {:?} in --aligned but {:?} in --sft",
-                    t.shape, s.shape
-                ),
-            });
-        }
-        let both_float = t.dtype.mergeable().is_some() && s.dtype.mergeable().is_some();
-        if s.dtype != t.dtype && !both_float {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
-            });
-        }
-        let op = match (t.dtype.mergeable(), s.dtype.mergeable()) {
-            (Some(a), Some(s)) if a == s => Op::Expo(a),
-            (Some(a), Some(s)) => Op::ExpoMixed { aligned: a, sft: s },
-            // The dtype disagreement is reported above.
-            (Some(_), None) => continue,
-            (None, _) if t.dtype.is_integer() => Op::Copy,
-            (None, _) => {
-                problems.push(Mismatch {
-                    tensor: t.name.clone(),
-                    problem: format!(
-                        "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
-                        t.dtype
-                    ),
-                });
-                continue;
-            }
-        };
-        tensors.push(PlannedTensor {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            nbytes: t.nbytes(),
-            op,
-            aligned: loc,
-            sft: (op != Op::Copy).then_some(sft_loc),
-        });
-    }
-    for (_, s) in sft.tensors() {
-        if aligned.get(&s.name).is_none() {
-            problems.push(Mismatch {
-                tensor: s.name.clone(),
-                problem: "missing from the aligned model (--aligned)".into(),
-            });
-        }
-    }
-    if problems.is_empty() {
-        Ok(tensors)
-    } else {
-        problems.sort();
-        Err(Error::Mismatch {
-            sft: sft.path.clone(),
-            aligned: aligned.path.clone(),
-            problems,
-        })
     }
 }
 
@@ -502,7 +384,10 @@ mod tests {
     /// A plan with shards of the given file lengths and nothing else.
     fn plan_of_shards(lens: &[u64]) -> Plan {
         Plan {
-            alpha: 0.0,
+            recipe: Recipe {
+                method: crate::method::Method::Expo { alpha: 0.0 },
+                models: vec![0, 1],
+            },
             tensors: Vec::new(),
             shards: lens
                 .iter()
