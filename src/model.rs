@@ -20,7 +20,10 @@ use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
 /// The single-file name in a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
 
-/// One safetensors file of a model.
+/// One weight file of a model.
+///
+/// Whatever its format, a shard presents its tensors as byte ranges of one *data space* and
+/// reads any range of it with [`Shard::read_at`]; nothing above this module knows the format.
 #[derive(Debug)]
 pub struct Shard {
     /// Path as the user's directory names it (symlinks not resolved, so errors read naturally).
@@ -28,7 +31,16 @@ pub struct Shard {
     /// File name, as the index names it.
     pub name: String,
     pub file: File,
-    pub header: Header,
+    /// Tensors ordered by their position in the data space (`start`/`end` are offsets in it).
+    pub tensors: Vec<TensorInfo>,
+    /// Length of the data space.
+    pub data_len: u64,
+    /// blake3 of the shard's metadata (a safetensors header's JSON), identifying its layout.
+    pub digest: [u8; 32],
+    /// The safetensors header, for shards that are safetensors files.
+    pub header: Option<Header>,
+    /// File offset of the data space, for formats that store it as plain bytes.
+    data_start: u64,
     identity: Identity,
 }
 
@@ -61,9 +73,24 @@ impl Shard {
             path,
             name,
             file,
-            header,
+            tensors: header.tensors.clone(),
+            data_len: header.data_len,
+            digest: header.digest,
+            data_start: header.data_start(),
+            header: Some(header),
             identity: Identity::of(&meta),
         })
+    }
+
+    /// Fills `buf` with the bytes of the data space starting at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, self.data_start + offset)
+    }
+
+    /// Where the data space's byte `offset` is in the file, for messages.
+    pub fn file_offset(&self, offset: u64) -> u64 {
+        self.data_start + offset
     }
 
     /// File length.
@@ -183,7 +210,7 @@ impl Model {
     ) -> Result<Model> {
         let mut tensors = HashMap::new();
         for (s, shard) in shards.iter().enumerate() {
-            for (entry, t) in shard.header.tensors.iter().enumerate() {
+            for (entry, t) in shard.tensors.iter().enumerate() {
                 if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { shard: s, entry }) {
                     return Err(Error::Model {
                         path: shard.path.clone(),
@@ -231,8 +258,7 @@ impl Model {
                 let mut unlisted: Vec<(&str, &str)> = shards
                     .iter()
                     .flat_map(|s| {
-                        s.header
-                            .tensors
+                        s.tensors
                             .iter()
                             .map(move |t| (t.name.as_str(), s.name.as_str()))
                     })
@@ -265,14 +291,13 @@ impl Model {
     pub fn get(&self, name: &str) -> Option<(TensorLoc, &TensorInfo)> {
         self.tensors
             .get(name)
-            .map(|&loc| (loc, &self.shards[loc.shard].header.tensors[loc.entry]))
+            .map(|&loc| (loc, &self.shards[loc.shard].tensors[loc.entry]))
     }
 
     /// Tensors in storage order: shard by shard, by position in the data section.
     pub fn tensors(&self) -> impl Iterator<Item = (TensorLoc, &TensorInfo)> {
         self.shards.iter().enumerate().flat_map(|(s, shard)| {
             shard
-                .header
                 .tensors
                 .iter()
                 .enumerate()
@@ -286,7 +311,7 @@ impl Model {
 
     /// Bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.header.data_len).sum()
+        self.shards.iter().map(|s| s.data_len).sum()
     }
 
     /// `(file name, size)` of every shard, for provenance.

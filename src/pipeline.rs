@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -426,10 +425,10 @@ fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> 
 /// Reads `buf.len()` bytes of `input`'s tensor in `model`, starting `at` bytes into the tensor.
 fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8]) -> Result<()> {
     let shard = &model.shards[input.loc.shard];
-    let info = &shard.header.tensors[input.loc.entry];
-    let offset = shard.header.data_start() + info.start + at;
-    shard.file.read_exact_at(buf, offset).map_err(|e| {
+    let info = &shard.tensors[input.loc.entry];
+    shard.read_at(info.start + at, buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            let offset = shard.file_offset(info.start + at);
             Error::InputChanged {
                 path: shard.path.clone(),
                 reason: format!(

@@ -8,7 +8,6 @@
 //! trust what an earlier one wrote. Nothing here reads tensor data or writes a file.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
@@ -347,15 +346,13 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
         for shard in &model.shards {
             h.update(shard.name.as_bytes());
             h.update(&shard.len().to_le_bytes());
-            h.update(&shard.header.digest);
-            let (start, len) = (shard.header.data_start(), shard.header.data_len);
+            h.update(&shard.digest);
+            let len = shard.data_len;
             let head = len.min(SAMPLE);
-            let tail_start = start + len - len.min(SAMPLE);
-            for (at, n) in [(start, head), (tail_start, len.min(SAMPLE))] {
+            for (at, n) in [(0, head), (len - head, head)] {
                 let buf = &mut buf[..n as usize];
                 shard
-                    .file
-                    .read_exact_at(buf, at)
+                    .read_at(at, buf)
                     .map_err(|e| Error::io(&shard.path, "reading data", e))?;
                 h.update(buf);
             }
