@@ -13,6 +13,7 @@
 //! - [`manifest`] is `checksums.b3`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod busy;
 pub mod error;
 #[doc(hidden)]
 pub mod failpoint;
@@ -148,6 +149,28 @@ pub struct Summary {
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
     pub skipped_files: Vec<(String, &'static str)>,
+    /// Compute workers.
+    pub threads: usize,
+    /// Working time of each stage (see [`busy::Busy`]).
+    pub busy: Vec<(busy::Stage, std::time::Duration)>,
+}
+
+impl Summary {
+    /// How busy `stage` was over the run, as a fraction of the wall time of one of its threads
+    /// (compute has `threads` of them; hashing and disk writes one per output).
+    pub fn busy_fraction(&self, stage: busy::Stage) -> f64 {
+        let threads = match stage {
+            busy::Stage::Compute => self.threads,
+            busy::Stage::Hash | busy::Stage::Io => self.outputs,
+            busy::Stage::Read | busy::Stage::Write => 1,
+        };
+        let spent = self
+            .busy
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map_or(0.0, |(_, d)| d.as_secs_f64());
+        spent / (self.seconds.max(1e-9) * threads.max(1) as f64)
+    }
 }
 
 /// Opens every model of `job` and plans every output, writing nothing.
@@ -210,7 +233,8 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     let (models, plans) = plan_job(job)?;
     let part = opts.part.unwrap_or(Part::WHOLE);
     if let Some(root) = &job.root {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "creating output directory", e))?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(root, "creating output directory", e))?;
     }
     let mut dirs = job
         .outputs
@@ -234,6 +258,10 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .map(|(plan, todo)| todo.iter().map(|&s| plan.shards[s].file_len()).sum::<u64>())
         .sum();
     let bar = progress::Bar::new(bytes, opts.show_progress);
+    let busy = std::sync::Arc::new(busy::Busy::default());
+    for dir in &mut dirs {
+        dir.count_busy(std::sync::Arc::clone(&busy));
+    }
     let mut buffered = false;
     let result = (|| {
         // Outputs listing the same tensors in the same order share one read of the inputs.
@@ -272,7 +300,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
                     sink: w,
                 })
                 .collect();
-            pipeline::run(&models, &mut outputs, &settings, &bar, cancel)?;
+            pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
             drop(outputs);
             buffered |= writers.iter().any(|w| w.buffered);
         }
@@ -325,5 +353,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         io: if buffered { "buffered" } else { "direct" },
         finalized: finalize,
         skipped_files,
+        threads: opts.threads.max(1),
+        busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
     })
 }

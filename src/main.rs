@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
+use mergestream::busy::Stage;
 use mergestream::format::Dtype;
 use mergestream::model::Model;
 use mergestream::output::{self, Existing};
@@ -13,7 +14,7 @@ use mergestream::pipeline::Cancel;
 use mergestream::plan::Part;
 use mergestream::units::{format_bytes, parse_size};
 use mergestream::writer::IoMode;
-use mergestream::{progress, synth, verify, Error, ExpoJob, Result, RunOptions};
+use mergestream::{progress, synth, verify, Error, ExpoJob, Result, RunOptions, Summary};
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +71,12 @@ struct ModelPair {
     aligned: PathBuf,
     /// Extrapolation strength (ExPO papers use 0.1 to 0.5); several, comma-separated, write a
     /// sweep (OUT/alpha-0.1/, OUT/alpha-0.2/, …) from one read of the inputs.
-    #[arg(long, allow_negative_numbers = true, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_delimiter = ',',
+        required = true
+    )]
     alpha: Vec<f32>,
     /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
@@ -102,6 +108,9 @@ struct ExpoArgs {
     /// No progress bar, no summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Print the end-of-run summary as JSON on stdout (for scripts).
+    #[arg(long)]
+    json: bool,
     /// How shards are written: direct I/O where the filesystem allows it (auto), always, or never.
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = IoMode::parse)]
     io: IoMode,
@@ -227,44 +236,105 @@ fn expo(args: ExpoArgs) -> Result<()> {
         },
     };
     let summary = mergestream::expo(&job, &cancel)?;
-    if !args.quiet {
-        for (name, why) in &summary.skipped_files {
-            eprintln!("mergestream: note: not copied from --aligned: {name} ({why})");
-        }
-        let kept = if summary.shards_kept > 0 {
-            format!(", {} kept from the earlier run", summary.shards_kept)
-        } else {
-            String::new()
-        };
-        let peak = progress::peak_rss()
-            .map(|b| format!(", peak memory {} MiB", b >> 20))
-            .unwrap_or_default();
-        let rate = summary.bytes_written as f64 / summary.seconds.max(1e-9);
-        let what = if summary.finalized {
-            "done".to_string()
-        } else {
-            format!(
-                "part {} done (run `mergestream finalize` after all parts)",
-                job.options.part.unwrap_or(Part::WHOLE)
-            )
-        };
-        let outputs = if summary.outputs > 1 {
-            format!("{} outputs, ", summary.outputs)
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "mergestream: {what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
-            summary.tensors,
-            format_bytes(summary.bytes_written),
-            summary.shards_written,
-            if summary.shards_written == 1 { "" } else { "s" },
-            summary.seconds,
-            format_bytes(rate as u64),
-            summary.isa,
-            summary.io
+    report(&summary, job.options.part, args.quiet, args.json)
+}
+
+/// The end-of-run summary: a line (and where the time went) on stderr, or JSON on stdout.
+fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Result<()> {
+    let peak = progress::peak_rss();
+    if json {
+        let busy: serde_json::Map<String, serde_json::Value> = summary
+            .busy
+            .iter()
+            .map(|(stage, d)| {
+                (
+                    stage.name().replace(' ', "_"),
+                    serde_json::json!({
+                        "seconds": d.as_secs_f64(),
+                        "fraction": summary.busy_fraction(*stage),
+                    }),
+                )
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "finalized": summary.finalized,
+            "part": part.map(|p| p.to_string()),
+            "outputs": summary.outputs,
+            "tensors": summary.tensors,
+            "shards_written": summary.shards_written,
+            "shards_kept": summary.shards_kept,
+            "bytes_written": summary.bytes_written,
+            "seconds": summary.seconds,
+            "peak_rss_bytes": peak,
+            "kernel": summary.isa,
+            "io": summary.io,
+            "threads": summary.threads,
+            "busy": busy,
+            "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serializing JSON cannot fail")
         );
+        return Ok(());
     }
+    if quiet {
+        return Ok(());
+    }
+    for (name, why) in &summary.skipped_files {
+        eprintln!("mergestream: note: not copied: {name} ({why})");
+    }
+    let kept = if summary.shards_kept > 0 {
+        format!(", {} kept from the earlier run", summary.shards_kept)
+    } else {
+        String::new()
+    };
+    let peak = peak
+        .map(|b| format!(", peak memory {} MiB", b >> 20))
+        .unwrap_or_default();
+    let rate = summary.bytes_written as f64 / summary.seconds.max(1e-9);
+    let what = if summary.finalized {
+        "done".to_string()
+    } else {
+        format!(
+            "part {} done (run `mergestream finalize` after all parts)",
+            part.unwrap_or(Part::WHOLE)
+        )
+    };
+    let outputs = if summary.outputs > 1 {
+        format!("{} outputs, ", summary.outputs)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "mergestream: {what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+        summary.tensors,
+        format_bytes(summary.bytes_written),
+        summary.shards_written,
+        if summary.shards_written == 1 { "" } else { "s" },
+        summary.seconds,
+        format_bytes(rate as u64),
+        summary.isa,
+        summary.io
+    );
+    let busy: Vec<String> = Stage::ALL
+        .iter()
+        .map(|&stage| {
+            let of = match stage {
+                Stage::Compute if summary.threads > 1 => format!(" of {} threads", summary.threads),
+                Stage::Hash | Stage::Io if summary.outputs > 1 => {
+                    format!(" of {} threads", summary.outputs)
+                }
+                _ => String::new(),
+            };
+            format!(
+                "{} {:.0}%{of}",
+                stage.name(),
+                100.0 * summary.busy_fraction(stage)
+            )
+        })
+        .collect();
+    eprintln!("mergestream: busy: {}", busy.join(", "));
     Ok(())
 }
 

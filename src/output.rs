@@ -101,6 +101,7 @@ pub struct OutputDir {
     fingerprint: String,
     record: PartRecord,
     io: IoMode,
+    busy: Option<std::sync::Arc<crate::busy::Busy>>,
     _lock: File,
 }
 
@@ -228,6 +229,7 @@ impl OutputDir {
             fingerprint: plan.fingerprint.clone(),
             record,
             io,
+            busy: None,
             _lock: lock,
         };
         dir.save_record()?;
@@ -276,6 +278,11 @@ impl OutputDir {
         self.add(record(name, &written))
     }
 
+    /// Counts the time this directory's files spend hashing and writing in `busy`.
+    pub fn count_busy(&mut self, busy: std::sync::Arc<crate::busy::Busy>) {
+        self.busy = Some(busy);
+    }
+
     /// A new output file `name`, under a temporary name of this part until persisted.
     fn create(&self, name: &str) -> Result<StreamFile> {
         StreamFile::create(
@@ -283,6 +290,7 @@ impl OutputDir {
             &format!("{}.{name}.", self.part.tag()),
             &self.path.join(name),
             self.io,
+            self.busy.clone(),
         )
     }
 

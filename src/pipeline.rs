@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::busy::{Busy, Stage};
 use crate::error::{Error, Result};
 use crate::kernel::{self, Isa};
 use crate::method::{Input, Op};
@@ -212,6 +213,7 @@ struct Run<'a> {
     selected: Vec<Vec<bool>>,
     settings: &'a Settings,
     cancel: &'a Cancel,
+    busy: &'a Busy,
 }
 
 /// Writes every output's selected shards into its sink, reading each input once.
@@ -224,6 +226,7 @@ pub fn run(
     settings: &Settings,
     progress: &dyn Progress,
     cancel: &Cancel,
+    busy: &Busy,
 ) -> Result<()> {
     let Some(first) = outputs.first() else {
         return Ok(());
@@ -254,6 +257,7 @@ pub fn run(
             .collect(),
         settings,
         cancel: &cancel,
+        busy,
     };
     let shapes: Vec<(&Plan, &[usize])> = outputs.iter().map(|o| (o.plan, o.shards)).collect();
     let (reads, computed) = buffers_per_slot(&shapes);
@@ -397,13 +401,15 @@ fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> 
                     let width = input.dtype.size() as u64;
                     let first = input.first + (at - step.elems.start);
                     let len = (n * width) as usize;
-                    read_chunk(
-                        &run.models[input.model],
-                        input,
-                        &run.plans[step.work[0].output].tensors[step.tensor].name,
-                        first * width,
-                        &mut slot.inputs[*i][..len],
-                    )?;
+                    run.busy.time(Stage::Read, || {
+                        read_chunk(
+                            &run.models[input.model],
+                            input,
+                            &run.plans[step.work[0].output].tensors[step.tensor].name,
+                            first * width,
+                            &mut slot.inputs[*i][..len],
+                        )
+                    })?;
                 }
                 let job = Job {
                     seq,
@@ -443,6 +449,7 @@ fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8])
 
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
     for mut job in input {
+        let started = std::time::Instant::now();
         let n = job.n();
         let Slot { inputs, outputs } = &mut job.slot;
         for work in &job.step.work {
@@ -467,6 +474,7 @@ fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
                 }
             }
         }
+        run.busy.add(Stage::Compute, started.elapsed());
         if output.send(job).is_err() {
             return;
         }
@@ -521,7 +529,7 @@ fn write_stage(
             if *written == 0 && work.output == 0 && cursor.next == out.shards.len().min(2) {
                 crate::failpoint::hit("shard-data", &signalled);
             }
-            out.sink.write(bytes)?;
+            run.busy.time(Stage::Write, || out.sink.write(bytes))?;
             *written += bytes.len() as u64;
             progress.advance(bytes.len() as u64);
             if *written == out.plan.shards[*shard].data_len {
@@ -565,8 +573,7 @@ fn open_shard(
             Some((s, written)) => {
                 return Err(Error::Usage(format!(
                     "internal: shard {} left after {written} of {} bytes",
-                    out.plan.shards[s].name,
-                    out.plan.shards[s].data_len
+                    out.plan.shards[s].name, out.plan.shards[s].data_len
                 )))
             }
             None => {}

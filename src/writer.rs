@@ -17,10 +17,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tempfile::NamedTempFile;
 
+use crate::busy::{Busy, Stage as BusyStage};
 use crate::error::{Error, Result};
 
 /// How output files are written.
@@ -104,14 +106,19 @@ struct IoThread {
 }
 
 impl IoThread {
-    fn spawn(file: Arc<File>) -> IoThread {
+    fn spawn(file: Arc<File>, busy: Option<Arc<Busy>>) -> IoThread {
+        let io_busy = busy.clone();
         let (jobs, hash_rx) = bounded::<(Stage, u64)>(STAGES);
         let (hashed_tx, rx) = bounded::<(Stage, u64)>(STAGES);
         let (tx, done) = bounded::<io::Result<Stage>>(STAGES);
         let hasher = std::thread::spawn(move || {
             let mut hasher = blake3::Hasher::new();
             for (stage, offset) in hash_rx {
+                let started = Instant::now();
                 hasher.update(stage.data());
+                if let Some(b) = &busy {
+                    b.add(BusyStage::Hash, started.elapsed());
+                }
                 if hashed_tx.send((stage, offset)).is_err() {
                     break;
                 }
@@ -120,12 +127,16 @@ impl IoThread {
         });
         let handle = std::thread::spawn(move || {
             for (mut stage, offset) in rx {
+                let started = Instant::now();
                 let mut result = file.write_all_at(stage.filled(), offset);
                 if matches!(&result, Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()))
                     && drop_direct_io(&file)
                 {
                     // Some filesystems accept O_DIRECT at open and refuse it at write time.
                     result = file.write_all_at(stage.filled(), offset);
+                }
+                if let Some(b) = &io_busy {
+                    b.add(BusyStage::Io, started.elapsed());
                 }
                 let result = result.map(|()| {
                     stage.len = 0;
@@ -211,6 +222,7 @@ pub struct StreamFile {
     len: u64,
     /// Bytes handed to the I/O thread so far.
     submitted: u64,
+    busy: Option<Arc<Busy>>,
 }
 
 /// What a finished file is.
@@ -228,6 +240,7 @@ impl StreamFile {
         prefix: &str,
         final_path: &Path,
         mode: IoMode,
+        busy: Option<Arc<Busy>>,
     ) -> Result<StreamFile> {
         let open = |direct: bool| {
             tempfile::Builder::new()
@@ -261,7 +274,7 @@ impl StreamFile {
             };
             Error::io(final_path, what, e)
         })?;
-        let io = IoThread::spawn(Arc::clone(temp.as_file()));
+        let io = IoThread::spawn(Arc::clone(temp.as_file()), busy.clone());
         Ok(StreamFile {
             final_path: final_path.to_path_buf(),
             temp,
@@ -271,6 +284,7 @@ impl StreamFile {
             current: Stage::new(),
             len: 0,
             submitted: 0,
+            busy,
         })
     }
 
@@ -332,7 +346,11 @@ impl StreamFile {
             rustix::fs::ftruncate(&**file, self.len)
                 .map_err(|e| Error::io(path, "truncating padding", e.into()))?;
         }
+        let started = Instant::now();
         file.sync_all().map_err(|e| Error::io(path, "syncing", e))?;
+        if let Some(b) = &self.busy {
+            b.add(BusyStage::Io, started.elapsed());
+        }
         let (size, blake3) = (self.len, self.io.finish_hash());
         drop(self.io);
         self.temp

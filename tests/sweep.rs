@@ -41,7 +41,11 @@ fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 files.insert(rel, std::fs::read(&path).unwrap());
             }
         }
@@ -91,8 +95,22 @@ fn a_five_alpha_sweep_equals_five_single_runs() {
     let alphas = ALPHAS.join(",");
     for (k, extra) in [
         vec!["--max-shard-size", SHARD],
-        vec!["--max-shard-size", SHARD, "--threads", "1", "--chunk-size", "4KiB"],
-        vec!["--max-shard-size", SHARD, "--threads", "3", "--memory", "64MiB"],
+        vec![
+            "--max-shard-size",
+            SHARD,
+            "--threads",
+            "1",
+            "--chunk-size",
+            "4KiB",
+        ],
+        vec![
+            "--max-shard-size",
+            SHARD,
+            "--threads",
+            "3",
+            "--memory",
+            "64MiB",
+        ],
     ]
     .into_iter()
     .enumerate()
@@ -146,6 +164,10 @@ fn a_sweep_refuses_an_alpha_given_twice_and_writes_nothing() {
     let out = dir.path().join("sweep");
     let o = expo(&pair_dir, &out, "0.1,0.2,0.1", &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("alpha 0.1 is given twice"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("alpha 0.1 is given twice"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
 }
