@@ -119,6 +119,7 @@ pub fn merge(data: &[u8]) {
         aligned,
         out: dir.join("out"),
         alphas: vec![alpha],
+        policy: Default::default(),
         options: crate::RunOptions {
             max_shard_size: SHARD_SIZES[params[2] as usize % SHARD_SIZES.len()],
             memory: 40 << 20,

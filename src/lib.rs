@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use error::{Error, Result};
-use method::{Method, Recipe};
+use method::{Method, Note, Policy, Recipe};
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};
@@ -57,6 +57,8 @@ pub struct ExpoJob {
     pub aligned: PathBuf,
     pub out: PathBuf,
     pub alphas: Vec<f32>,
+    /// Where the two models may disagree.
+    pub policy: Policy,
     pub options: RunOptions,
 }
 
@@ -77,6 +79,7 @@ impl ExpoJob {
                 recipe: Recipe {
                     method: Method::Expo { alpha },
                     models: vec![0, 1],
+                    policy: self.policy,
                 },
             }],
             alphas => alphas
@@ -86,6 +89,7 @@ impl ExpoJob {
                     recipe: Recipe {
                         method: Method::Expo { alpha },
                         models: vec![0, 1],
+                        policy: self.policy,
                     },
                 })
                 .collect(),
@@ -149,6 +153,8 @@ pub struct Summary {
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
     pub skipped_files: Vec<(String, &'static str)>,
+    /// What the plans resolved on their own (buffers, extra vocabulary rows), once per output.
+    pub notes: Vec<Note>,
     /// Compute workers.
     pub threads: usize,
     /// Working time of each stage (see [`busy::Busy`]).
@@ -199,6 +205,7 @@ pub fn plan_expo(
     let recipe = Recipe {
         method: Method::Expo { alpha },
         models: vec![0, 1],
+        policy: Policy::default(),
     };
     let plan = Plan::build(&recipe, &models, max_shard_size)?;
     let [sft, aligned]: [Model; 2] = models.try_into().expect("two models");
@@ -353,6 +360,12 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         io: if buffered { "buffered" } else { "direct" },
         finalized: finalize,
         skipped_files,
+        notes: {
+            let mut notes: Vec<Note> = plans.iter().flat_map(|p| p.notes.clone()).collect();
+            notes.sort();
+            notes.dedup();
+            notes
+        },
         threads: opts.threads.max(1),
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
     })

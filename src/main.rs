@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use mergestream::busy::Stage;
+use mergestream::method::Policy;
 use mergestream::format::Dtype;
 use mergestream::model::Model;
 use mergestream::output::{self, Existing};
@@ -81,6 +82,37 @@ struct ModelPair {
     /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
+    /// A float weight only --aligned has: refuse (default) or copy it from --aligned. Buffers
+    /// transformers does not save (inv_freq, position_ids, …) and integer tensors need no flag.
+    #[arg(long, value_name = "WHAT", default_value = "refuse")]
+    only_in_aligned: OnlyInAligned,
+    /// Tensors whose first dimension differs (vocabularies of 32000 and 32002): refuse
+    /// (default) or merge the shared rows and copy the aligned model's extra rows.
+    #[arg(long, value_name = "WHAT", default_value = "refuse")]
+    vocab_mismatch: VocabMismatch,
+}
+
+/// `--only-in-aligned`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnlyInAligned {
+    Refuse,
+    Copy,
+}
+
+/// `--vocab-mismatch`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VocabMismatch {
+    Refuse,
+    CopyAligned,
+}
+
+impl ModelPair {
+    fn policy(&self) -> Policy {
+        Policy {
+            copy_only_in_layout: self.only_in_aligned == OnlyInAligned::Copy,
+            copy_extra_rows: self.vocab_mismatch == VocabMismatch::CopyAligned,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -211,10 +243,12 @@ fn expo(args: ExpoArgs) -> Result<()> {
         signal_hook::flag::register_usize(signal, Arc::clone(&cancel.signal), signal as usize)
             .map_err(|e| Error::Usage(format!("cannot install a signal handler: {e}")))?;
     }
+    let policy = args.pair.policy();
     let job = ExpoJob {
         sft: args.pair.sft,
         aligned: args.pair.aligned,
         out: args.out,
+        policy,
         alphas: args.pair.alpha,
         options: RunOptions {
             max_shard_size: args.pair.max_shard_size,
@@ -270,6 +304,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "io": summary.io,
             "threads": summary.threads,
             "busy": busy,
+            "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
         });
         println!(
@@ -283,6 +318,9 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
     }
     for (name, why) in &summary.skipped_files {
         eprintln!("mergestream: note: not copied: {name} ({why})");
+    }
+    for note in &summary.notes {
+        eprintln!("mergestream: note: {note}");
     }
     let kept = if summary.shards_kept > 0 {
         format!(", {} kept from the earlier run", summary.shards_kept)
@@ -340,10 +378,12 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
 
 fn plan(args: PlanArgs) -> Result<()> {
     let p = args.pair;
+    let policy = p.policy();
     let job = ExpoJob {
         sft: p.sft,
         aligned: p.aligned,
         out: PathBuf::from("OUT"),
+        policy,
         alphas: p.alpha,
         options: RunOptions {
             max_shard_size: p.max_shard_size,
@@ -393,6 +433,9 @@ fn plan(args: PlanArgs) -> Result<()> {
         }
         for f in &plan.extra_files {
             println!("  {}  (copied from --aligned)", f.name);
+        }
+        for note in &plan.notes {
+            println!("  note: {note}");
         }
         for (name, why) in &plan.skipped_files {
             println!("  {name}  (not copied: {why})");

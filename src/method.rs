@@ -42,6 +42,50 @@ pub struct Recipe {
     pub method: Method,
     /// Indices into the run's models, one per role of the method, in the method's order.
     pub models: Vec<usize>,
+    /// What to do where the models disagree in ways that can be resolved.
+    pub policy: Policy,
+}
+
+/// What the user allows where models disagree. Buffers that `transformers` does not save and
+/// integer tensors need no permission (see [`is_unsaved_buffer`]); float weights do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// A float tensor only the layout model (aligned, base) has is copied from it
+    /// (`--only-in-aligned copy`), instead of being a mismatch.
+    pub copy_only_in_layout: bool,
+    /// Tensors whose shapes differ only in the first dimension (vocabularies of 32000 and 32002
+    /// rows) merge the rows all models have and copy the layout model's extra rows
+    /// (`--vocab-mismatch copy-aligned`), instead of being a mismatch.
+    pub copy_extra_rows: bool,
+}
+
+/// Whether `name` is a buffer `transformers` registers as non-persistent (so checkpoints saved by
+/// one version have it and by another do not): rotary `inv_freq`, `position_ids`,
+/// `token_type_ids`, GPT-2/GPT-NeoX/GPT-J causal masks (`attn.bias`, `attention.bias`,
+/// `masked_bias`). Such a tensor is never merged: it is copied from the layout model when that
+/// has it, and left out when only another model has it.
+pub fn is_unsaved_buffer(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    let last = parts.next().unwrap_or("");
+    let parent = parts.next().unwrap_or("");
+    matches!(
+        last,
+        "inv_freq" | "original_inv_freq" | "position_ids" | "token_type_ids" | "masked_bias"
+    ) || (last == "bias" && matches!(parent, "attn" | "attention"))
+}
+
+/// Something the plan resolved without failing, reported by `plan`, the run summary and
+/// provenance.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Note {
+    pub tensor: String,
+    pub note: String,
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tensor '{}': {}", self.tensor, self.note)
+    }
 }
 
 /// An input tensor an [`Op`] reads.
@@ -143,11 +187,19 @@ impl Recipe {
             );
         }
         p.insert("inputs".into(), inputs.into());
+        p.insert(
+            "policy".into(),
+            serde_json::json!({
+                "only_in_layout_model": if self.policy.copy_only_in_layout { "copy" } else { "refuse" },
+                "vocab_mismatch": if self.policy.copy_extra_rows { "copy-extra-rows" } else { "refuse" },
+            }),
+        );
         p
     }
 
-    /// Every output tensor, in the layout model's storage order; all mismatches at once.
-    pub fn plan_tensors(&self, models: &[Model]) -> Result<Vec<PlannedTensor>> {
+    /// Every output tensor, in the layout model's storage order, with notes on what was
+    /// resolved; all mismatches at once.
+    pub fn plan_tensors(&self, models: &[Model]) -> Result<(Vec<PlannedTensor>, Vec<Note>)> {
         match self.method {
             Method::Expo { alpha } => {
                 if !alpha.is_finite() {
@@ -156,7 +208,7 @@ impl Recipe {
                     )));
                 }
                 let (sft, aligned) = (self.models[0], self.models[1]);
-                plan_expo(alpha, sft, aligned, models)
+                plan_expo(alpha, sft, aligned, models, self.policy)
             }
         }
     }
@@ -184,94 +236,184 @@ fn plan_expo(
     sft_index: usize,
     aligned_index: usize,
     models: &[Model],
-) -> Result<Vec<PlannedTensor>> {
+    policy: Policy,
+) -> Result<(Vec<PlannedTensor>, Vec<Note>)> {
     let (sft, aligned) = (&models[sft_index], &models[aligned_index]);
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     let mut tensors = Vec::with_capacity(aligned.tensor_count());
+    let mut mismatch = |tensor: &str, problem: String| {
+        problems.push(Mismatch {
+            tensor: tensor.to_owned(),
+            problem,
+        })
+    };
     for (loc, t) in aligned.tensors() {
-        let Some((sft_loc, s)) = sft.get(&t.name) else {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: "missing from the SFT model (--sft)".into(),
-            });
-            continue;
-        };
-        if s.shape != t.shape {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: format!(
-                    "shape {:?} in --aligned but {:?} in --sft",
-                    t.shape, s.shape
-                ),
-            });
-        }
-        let both_float = t.dtype.mergeable().is_some() && s.dtype.mergeable().is_some();
-        if s.dtype != t.dtype && !both_float {
-            problems.push(Mismatch {
-                tensor: t.name.clone(),
-                problem: format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
-            });
-        }
+        let numel = t.nbytes() / t.dtype.size() as u64;
         let aligned_input = Input {
             model: aligned_index,
             loc,
             dtype: t.dtype,
             first: 0,
         };
-        let (op, inputs) = match (t.dtype.mergeable(), s.dtype.mergeable()) {
-            (Some(a), Some(s_dtype)) => (
-                Op::Expo {
-                    alpha,
-                    aligned: a,
-                    sft: s_dtype,
-                },
-                vec![
-                    aligned_input,
-                    Input {
-                        model: sft_index,
-                        loc: sft_loc,
-                        dtype: s.dtype,
-                        first: 0,
-                    },
-                ],
-            ),
-            // The dtype disagreement is reported above.
-            (Some(_), None) => continue,
-            (None, _) if t.dtype.is_integer() => (Op::Copy, vec![aligned_input]),
-            (None, _) => {
-                problems.push(Mismatch {
+        let copy = |note: Option<String>, notes: &mut Vec<Note>| {
+            if let Some(note) = note {
+                notes.push(Note {
                     tensor: t.name.clone(),
-                    problem: format!(
-                        "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
-                        t.dtype
-                    ),
+                    note,
                 });
-                continue;
+            }
+            PlannedTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                nbytes: t.nbytes(),
+                segments: vec![Segment {
+                    elems: 0..numel,
+                    op: Op::Copy,
+                    inputs: vec![aligned_input],
+                }],
             }
         };
-        let numel = t.nbytes() / t.dtype.size() as u64;
+        let unsaved = is_unsaved_buffer(&t.name);
+        let Some((sft_loc, s)) = sft.get(&t.name) else {
+            if unsaved || t.dtype.is_integer() {
+                let kind = if unsaved { "a buffer transformers does not save" } else { "an integer tensor" };
+                tensors.push(copy(Some(format!("only in --aligned ({kind}): copied from it")), &mut notes));
+            } else if t.dtype.mergeable().is_some() && policy.copy_only_in_layout {
+                tensors.push(copy(Some("only in --aligned: copied from it (--only-in-aligned copy)".into()), &mut notes));
+            } else {
+                let hint = if t.dtype.mergeable().is_some() {
+                    " (pass --only-in-aligned copy to copy it from --aligned)"
+                } else {
+                    ""
+                };
+                mismatch(&t.name, format!("missing from the SFT model (--sft){hint}"));
+            }
+            continue;
+        };
+        if unsaved {
+            // Never merged, whatever the other model holds.
+            tensors.push(copy(None, &mut notes));
+            continue;
+        }
+        let both_float = t.dtype.mergeable().is_some() && s.dtype.mergeable().is_some();
+        if s.dtype != t.dtype && !both_float {
+            mismatch(
+                &t.name,
+                format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
+            );
+            continue;
+        }
+        if t.dtype.is_integer() {
+            tensors.push(copy(None, &mut notes));
+            continue;
+        }
+        let (Some(a_dtype), Some(s_dtype)) = (t.dtype.mergeable(), s.dtype.mergeable()) else {
+            mismatch(
+                &t.name,
+                format!(
+                    "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
+                    t.dtype
+                ),
+            );
+            continue;
+        };
+        let op = Op::Expo {
+            alpha,
+            aligned: a_dtype,
+            sft: s_dtype,
+        };
+        let sft_input = Input {
+            model: sft_index,
+            loc: sft_loc,
+            dtype: s.dtype,
+            first: 0,
+        };
+        // Rows both models have are merged; the aligned model's extra rows are copied.
+        let shared = if s.shape == t.shape {
+            numel
+        } else if rows_only_differ(&t.shape, &s.shape) && policy.copy_extra_rows {
+            let row: u64 = t.shape[1..].iter().product();
+            let (a_rows, s_rows) = (t.shape[0], s.shape[0]);
+            let merged = a_rows.min(s_rows);
+            let extra = if a_rows > s_rows {
+                format!(", the {} extra rows copied from --aligned", a_rows - s_rows)
+            } else {
+                format!(", the {} extra rows of --sft left out", s_rows - a_rows)
+            };
+            notes.push(Note {
+                tensor: t.name.clone(),
+                note: format!(
+                    "{a_rows} rows in --aligned, {s_rows} in --sft: {merged} rows merged{extra} (--vocab-mismatch copy-aligned)"
+                ),
+            });
+            merged * row
+        } else {
+            let hint = if rows_only_differ(&t.shape, &s.shape) {
+                " (only the first dimension differs: pass --vocab-mismatch copy-aligned to merge the shared rows and copy the aligned model's extra ones)"
+            } else {
+                ""
+            };
+            mismatch(
+                &t.name,
+                format!(
+                    "shape {:?} in --aligned but {:?} in --sft{hint}",
+                    t.shape, s.shape
+                ),
+            );
+            continue;
+        };
+        let mut segments = Vec::new();
+        if shared > 0 {
+            segments.push(Segment {
+                elems: 0..shared,
+                op,
+                inputs: vec![aligned_input, sft_input],
+            });
+        }
+        if shared < numel {
+            segments.push(Segment {
+                elems: shared..numel,
+                op: Op::Copy,
+                inputs: vec![Input {
+                    first: shared,
+                    ..aligned_input
+                }],
+            });
+        }
+        if segments.is_empty() {
+            // An empty tensor: nothing to read or compute.
+            segments.push(Segment {
+                elems: 0..0,
+                op,
+                inputs: vec![aligned_input, sft_input],
+            });
+        }
         tensors.push(PlannedTensor {
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
             nbytes: t.nbytes(),
-            segments: vec![Segment {
-                elems: 0..numel,
-                op,
-                inputs,
-            }],
+            segments,
         });
     }
     for (_, s) in sft.tensors() {
-        if aligned.get(&s.name).is_none() {
-            problems.push(Mismatch {
+        if aligned.get(&s.name).is_some() {
+            continue;
+        }
+        if is_unsaved_buffer(&s.name) || s.dtype.is_integer() {
+            notes.push(Note {
                 tensor: s.name.clone(),
-                problem: "missing from the aligned model (--aligned)".into(),
+                note: "only in --sft: left out".into(),
             });
+        } else {
+            mismatch(&s.name, "missing from the aligned model (--aligned)".into());
         }
     }
     if problems.is_empty() {
-        Ok(tensors)
+        notes.sort();
+        Ok((tensors, notes))
     } else {
         problems.sort();
         Err(Error::Mismatch {
@@ -280,4 +422,9 @@ fn plan_expo(
             problems,
         })
     }
+}
+
+/// Whether two shapes differ in their first dimension only.
+fn rows_only_differ(a: &[u64], b: &[u64]) -> bool {
+    !a.is_empty() && a.len() == b.len() && a[0] != b[0] && a[1..] == b[1..]
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::format::header::{self, TensorInfo};
 use crate::format::index::{self, INDEX_FILE};
-use crate::method::Recipe;
+use crate::method::{Note, Recipe};
 pub use crate::method::{Input, Op, PlannedTensor, Segment};
 use crate::model::Model;
 
@@ -90,6 +90,8 @@ impl std::fmt::Display for Part {
 pub struct Plan {
     /// What the output is made of.
     pub recipe: Recipe,
+    /// What the plan resolved on its own (buffers left out or copied, extra vocabulary rows).
+    pub notes: Vec<Note>,
     pub tensors: Vec<PlannedTensor>,
     pub shards: Vec<OutShard>,
     pub extra_files: Vec<ExtraFile>,
@@ -109,7 +111,7 @@ impl Plan {
     /// Plans the output `recipe` makes from `models`, in shards of at most `max_shard_size`
     /// bytes of data (a larger tensor gets a shard of its own).
     pub fn build(recipe: &Recipe, models: &[Model], max_shard_size: u64) -> Result<Plan> {
-        let tensors = recipe.plan_tensors(models)?;
+        let (tensors, notes) = recipe.plan_tensors(models)?;
         let mut metadata = vec![
             ("format".to_string(), "pt".to_string()),
             ("mergestream.tool".into(), TOOL.into()),
@@ -132,6 +134,16 @@ impl Plan {
 
         let mut provenance = recipe.provenance(models);
         provenance.insert("tool".into(), TOOL.into());
+        if !notes.is_empty() {
+            provenance.insert(
+                "notes".into(),
+                notes
+                    .iter()
+                    .map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note}))
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+        }
         provenance.insert(
             "output".into(),
             serde_json::json!({
@@ -147,6 +159,7 @@ impl Plan {
 
         let mut plan = Plan {
             recipe: recipe.clone(),
+            notes,
             tensors,
             shards,
             extra_files,
@@ -384,7 +397,9 @@ mod tests {
             recipe: Recipe {
                 method: crate::method::Method::Expo { alpha: 0.0 },
                 models: vec![0, 1],
+                policy: Default::default(),
             },
+            notes: Vec::new(),
             tensors: Vec::new(),
             shards: lens
                 .iter()
