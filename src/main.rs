@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use mergestream::busy::Stage;
-use mergestream::method::Policy;
 use mergestream::format::Dtype;
+use mergestream::method::Policy;
 use mergestream::model::Model;
 use mergestream::output::{self, Existing};
 use mergestream::pipeline::Cancel;

@@ -278,10 +278,20 @@ fn plan_expo(
         let unsaved = is_unsaved_buffer(&t.name);
         let Some((sft_loc, s)) = sft.get(&t.name) else {
             if unsaved || t.dtype.is_integer() {
-                let kind = if unsaved { "a buffer transformers does not save" } else { "an integer tensor" };
-                tensors.push(copy(Some(format!("only in --aligned ({kind}): copied from it")), &mut notes));
+                let kind = if unsaved {
+                    "a buffer transformers does not save"
+                } else {
+                    "an integer tensor"
+                };
+                tensors.push(copy(
+                    Some(format!("only in --aligned ({kind}): copied from it")),
+                    &mut notes,
+                ));
             } else if t.dtype.mergeable().is_some() && policy.copy_only_in_layout {
-                tensors.push(copy(Some("only in --aligned: copied from it (--only-in-aligned copy)".into()), &mut notes));
+                tensors.push(copy(
+                    Some("only in --aligned: copied from it (--only-in-aligned copy)".into()),
+                    &mut notes,
+                ));
             } else {
                 let hint = if t.dtype.mergeable().is_some() {
                     " (pass --only-in-aligned copy to copy it from --aligned)"

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::format::header::{self, TensorInfo};
 use crate::format::index::{self, INDEX_FILE};
-use crate::method::{Note, Recipe};
 pub use crate::method::{Input, Op, PlannedTensor, Segment};
+use crate::method::{Note, Recipe};
 use crate::model::Model;
 
 /// The tool's name and version, as recorded in provenance.

@@ -31,47 +31,6 @@ fn pair(dir: &Path) {
     );
 }
 
-/// Every file under `dir` (relative path → bytes).
-fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path
-                    .strip_prefix(dir)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                files.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
-}
-
-fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (tree(a), tree(b));
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>(),
-        "{} vs {}",
-        a.display(),
-        b.display()
-    );
-    for (name, bytes) in &ta {
-        assert!(
-            bytes == &tb[name],
-            "{name} differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
-}
-
 /// The single runs every sweep output is compared with, checked against the reference.
 fn singles(pair: &Path, dir: &Path) -> Vec<std::path::PathBuf> {
     ALPHAS
