@@ -784,33 +784,10 @@ fn read_document(
         _ => None,
     };
     let params = d.params(get("parameters"), "parameters", method, false)?;
-    let mut expo_alpha = None;
-    if method == Method::Expo {
-        if let Some(given) = params.get(Param::Alpha) {
-            // The alpha node is a plain number (checked above); round its text once to f32,
-            // as `mergestream expo --alpha` does, so both spellings merge identically.
-            let id = get("parameters")
-                .and_then(|p| match d.kind(p) {
-                    Kind::Map(e) => lookup(e, "alpha").map(|(_, id)| id),
-                    _ => None,
-                })
-                .filter(|_| matches!(given.setting, Setting::Value(_)));
-            if let Some(Kind::Scalar { text, .. }) = id.map(|id| d.kind(id)) {
-                if let NumberText::Number { f32, .. } = yaml::number_of(text) {
-                    if !f32.is_finite() {
-                        return Err(SpecError::OutOfRange {
-                            path: given.path.clone(),
-                            at: id.map(|id| d.at(id)),
-                            name: "alpha",
-                            value: text.clone(),
-                            expected: "a finite number (within f32 range)",
-                        });
-                    }
-                    expo_alpha = Some(f32);
-                }
-            }
-        }
-    }
+    let expo_alpha = match method {
+        Method::Expo => expo_alpha(&d, get("parameters"))?,
+        _ => None,
+    };
     let out_dtype = dtype(&d, get("out_dtype"), "out_dtype")?;
     let compute_dtype = dtype(&d, get("dtype"), "dtype")?;
     let chat_template = chat_template(&d, get("chat_template"))?;
@@ -956,6 +933,31 @@ fn read_document(
         chat_template,
         source_text: source.to_owned(),
     })
+}
+
+/// `parameters.alpha` of an `expo` document, rounded once from its decimal text to f32 as
+/// `mergestream expo --alpha` rounds it, so both spellings merge identically. Called after
+/// [`Doc::params`] checked that it is one plain number.
+fn expo_alpha(d: &Doc, params: Option<NodeId>) -> Result<Option<f32>, SpecError> {
+    let Some(Kind::Map(entries)) = params.map(|p| d.kind(p)) else {
+        return Ok(None);
+    };
+    let Some((_, id)) = lookup(entries, "alpha") else {
+        return Ok(None);
+    };
+    let Kind::Scalar { text, .. } = d.kind(id) else {
+        return Ok(None);
+    };
+    match yaml::number_of(text) {
+        NumberText::Number { f32, .. } if f32.is_finite() => Ok(Some(f32)),
+        _ => Err(SpecError::OutOfRange {
+            path: "parameters.alpha".into(),
+            at: Some(d.at(id)),
+            name: "alpha",
+            value: text.clone(),
+            expected: "a finite number (within f32 range)",
+        }),
+    }
 }
 
 /// Where `models[i].parameters.<name>` starts, for errors found after parsing.

@@ -529,10 +529,15 @@ mod tests {
     /// mergekit 0.1.5's declarations, as printed by
     /// `[(m.spec.name, [(p.name, p.scope, p.default) for p in m.spec.parameters]) for m in
     /// mergekit.merge_methods.registered_methods()]` (our `seed` left out).
+    /// (name, scope, default) of one parameter.
+    type Declared = (&'static str, Scope, ParamDefault);
+    /// (method, normalize default, rescale default, extra (name, default)s).
+    type Gta = (Method, bool, bool, &'static [(&'static str, f64)]);
+
     #[test]
     fn defaults_are_mergekit_0_1_5s() {
         use ParamDefault::*;
-        let expect: &[(Method, &[(&str, Scope, ParamDefault)])] = &[
+        let expect: &[(Method, &[Declared])] = &[
             (
                 Method::Linear,
                 &[
@@ -555,7 +560,7 @@ mod tests {
             assert_eq!(&got, params, "{m}");
         }
         // The generalized task arithmetic family: (normalize, rescale) defaults and extras.
-        let gta: &[(Method, bool, bool, &[(&str, f64)])] = &[
+        let gta: &[Gta] = &[
             (Method::TaskArithmetic, false, false, &[]),
             (Method::Ties, true, false, &[]),
             (Method::DareTies, false, true, &[]),
