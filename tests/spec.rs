@@ -966,3 +966,55 @@ fn expo_sweep_from_flags() {
         "{err:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Robustness: no input makes the reader panic.
+
+const SEED_CONFIG: &str = "name: a\nmerge_method: ties\nbase_model: base\nmodels:\n  - model: m1\n    parameters:\n      weight: [0.1, 0.9]\n      density:\n        - filter: mlp\n          value: 0.5\n        - value: [0.2, 0.3]\n  - model: {model: {path: m2, revision: null}}\n    parameters: {weight: &w 0.5}\nparameters:\n  lambda: *w\n  normalize: yes\ndtype: bfloat16\ntokenizer_source: base\nchat_template: chatml\n---\nname: b\nmerge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n";
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn edited_configs_never_panic(
+        edits in proptest::collection::vec(
+            (0usize..SEED_CONFIG.len(), 0usize..4, "[-:{}\\[\\],#&*!|>'\" \n0-9a-z.@+/~]{0,4}"),
+            1..6,
+        )
+    ) {
+        let env = Env::new();
+        let mut text = SEED_CONFIG.to_owned();
+        for (at, del, ins) in edits {
+            let at = (0..=at.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let end = (at + del).min(text.len());
+            let end = (end..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+            text.replace_range(at..end, &ins);
+        }
+        let result = env.parse(&text);
+        if let Ok(spec) = &result {
+            for out in &spec.outputs {
+                let _ = out.resolve("model.layers.1.mlp.up_proj.weight", 0.5);
+            }
+            let _ = spec.run_order();
+        }
+        if let Err(e) = &result {
+            let _ = e.to_string();
+        }
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "[-:{}\\[\\],#&*!|>'\" \n\t0-9a-z.@+/~%]{0,200}") {
+        let env = Env::new();
+        let _ = env.parse(&text).map_err(|e| e.to_string());
+    }
+}
+
+#[test]
+fn the_seed_of_the_robustness_tests_is_a_valid_config() {
+    let spec = Env::new().ok(SEED_CONFIG);
+    assert_eq!(spec.run_order(), vec![0, 1]);
+    let r = spec.outputs[0]
+        .resolve("model.layers.0.mlp.up_proj.weight", 0.0)
+        .unwrap();
+    assert_eq!(r.f64(Param::Lambda), Some(0.5), "the alias is read");
+}

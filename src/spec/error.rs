@@ -104,6 +104,10 @@ pub enum SpecError {
     #[error("YAML syntax error at {at}: {message}")]
     Syntax { at: Location, message: String },
 
+    /// Lists and mappings nested deeper than any merge config needs.
+    #[error("{at}: nested more than {limit} levels deep")]
+    TooDeep { at: Location, limit: usize },
+
     /// A YAML tag (`!!float 1`, `!custom x`).
     #[error("{at}: YAML tags ('{tag}') are not supported in merge configs; write the plain value")]
     Tag { at: Location, tag: String },

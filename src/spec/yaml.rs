@@ -18,6 +18,11 @@ use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 
 use super::error::{Location, SpecError};
 
+/// Deepest nesting of lists and mappings accepted. mergekit configs need 5
+/// (`models[i].parameters.weight[j].value[k]`); the limit stops the parser early on
+/// pathological input (the scanner is slow on thousands of nested compact sequences).
+pub(crate) const MAX_DEPTH: usize = 64;
+
 /// Index of a node in [`Document::nodes`].
 pub(crate) type NodeId = usize;
 
@@ -86,6 +91,8 @@ enum Open {
     Map {
         id: NodeId,
         entries: Vec<(MapKey, NodeId)>,
+        /// Where each key was first seen (duplicate detection without quadratic cost).
+        seen: HashMap<String, Location>,
         /// A key waiting for its value.
         key: Option<MapKey>,
         anchor: usize,
@@ -181,6 +188,12 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Document>, SpecError> {
                         tag: format!("{}{}", tag.handle, tag.suffix),
                     });
                 }
+                if stack.len() >= MAX_DEPTH {
+                    return Err(SpecError::TooDeep {
+                        at,
+                        limit: MAX_DEPTH,
+                    });
+                }
                 let id = nodes.len();
                 let is_seq = matches!(event, Event::SequenceStart(..));
                 paths.push(child_path(paths.last().map(String::as_str), stack.last()));
@@ -202,6 +215,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Document>, SpecError> {
                     Open::Map {
                         id,
                         entries: Vec::new(),
+                        seen: HashMap::new(),
                         key: None,
                         anchor,
                     }
@@ -243,21 +257,24 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Document>, SpecError> {
         match stack.last_mut() {
             None => root = Some(id),
             Some(Open::Seq { items, .. }) => items.push(id),
-            Some(Open::Map { entries, key, .. }) => match key.take() {
+            Some(Open::Map {
+                entries, seen, key, ..
+            }) => match key.take() {
                 None => {
                     let node = &nodes[id];
                     let path = paths.last().cloned().unwrap_or_default();
                     let Kind::Scalar { text, .. } = &node.kind else {
                         return Err(SpecError::NonStringKey { path, at: node.at });
                     };
-                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.text == *text) {
+                    if let Some(&first) = seen.get(text) {
                         return Err(SpecError::DuplicateKey {
                             path,
                             key: text.clone(),
                             at: node.at,
-                            first: first.at,
+                            first,
                         });
                     }
+                    seen.insert(text.clone(), node.at);
                     *key = Some(MapKey {
                         text: text.clone(),
                         at: node.at,
@@ -274,9 +291,8 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Document>, SpecError> {
         *first = 0;
     }
     bounds.push(text.len());
-    for (k, doc) in docs.iter_mut().enumerate() {
-        let (start, end) = (bounds[k], bounds[k + 1]);
-        doc.text = start..end.max(start);
+    for (doc, pair) in docs.iter_mut().zip(bounds.windows(2)) {
+        doc.text = pair[0]..pair[1].max(pair[0]);
     }
     Ok(docs)
 }
@@ -547,6 +563,21 @@ mod tests {
         // Nested aliases do not multiply nodes.
         let text = "a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\nd: [*c, *c, *c, *c]\n";
         assert!(parse(text).unwrap()[0].nodes.len() < 30);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_or_a_tree_not_a_crash() {
+        for open in ["[", "{a: ", "- "] {
+            let text = open.repeat(100_000);
+            assert!(parse(&text).is_err(), "{open}");
+        }
+        let text = (0..2000)
+            .map(|i| format!("{}-\n", "  ".repeat(i)))
+            .collect::<String>();
+        assert!(matches!(parse(&text), Err(SpecError::TooDeep { .. })));
+        // 64 levels are fine.
+        let text = format!("{}x{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse(&text).is_ok());
     }
 
     #[test]
