@@ -1018,3 +1018,70 @@ fn the_seed_of_the_robustness_tests_is_a_valid_config() {
         .unwrap();
     assert_eq!(r.f64(Param::Lambda), Some(0.5), "the alias is read");
 }
+
+/// The methods table of `docs/configs.md`, rendered from the method table the reader uses.
+fn methods_table() -> String {
+    use mergestream::spec::{BaseRule, ParamDefault, Scope};
+    let mut out = String::from(
+        "| method | base model | inputs (base included) | method-level parameters | per-model parameters |\n|---|---|---|---|---|\n",
+    );
+    for m in Method::ALL {
+        let spec = m.spec();
+        let fmt = |scopes: &[Scope]| {
+            let items: Vec<String> = m
+                .params()
+                .iter()
+                .filter(|p| scopes.contains(&p.scope))
+                .map(|p| {
+                    let default = match p.default {
+                        ParamDefault::Required => "required".to_owned(),
+                        ParamDefault::Float(v) => v.to_string(),
+                        ParamDefault::Bool(v) => v.to_string(),
+                        ParamDefault::Int(v) => v.to_string(),
+                    };
+                    let base = if p.scope == Scope::PerNonBase {
+                        ", not the base"
+                    } else {
+                        ""
+                    };
+                    let ours = if p.ours { ", ours" } else { "" };
+                    format!("`{}` ({default}{base}{ours})", p.param)
+                })
+                .collect();
+            if items.is_empty() {
+                "—".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        let inputs = match spec.max_inputs {
+            Some(max) if max == spec.min_inputs => format!("exactly {max}"),
+            Some(max) => format!("{}–{max}", spec.min_inputs),
+            None => format!("≥ {}", spec.min_inputs),
+        };
+        out.push_str(&format!(
+            "| `{}`{} | {} | {inputs} | {} | {} |\n",
+            m.name(),
+            if spec.ours { " (ours)" } else { "" },
+            match spec.base {
+                BaseRule::Optional => "optional",
+                BaseRule::Required => "required",
+            },
+            fmt(&[Scope::Global]),
+            fmt(&[Scope::PerModel, Scope::PerNonBase]),
+        ));
+    }
+    out
+}
+
+#[test]
+fn docs_list_every_method_and_parameter() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configs.md"))
+            .unwrap();
+    let table = methods_table();
+    assert!(
+        doc.contains(&table),
+        "docs/configs.md must contain the methods table exactly as the code defines it:\n{table}"
+    );
+}
