@@ -258,6 +258,29 @@ parameters:
   filter_wise: [false, true]
 """,
     ),
+    # number spellings: YAML 1.1 integers and floats, signed zeros, exponents without a dot
+    # (a string to PyYAML, a number once pydantic converts it), booleans spelt yes/off
+    "number_spellings": (
+        "seven",
+        """\
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: m1
+    parameters:
+      weight: -0
+  - model: m2
+    parameters:
+      weight: -0.0
+  - model: m3
+    parameters:
+      weight: [.5, 1., 2E-1, 1e-3, +3, 9007199254740993]
+parameters:
+  lambda: 1e0
+  normalize: yes
+  int8_mask: off
+""",
+    ),
     # one layer: t is 1 for that layer, 0 for the others
     "one_layer": (
         "one",

@@ -111,13 +111,13 @@ impl Setting {
     pub fn evaluate(&self, tensor: &str, t: f64) -> Option<Value> {
         match self {
             Setting::Value(v) => Some(*v),
-            Setting::Gradient(values) => Some(interpolate(values, t)),
+            Setting::Gradient(values) => interpolate(values, t),
             Setting::Rules(rules) => {
                 let rule = rules.iter().find(|r| r.matches(tensor))?;
-                Some(match &rule.value {
-                    RuleValue::Value(v) => *v,
+                match &rule.value {
+                    RuleValue::Value(v) => Some(*v),
                     RuleValue::Gradient(values) => interpolate(values, t),
-                })
+                }
             }
         }
     }
@@ -131,21 +131,21 @@ impl Setting {
     }
 }
 
-/// mergekit's gradient evaluation (see the module header); `values` is non-empty and of one
-/// kind.
-fn interpolate(values: &[Value], t: f64) -> Value {
-    let last = values.len() - 1;
+/// mergekit's gradient evaluation (see the module header); `values` is of one kind. An empty
+/// list yields nothing, as in mergekit (the reader refuses empty lists before this).
+fn interpolate(values: &[Value], t: f64) -> Option<Value> {
+    let last = values.len().checked_sub(1)?;
     let scaled = t * last as f64;
     // Python's int() of a non-negative float: truncation. `t` is in [0, 1]; min() only guards.
     let i0 = (scaled as usize).min(last);
-    match (values[i0], values[(i0 + 1).min(last)]) {
+    Some(match (values[i0], values[(i0 + 1).min(last)]) {
         (Value::Float(a), Value::Float(b)) => {
             let frac = scaled - i0 as f64;
             Value::Float((1.0 - frac) * a + frac * b)
         }
         // Booleans (and integers, which never form gradients) select.
         (v, _) => v,
-    }
+    })
 }
 
 /// The gradient position of a tensor: `None` for tensors outside the layers.
@@ -322,6 +322,16 @@ mod tests {
         let g = Setting::Gradient(floats(&[-0.0]));
         let v = g.evaluate("x", 0.5).unwrap().as_f64().unwrap();
         assert_eq!(v.to_bits(), (-0.0f64).to_bits());
+    }
+
+    #[test]
+    fn empty_lists_yield_nothing() {
+        assert_eq!(Setting::Gradient(vec![]).evaluate("x", 0.5), None);
+        let rules = Setting::Rules(vec![Rule {
+            filter: None,
+            value: RuleValue::Gradient(vec![]),
+        }]);
+        assert_eq!(rules.evaluate("x", 0.5), None);
     }
 
     #[test]

@@ -424,6 +424,12 @@ pub(crate) fn number_of(text: &str) -> NumberText {
         return NumberText::Ambiguous;
     }
     match (text.parse::<f64>(), text.parse::<f32>()) {
+        // PyYAML reads `-0` as the integer 0, which becomes +0.0 (`-0.0` stays -0.0).
+        (Ok(f64), Ok(f32)) if integer && f64 == 0.0 => NumberText::Number {
+            f64: 0.0,
+            f32,
+            integer,
+        },
         (Ok(f64), Ok(f32)) => NumberText::Number { f64, f32, integer },
         _ => NumberText::NotNumber,
     }
@@ -456,6 +462,11 @@ mod tests {
         assert_eq!(n("0.0"), Some(0.0));
         assert_eq!(n("-.inf"), Some(f64::NEG_INFINITY));
         assert!(n(".nan").is_some_and(f64::is_nan));
+        // Python: float(int("-0")) is +0.0, float("-0.0") is -0.0.
+        assert_eq!(n("-0").map(f64::to_bits), Some(0.0f64.to_bits()));
+        assert_eq!(n("-0.0").map(f64::to_bits), Some((-0.0f64).to_bits()));
+        // Integers beyond 2^53 round to even, as Python's float(int) does.
+        assert_eq!(n("9007199254740993"), Some(9007199254740992.0));
         // f64 of the text, not of some f32: 0.1 is 0.1000000000000000055…
         assert_eq!(n("0.1").map(f64::to_bits), Some(0.1f64.to_bits()));
         for text in [
