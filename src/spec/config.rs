@@ -74,7 +74,7 @@ pub fn parse_config(text: &str, base_dir: &Path, hf: &HfCache) -> Result<MergeSp
         return Err(SpecError::Empty);
     }
     // Names first: any document may use any other's output.
-    let mut names: HashMap<String, (usize, Location)> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
     let mut doc_names = Vec::with_capacity(docs.len());
     let mut unnamed: Option<Location> = None;
     for (index, doc) in docs.iter().enumerate() {
@@ -92,7 +92,7 @@ pub fn parse_config(text: &str, base_dir: &Path, hf: &HfCache) -> Result<MergeSp
                         name,
                     });
                 }
-                names.insert(name.clone(), (index, key.at));
+                names.insert(name.clone(), index);
                 Some(name)
             }
         };
@@ -105,7 +105,6 @@ pub fn parse_config(text: &str, base_dir: &Path, hf: &HfCache) -> Result<MergeSp
         }
         doc_names.push(name);
     }
-    let names: HashMap<String, usize> = names.into_iter().map(|(k, (i, _))| (k, i)).collect();
     let ctx = Ctx {
         base_dir,
         hf,
@@ -114,7 +113,10 @@ pub fn parse_config(text: &str, base_dir: &Path, hf: &HfCache) -> Result<MergeSp
     let outputs = docs
         .iter()
         .zip(doc_names)
-        .map(|(doc, name)| read_document(doc, &text[doc.text.clone()], name, &ctx))
+        .map(|(doc, name)| {
+            let source = text.get(doc.text.clone()).unwrap_or_default();
+            read_document(doc, source, name, &ctx)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let spec = MergeSpec { outputs };
     spec.check_dependencies()?;

@@ -40,16 +40,16 @@
 //! every node (`models[1].parameters.weight (line 7, column 15)`; `"0.5"` is text, `0.5` a
 //! number) and must reject duplicate keys in any mapping. `saphyr-parser` (the maintained
 //! successor of `yaml-rust`/`yaml-rust2`, pure safe Rust, passes the YAML test suite, two small
-//! dependencies) emits events with spans and scalar styles; [`yaml`] builds a positioned tree
+//! dependencies) emits events with spans and scalar styles; `spec/yaml.rs` builds a positioned tree
 //! from them in ~200 lines. Scalars are then read as mergekit's PyYAML (YAML 1.1) reads them
 //! where that matters (`yes`/`on` are booleans, `1e-3` is a number once pydantic is done with
 //! it), and forms the two YAML versions read differently are refused.
 
 pub mod config;
 mod error;
-mod hf;
+pub mod hf;
 mod methods;
-mod params;
+pub mod params;
 mod yaml;
 
 use std::collections::BTreeSet;

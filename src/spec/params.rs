@@ -69,7 +69,8 @@ impl Value {
 }
 
 /// How one parameter is written at one place (a model's `parameters:` or the top level).
-/// Every value in it has the parameter's [`ParamKind`] (checked while parsing).
+/// Every value in it has the parameter's [`ParamKind`](crate::spec::ParamKind) (checked while
+/// parsing).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Setting {
     /// The same value for every tensor.
