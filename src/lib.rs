@@ -28,6 +28,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod spec;
 pub mod synth;
 pub mod units;
 pub mod verify;
