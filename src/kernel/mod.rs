@@ -37,6 +37,7 @@
 use std::fmt;
 
 pub mod detmath;
+pub mod exec;
 pub mod methods;
 pub mod rng;
 pub mod scalar;
