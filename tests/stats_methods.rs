@@ -19,7 +19,10 @@ fn python() -> PathBuf {
         return p.into();
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-env.sh");
-    let out = Command::new("bash").arg(script).output().expect("bash runs");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("bash runs");
     assert!(
         out.status.success(),
         "test-env.sh failed:\n{}",
@@ -66,7 +69,13 @@ fn encode(d: FloatDtype, v: f32) -> Vec<u8> {
 
 /// `models` tensors (base first) of `n` elements: base values in ±0.03, deltas in ±0.001
 /// (scaled per model), some elements equal to the base, specials when asked.
-fn make_inputs(rng: &mut Rng, d: FloatDtype, n: usize, models: usize, specials: bool) -> Vec<Vec<u8>> {
+fn make_inputs(
+    rng: &mut Rng,
+    d: FloatDtype,
+    n: usize,
+    models: usize,
+    specials: bool,
+) -> Vec<Vec<u8>> {
     let base: Vec<f32> = (0..n).map(|_| rng.unit() * 0.06).collect();
     let mut out = vec![base.iter().flat_map(|&v| encode(d, v)).collect::<Vec<u8>>()];
     for m in 1..models {
@@ -75,7 +84,7 @@ fn make_inputs(rng: &mut Rng, d: FloatDtype, n: usize, models: usize, specials: 
             .iter()
             .map(|&b| {
                 let r = rng.next();
-                if r % 17 == 0 {
+                if r.is_multiple_of(17) {
                     b
                 } else {
                     b + rng.unit() * scale
@@ -85,7 +94,7 @@ fn make_inputs(rng: &mut Rng, d: FloatDtype, n: usize, models: usize, specials: 
         if specials {
             for v in vals.iter_mut() {
                 let r = rng.next();
-                if r % 97 == 0 {
+                if r.is_multiple_of(97) {
                     *v = f32::from_bits(SPECIALS[(r >> 8) as usize % SPECIALS.len()]);
                 }
             }
@@ -95,7 +104,10 @@ fn make_inputs(rng: &mut Rng, d: FloatDtype, n: usize, models: usize, specials: 
     out
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, FloatDtype, Vec<u64>, Vec<u8>)]) {
+/// A tensor to write: name, dtype, shape, bytes.
+type StTensor = (String, FloatDtype, Vec<u64>, Vec<u8>);
+
+fn write_safetensors(path: &Path, tensors: &[StTensor]) {
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for (name, d, shape, data) in tensors {
@@ -106,7 +118,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, FloatDtype, Vec<u64>, Vec<
         off += data.len();
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
@@ -129,7 +141,10 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
         .filter(|(k, _)| *k != "__metadata__")
         .map(|(k, v)| {
             let o = v["data_offsets"].as_array().unwrap();
-            let (a, b) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
             (k.clone(), body[a..b].to_vec())
         })
         .collect()
@@ -163,7 +178,7 @@ fn run_case(py: &Path, dir: &Path, case: &Case, seed: u64) {
         _ => case.params.inputs.len() + 1,
     };
     let mut rng = Rng(seed);
-    let mut files: Vec<Vec<(String, FloatDtype, Vec<u64>, Vec<u8>)>> = vec![Vec::new(); models];
+    let mut files: Vec<Vec<StTensor>> = vec![Vec::new(); models];
     let mut rust: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut per_tensor = serde_json::Map::new();
     for (ti, shape) in case.shapes.iter().enumerate() {
@@ -216,8 +231,16 @@ fn run_case(py: &Path, dir: &Path, case: &Case, seed: u64) {
     let spec_path = dir.join(format!("{}.json", case.label));
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
     let out_path = dir.join(format!("{}-ref.safetensors", case.label));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/mergekit_methods_ref.py");
-    let r = Command::new(py).arg(script).arg(&spec_path).arg(&out_path).output().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/mergekit_methods_ref.py"
+    );
+    let r = Command::new(py)
+        .arg(script)
+        .arg(&spec_path)
+        .arg(&out_path)
+        .output()
+        .unwrap();
     assert!(
         r.status.success(),
         "{}: reference failed:\n{}",
@@ -292,7 +315,11 @@ fn cases() -> Vec<Case> {
                 params.filter_wise = true;
                 let della = matches!(method, Method::Della | Method::DellaLinear);
                 for (i, ip) in params.inputs.iter_mut().enumerate() {
-                    ip.density = if della { [0.85, 0.2, 0.15][i] } else { [0.9999, 0.2, 0.05][i] };
+                    ip.density = if della {
+                        [0.85, 0.2, 0.15][i]
+                    } else {
+                        [0.9999, 0.2, 0.05][i]
+                    };
                 }
             }
             out.push(Case {

@@ -12,6 +12,10 @@
 //! `2^20` the result loses accuracy; SLERP's `t·θ` never gets there for sane `t`), no `errno`,
 //! no speed tricks. It is called a few times per tensor, never per element.
 
+// The constants are written with the digits published with the algorithm; each parses to the
+// intended double (the accuracy tests below would catch a wrong one).
+#![allow(clippy::excessive_precision, clippy::approx_constant)]
+
 const PIO2_HI: f64 = 1.570_796_326_794_896_558; // 0x3FF921FB_54442D18
 const PIO2_LO: f64 = 6.123_233_995_736_766_036e-17; // 0x3C91A626_33145C07
 const PS0: f64 = 1.666_666_666_666_666_574_15e-1;

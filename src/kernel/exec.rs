@@ -11,6 +11,9 @@ use std::sync::Mutex;
 
 use super::methods::{MethodError, Op, Partial};
 
+/// One chunk's output buffer, taken by whichever worker gets there first.
+type Piece<'a> = Mutex<Option<(usize, &'a mut [u8])>>;
+
 /// Runs `op` to completion over `inputs` (whole tensors, storage bytes, base first) and returns
 /// the output bytes. `chunk` is rounded down to a multiple of [`Op::granule`] (at least one).
 pub fn run(
@@ -83,8 +86,7 @@ pub fn run(
         pieces.push((i, head));
         rest = tail;
     }
-    let pieces: Vec<Mutex<Option<(usize, &mut [u8])>>> =
-        pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let pieces: Vec<Piece<'_>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
     let errors: Mutex<Vec<MethodError>> = Mutex::new(Vec::new());
     let next = AtomicUsize::new(0);
     let shared: &Op = op;

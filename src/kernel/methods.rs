@@ -44,8 +44,8 @@ use super::rng;
 use super::scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16_rne, f32_to_f16_rne};
 use super::scalar::{BF16_NAN, F16_NAN, F32_NAN};
 use super::stats::{
-    key_bits, lane_sum, magnitude_key, Order, PairwiseTree, SelectPhase, Selection,
-    TieFinder, BINS, BLOCK,
+    key_bits, lane_sum, magnitude_key, Order, PairwiseTree, SelectPhase, Selection, TieFinder,
+    BINS, BLOCK,
 };
 use super::FloatDtype;
 
@@ -394,11 +394,19 @@ fn load(d: FloatDtype, b: &[u8], i: usize) -> f32 {
 fn store(d: FloatDtype, x: f32, out: &mut [u8], i: usize) {
     match d {
         FloatDtype::BF16 => {
-            let h = if x.is_nan() { BF16_NAN } else { f32_to_bf16_rne(x) };
+            let h = if x.is_nan() {
+                BF16_NAN
+            } else {
+                f32_to_bf16_rne(x)
+            };
             out[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
         }
         FloatDtype::F16 => {
-            let h = if x.is_nan() { F16_NAN } else { f32_to_f16_rne(x) };
+            let h = if x.is_nan() {
+                F16_NAN
+            } else {
+                f32_to_f16_rne(x)
+            };
             out[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
         }
         FloatDtype::F32 => {
@@ -519,7 +527,13 @@ impl Op {
         };
         match method.sparsify() {
             None if method == Method::Slerp => op.quantities = 3,
-            None => op.quantities = if p.filter_wise { 0 } else { k + k * (k - 1) / 2 },
+            None => {
+                op.quantities = if p.filter_wise {
+                    0
+                } else {
+                    k + k * (k - 1) / 2
+                }
+            }
             Some(sp) => op.init_task_arithmetic(p, sp, k)?,
         }
         if n == 0 {
@@ -661,7 +675,12 @@ impl Op {
         }
     }
 
-    fn check_chunk(&self, offset: u64, inputs: &[&[u8]], out: Option<(&[u8], FloatDtype)>) -> Result<usize, MethodError> {
+    fn check_chunk(
+        &self,
+        offset: u64,
+        inputs: &[&[u8]],
+        out: Option<(&[u8], FloatDtype)>,
+    ) -> Result<usize, MethodError> {
         let mut lens: Vec<usize> = inputs.iter().map(|b| b.len()).collect();
         if let Some((o, _)) = out {
             lens.push(o.len());
@@ -670,9 +689,16 @@ impl Op {
         if let Some((_, d)) = out {
             sizes.push(d.size());
         }
-        let len = lens.first().zip(sizes.first()).map(|(l, s)| l / s).unwrap_or(0);
+        let len = lens
+            .first()
+            .zip(sizes.first())
+            .map(|(l, s)| l / s)
+            .unwrap_or(0);
         if inputs.len() != self.inputs.len()
-            || lens.iter().zip(&sizes).any(|(l, s)| l % s != 0 || l / s != len)
+            || lens
+                .iter()
+                .zip(&sizes)
+                .any(|(l, s)| l % s != 0 || l / s != len)
         {
             return Err(MethodError::ChunkLengths {
                 tensor: self.tensor.clone(),
@@ -680,7 +706,9 @@ impl Op {
             });
         }
         let end = offset + len as u64;
-        if offset % self.row != 0 || end > self.n || (end != self.n && len as u64 % self.row != 0)
+        if !offset.is_multiple_of(self.row)
+            || end > self.n
+            || (end != self.n && !(len as u64).is_multiple_of(self.row))
         {
             return Err(MethodError::Misaligned {
                 tensor: self.tensor.clone(),
@@ -706,7 +734,12 @@ impl Op {
     fn deltas(&self, v: &[Vec<f32>]) -> Vec<Vec<f32>> {
         v[1..]
             .iter()
-            .map(|x| x.iter().zip(&v[0]).map(|(&a, &b)| rnd(self.c, a - b)).collect())
+            .map(|x| {
+                x.iter()
+                    .zip(&v[0])
+                    .map(|(&a, &b)| rnd(self.c, a - b))
+                    .collect()
+            })
             .collect()
     }
 
@@ -758,7 +791,7 @@ impl Op {
                 ),
                 SelectPhase::Done(_) => None,
             };
-            debug_assert!(offset % BLOCK == 0);
+            debug_assert!(offset.is_multiple_of(BLOCK));
             counts.push(out);
         }
         counts
@@ -789,7 +822,11 @@ impl Op {
     /// The quantities of one block (a row for row-local methods).
     fn block_sums(&self, first: u64, v: &[Vec<f32>]) -> Vec<f64> {
         let sq = |a: &[f32], b: &[f32]| -> f64 {
-            let s: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).collect();
+            let s: Vec<f64> = a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .collect();
             lane_sum(&s)
         };
         match self.method {
@@ -981,7 +1018,12 @@ impl Op {
                         cl.mark(&keys, first, &mut a);
                         ch.mark(&keys, first, &mut b);
                     }
-                    Some(a.iter().zip(&b).map(|(&below, &upto)| upto && !below).collect())
+                    Some(
+                        a.iter()
+                            .zip(&b)
+                            .map(|(&below, &upto)| upto && !below)
+                            .collect(),
+                    )
                 }
                 Mode::Random { p } => {
                     let mut u = vec![0f32; len];
@@ -1056,14 +1098,17 @@ impl Op {
         match self.method {
             Method::Slerp => {
                 let co = self.slerp.unwrap_or_default();
-                for j in 0..len {
-                    let r = rnd(c, co.a * v[0][j] + co.b * v[1][j]);
-                    store(self.out, r, out, j);
+                for (j, (&x, &y)) in v[0].iter().zip(&v[1]).enumerate() {
+                    store(self.out, rnd(c, co.a * x + co.b * y), out, j);
                 }
             }
             Method::ModelStock => {
                 let d = self.deltas(&v);
-                let row = if self.filter_wise { self.row as usize } else { len.max(1) };
+                let row = if self.filter_wise {
+                    self.row as usize
+                } else {
+                    len.max(1)
+                };
                 let k = self.models_count();
                 let mut start = 0;
                 while start < len {
@@ -1278,21 +1323,47 @@ mod tests {
         p.inputs[0].density = 0.1;
         p.inputs[0].epsilon = 0.2;
         let e = Op::new(&p, &ctx(&[4, 4], FloatDtype::F32, &f)).unwrap_err();
-        assert!(matches!(e, MethodError::DellaEpsilon { input: 0, .. }), "{e}");
+        assert!(
+            matches!(e, MethodError::DellaEpsilon { input: 0, .. }),
+            "{e}"
+        );
         p.inputs[0].epsilon = 0.05;
         let e = Op::new(&p, &ctx(&[2, 2, 2], FloatDtype::F32, &f)).unwrap_err();
         assert!(matches!(e, MethodError::RowShape { dims: 3, .. }), "{e}");
-        let e = Op::new(&MethodParams::new(Method::Slerp), &ctx(&[4], FloatDtype::F32, &f))
-            .unwrap_err();
+        let e = Op::new(
+            &MethodParams::new(Method::Slerp),
+            &ctx(&[4], FloatDtype::F32, &f),
+        )
+        .unwrap_err();
         assert!(matches!(e, MethodError::InputCount { got: 3, .. }), "{e}");
         let mut p = MethodParams::new(Method::Ties);
         p.inputs = vec![InputParams::new(1.0)];
         let e = Op::new(&p, &ctx(&[4], FloatDtype::F32, &f)).unwrap_err();
-        assert!(matches!(e, MethodError::ParamCount { got: 1, models: 2, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                MethodError::ParamCount {
+                    got: 1,
+                    models: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         p.inputs = vec![InputParams::new(1.0), InputParams::new(1.0)];
         p.inputs[1].density = -0.5;
         let e = Op::new(&p, &ctx(&[4], FloatDtype::F32, &f)).unwrap_err();
-        assert!(matches!(e, MethodError::BadParam { input: 1, param: "density", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                MethodError::BadParam {
+                    input: 1,
+                    param: "density",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1313,7 +1384,17 @@ mod tests {
         let mut comb = op.combiner();
         let second = op.partial(BLOCK, &[&z, &z, &z]).unwrap();
         let e = comb.push(second).unwrap_err();
-        assert!(matches!(e, MethodError::OutOfOrder { expected: 0, got: 4096, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                MethodError::OutOfOrder {
+                    expected: 0,
+                    got: 4096,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         comb.push(op.partial(0, &[&z, &z, &z]).unwrap()).unwrap();
         let e = op.finish_pass(comb).unwrap_err();
         assert!(matches!(e, MethodError::Incomplete { .. }), "{e}");

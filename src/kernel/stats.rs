@@ -100,7 +100,7 @@ impl PairwiseTree {
             return 0.0;
         };
         for &(_, left) in it {
-            r = left + r;
+            r += left;
         }
         r
     }
@@ -408,12 +408,17 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 10f64.powi((x % 30) as i32 - 15)
+                    ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
+                        * 10f64.powi((x % 30) as i32 - 15)
                 })
                 .collect();
             let mut t = PairwiseTree::default();
             vals.iter().for_each(|&v| t.push(v));
-            assert_eq!(t.finish().to_bits(), tree_reference(&vals).to_bits(), "n={n}");
+            assert_eq!(
+                t.finish().to_bits(),
+                tree_reference(&vals).to_bits(),
+                "n={n}"
+            );
         }
     }
 
@@ -500,7 +505,9 @@ mod tests {
         ] {
             let keys: Vec<u32> = (0..n)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let k = ((x >> 33) as u32) % spread.max(1);
                     if bits == 16 {
                         k & 0x7FFF
@@ -518,11 +525,19 @@ mod tests {
                     let mut step = 1usize;
                     while first < n {
                         let len = (step * BLOCK as usize).min(n - first);
-                        cut.mark(&keys[first..first + len], first as u64, &mut got[first..first + len]);
+                        cut.mark(
+                            &keys[first..first + len],
+                            first as u64,
+                            &mut got[first..first + len],
+                        );
                         first += len;
                         step = step % 3 + 1;
                     }
-                    assert_eq!(got, brute(&keys, order, p), "n={n} bits={bits} {order:?} p={p}");
+                    assert_eq!(
+                        got,
+                        brute(&keys, order, p),
+                        "n={n} bits={bits} {order:?} p={p}"
+                    );
                 }
             }
         }
