@@ -33,6 +33,9 @@
 //! rule: lower index first); randomness from [`super::rng`]; SLERP's `acos`/`sin` from
 //! [`super::detmath`].
 //!
+//! Pass structure per method, the streaming design and the agreement figures with mergekit:
+//! `docs/mergekit-methods.md`.
+//!
 //! What this module deliberately does not do: no I/O, no threads (see [`super::exec`] for a
 //! reference driver), no config parsing (callers hand in resolved per-tensor values), no SIMD
 //! (the per-element work is small next to the reads; a SIMD twin would need its own bit-exact
@@ -1398,6 +1401,68 @@ mod tests {
         comb.push(op.partial(0, &[&z, &z, &z]).unwrap()).unwrap();
         let e = op.finish_pass(comb).unwrap_err();
         assert!(matches!(e, MethodError::Incomplete { .. }), "{e}");
+    }
+
+    /// Drives `op` over whole inputs in chunks of `chunk` elements, returning the passes run.
+    fn drive(op: &mut Op, inputs: &[Vec<u8>], size: usize, chunk: u64) -> Vec<Pass> {
+        let mut passes = Vec::new();
+        while let Some(pass) = op.next_pass() {
+            passes.push(pass);
+            let mut comb = op.combiner();
+            let mut off = 0u64;
+            while off < op.numel() {
+                let end = (off + chunk).min(op.numel());
+                let ins: Vec<&[u8]> = inputs
+                    .iter()
+                    .map(|b| &b[off as usize * size..end as usize * size])
+                    .collect();
+                comb.push(op.partial(off, &ins).unwrap()).unwrap();
+                off = end;
+            }
+            op.finish_pass(comb).unwrap();
+        }
+        passes
+    }
+
+    #[test]
+    fn pass_structure_depends_on_dtype_and_ties() {
+        let bf = [FloatDtype::BF16; 2];
+        let one = 0x3F80u16.to_le_bytes();
+        let two = 0x4000u16.to_le_bytes();
+        // Base 1.0 everywhere, model 2.0 everywhere: every |delta| is 1.0, one big tie group.
+        let n = 3 * BLOCK as usize + 5;
+        let base: Vec<u8> = one.iter().copied().cycle().take(2 * n).collect();
+        let model: Vec<u8> = two.iter().copied().cycle().take(2 * n).collect();
+        let mut p = MethodParams::new(Method::Ties);
+        p.inputs = vec![InputParams::new(1.0)];
+        p.inputs[0].density = 0.5;
+        let shape = [n as u64];
+        let mut op = Op::new(&p, &ctx(&shape, FloatDtype::BF16, &bf)).unwrap();
+        let passes = drive(&mut op, &[base.clone(), model.clone()], 2, 2 * BLOCK);
+        assert_eq!(
+            passes,
+            vec![Pass::Select, Pass::Select],
+            "histogram, then ties"
+        );
+        let mut out = vec![0u8; 2 * n];
+        op.output(0, &[&base, &model], &mut out).unwrap();
+        // The first k = n/2 elements (lowest indices) keep their delta: 2.0; the rest 1.0.
+        let k = n / 2;
+        for (i, o) in out.chunks(2).enumerate() {
+            let want = if i < k { 0x4000 } else { 0x3F80 };
+            assert_eq!(u16::from_le_bytes([o[0], o[1]]), want, "element {i}");
+        }
+        // f32 with distinct magnitudes: two histogram passes and no tie pass; with rescale a
+        // sums pass follows.
+        let f = [FloatDtype::F32; 2];
+        let base: Vec<u8> = (0..n).flat_map(|_| 0f32.to_le_bytes()).collect();
+        let model: Vec<u8> = (0..n)
+            .flat_map(|i| (i as f32 + 1.0).to_le_bytes())
+            .collect();
+        p.rescale = Some(true);
+        let mut op = Op::new(&p, &ctx(&shape, FloatDtype::F32, &f)).unwrap();
+        let passes = drive(&mut op, &[base, model], 4, BLOCK);
+        assert_eq!(passes, vec![Pass::Select, Pass::Select, Pass::Sums]);
     }
 
     #[test]
