@@ -36,7 +36,12 @@
 
 use std::fmt;
 
+pub mod detmath;
+pub mod exec;
+pub mod methods;
+pub mod rng;
 pub mod scalar;
+pub mod stats;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;

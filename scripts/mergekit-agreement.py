@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Measure how closely tools agree with mergekit 0.1.5 on the statistics-based methods.
+
+For each method (ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock; dare_* and della*
+are run but their masks come from different generators, so no agreement is expected) this
+script generates a 3-model set (a base and two fine-tunes: base + N(0, 0.002) noise on
+N(0, 0.02) weights, Llama-shaped), writes a mergekit YAML, runs mergekit-yaml, and runs every
+*candidate* on the same config. A candidate is a name and a command template with the
+placeholders {config} (the YAML), {out} (an output directory to create, which must hold
+model.safetensors), {spec} (a JSON for tests/python/mergekit_methods_ref.py) and {python}.
+The default candidate is mergestream's numpy reference; add mergestream itself with e.g.
+  --candidate 'mergestream=target/release/mergestream merge {config} --out {out}'
+
+For every candidate it prints, per method and dtype: elements compared, the percentage
+bit-identical to mergekit, the percentage within 1 ulp (of the output dtype), and, for the
+magnitude-selection methods, the percentage identical outside threshold tie groups (elements
+whose magnitude equals a model's selection threshold, where torch's argsort order is
+unspecified and mergestream keeps lower indices first). NaN equals NaN.
+
+Usage:
+  /tmp/mkvenv/bin/python scripts/mergekit-agreement.py [--dir DIR] [--mergekit-yaml PATH]
+      [--dtypes bfloat16,float32] [--methods ties,slerp,...] [--candidate NAME=TEMPLATE ...]
+      [--json OUT.json]
+The python running it needs numpy; mergekit-yaml defaults to /tmp/mkvenv/bin/mergekit-yaml.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
+import mergekit_methods_ref as ref  # noqa: E402
+
+METHODS = ["ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
+           "dare_linear", "dare_ties", "della", "della_linear"]
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
+SELECTING = {"ties": "desc", "breadcrumbs": "band", "breadcrumbs_ties": "band"}
+ST = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
+
+MODEL_PARAMS = {
+    "ties": [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.3}],
+    "breadcrumbs": [{"weight": 1.0, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.6, "gamma": 0.02}],
+    "breadcrumbs_ties": [{"weight": 1.0, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.6, "gamma": 0.02}],
+    "dare_linear": [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}],
+    "dare_ties": [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}],
+    "della": [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"weight": 0.6, "density": 0.7, "epsilon": 0.2}],
+    "della_linear": [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"weight": 0.6, "density": 0.7, "epsilon": 0.2}],
+}
+SLERP_T = 0.3
+
+
+def shapes(h=256, inter=688, vocab=1000, kv=128, layers=2):
+    s = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    for layer in range(layers):
+        p = "model.layers.%d." % layer
+        s.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                  p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                  p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                  p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                  p + "post_attention_layernorm.weight": (h,)})
+    return s, {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+               "intermediate_size": inter, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+               "tie_word_embeddings": False, "max_position_embeddings": 256}
+
+
+def make_models(root, st, seed):
+    shp, cfg = shapes()
+    rng = np.random.default_rng(seed)
+    base = {k: rng.standard_normal(v, dtype=np.float32) * np.float32(0.02) for k, v in shp.items()}
+    dirs = []
+    for m in range(3):
+        d = os.path.join(root, "%s-m%d" % (st, m))
+        os.makedirs(d, exist_ok=True)
+        tensors = {}
+        for k, v in base.items():
+            x = v if m == 0 else v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(0.002)
+            tensors[k] = (st, v.shape, ref.f32_to_bits(st, x.astype(np.float32).reshape(-1)))
+        ref.write_safetensors(os.path.join(d, "model.safetensors"), tensors)
+        json.dump(dict(cfg, torch_dtype={"BF16": "bfloat16", "F32": "float32", "F16": "float16"}[st]),
+                  open(os.path.join(d, "config.json"), "w"))
+        dirs.append(d)
+    return dirs
+
+
+def write_config(path, method, dirs, dtype):
+    lines = ["merge_method: %s" % method, "base_model: %s" % dirs[0], "dtype: %s" % dtype, "models:"]
+    if method == "slerp":
+        lines += ["  - model: %s" % dirs[1], "parameters:", "  t: %r" % SLERP_T]
+    elif method == "model_stock":
+        lines += ["  - model: %s" % d for d in dirs[1:]]
+    else:
+        for d, p in zip(dirs[1:], MODEL_PARAMS[method]):
+            lines += ["  - model: %s" % d, "    parameters:"] + ["      %s: %r" % kv for kv in p.items()]
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def write_spec(path, method, dirs, st):
+    inputs = dirs[:2] if method == "slerp" else dirs
+    params = {"inputs": MODEL_PARAMS.get(method, []), "t": SLERP_T, "seed": 0}
+    json.dump({"method": method, "compute": st, "out_dtype": st, "params": params,
+               "inputs": [os.path.join(d, "model.safetensors") for d in inputs]}, open(path, "w"))
+
+
+def ordered(st, bits):
+    """Output bits -> integers whose difference is the distance in ulps."""
+    b = bits.astype(np.int64)
+    width = 32 if st == "F32" else 16
+    sign = 1 << (width - 1)
+    return np.where(b & sign, sign - b, b)
+
+
+def tie_mask(method, st, dirs, name):
+    """Elements where some model's task-vector magnitude equals its selection threshold."""
+    files = [ref.read_safetensors(os.path.join(d, "model.safetensors")) for d in dirs]
+    vals = [ref.rc(st, ref.bits_to_f32(f[name][0], f[name][2]).reshape(-1)) for f in files]
+    n = vals[0].size
+    mask = np.zeros(n, bool)
+    for x, p in zip(vals[1:], MODEL_PARAMS[method]):
+        key = ref.mag_key(st, ref.rc(st, x - vals[0]))
+        s = np.sort(key)
+        if SELECTING[method] == "desc":
+            k = max(1, int(p["density"] * n))
+            cuts = [s[n - k]] if k < n else []
+        else:
+            target, n_top = int(p["density"] * n), int(p["gamma"] * n)
+            n_bot = max(0, n - target - n_top)
+            cuts = [s[i] for i in (n_bot, n_bot + target) if i < n]
+        for t in cuts:
+            mask |= key == t
+    return mask
+
+
+def compare(method, st, mk_out, cand_out, dirs):
+    a = ref.read_safetensors(os.path.join(mk_out, "model.safetensors"))
+    b = ref.read_safetensors(os.path.join(cand_out, "model.safetensors"))
+    tot = same = ulp1 = outside = outside_same = 0
+    for name, (dt, _, bits) in a.items():
+        if name not in b:
+            raise SystemExit("%s: candidate output lacks %s" % (cand_out, name))
+        x, y = bits, b[name][2]
+        fx, fy = ref.bits_to_f32(dt, x), ref.bits_to_f32(b[name][0], y)
+        both_nan = np.isnan(fx) & np.isnan(fy)
+        eq = (x == y) | both_nan
+        d = np.abs(ordered(dt, x) - ordered(dt, y))
+        tot += x.size
+        same += int(eq.sum())
+        ulp1 += int((eq | (d <= 1)).sum())
+        if method in SELECTING:
+            ties = tie_mask(method, st, dirs, name)
+            outside += int((~ties).sum())
+            outside_same += int((eq & ~ties).sum())
+    row = {"elements": tot, "identical": same / tot, "within_1ulp": ulp1 / tot}
+    if method in SELECTING:
+        row["identical_outside_ties"] = outside_same / max(outside, 1)
+        row["tie_elements"] = (tot - outside) / tot
+    return row
+
+
+def run(cmd, log):
+    t = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, shell=True, stdout=f, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if r.returncode != 0:
+        raise SystemExit("command failed (%s): %s\nsee %s" % (r.returncode, cmd, log))
+    return time.time() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/mergekit-agreement")
+    ap.add_argument("--mergekit-yaml", default="/tmp/mkvenv/bin/mergekit-yaml")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--candidate", action="append", default=[])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    refcmd = "{python} %s {spec} {out}/model.safetensors" % shlex.quote(
+        os.path.join(HERE, "..", "tests", "python", "mergekit_methods_ref.py"))
+    cands = [("numpy-ref", "mkdir -p {out} && " + refcmd)]
+    for c in args.candidate:
+        name, _, tmpl = c.partition("=")
+        cands.append((name, tmpl))
+    os.makedirs(args.dir, exist_ok=True)
+    results = []
+    for dtype in args.dtypes.split(","):
+        st = ST[dtype]
+        dirs = make_models(args.dir, st, seed=len(results) + 11)
+        for method in args.methods.split(","):
+            tag = "%s-%s" % (method, dtype)
+            cfg = os.path.join(args.dir, tag + ".yml")
+            spec = os.path.join(args.dir, tag + ".json")
+            write_config(cfg, method, dirs, dtype)
+            write_spec(spec, method, dirs, st)
+            mk_out = os.path.join(args.dir, "out-mergekit-" + tag)
+            secs = run("%s %s %s --no-copy-tokenizer" % (args.mergekit_yaml, cfg, mk_out),
+                       os.path.join(args.dir, tag + "-mergekit.log"))
+            for name, tmpl in cands:
+                out = os.path.join(args.dir, "out-%s-%s" % (name, tag))
+                csecs = run(tmpl.format(config=cfg, out=out, spec=spec, python=sys.executable),
+                            os.path.join(args.dir, "%s-%s.log" % (tag, name)))
+                row = {"method": method, "dtype": dtype, "candidate": name,
+                       "mergekit_s": round(secs, 2), "candidate_s": round(csecs, 2)}
+                row.update(compare(method, st, mk_out, out, dirs))
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| method | dtype | candidate | elements | identical | within 1 ulp | identical outside threshold ties | tie elements |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        note = " (random masks: not comparable)" if r["method"] in RANDOM else ""
+        pct = lambda k: ("%.4f %%" % (100 * r[k])) if k in r else "—"
+        print("| %s%s | %s | %s | %d | %s | %s | %s | %s |" % (
+            r["method"], note, r["dtype"], r["candidate"], r["elements"], pct("identical"),
+            pct("within_1ulp"), pct("identical_outside_ties"), pct("tie_elements")))
+    if args.json:
+        json.dump(results, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""The torch 2.15 behaviours docs/mergekit-methods.md relies on, each checked and printed.
+
+Run with the python that has mergekit 0.1.5 and torch: /tmp/mkvenv/bin/python scripts/torch-probes.py
+"""
+import math
+
+import numpy as np
+import torch
+
+bf = torch.bfloat16
+
+
+def show(what, got, expect):
+    print("%-70s %-28s %s" % (what, got, "ok" if got == expect else "UNEXPECTED (doc assumes %r)" % (expect,)))
+
+
+# Sort stability: stable up to 16 elements (insertion sort), not above.
+def stable(n, desc):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 4, (n,), generator=g).float()
+    i = torch.argsort(x, descending=desc)
+    xs = x[i]
+    same = xs[1:] == xs[:-1]
+    return bool(((i[1:] > i[:-1]) | ~same).all())
+
+
+show("argsort(descending) keeps index order among ties, n=16", stable(16, True), True)
+show("argsort(descending) keeps index order among ties, n=5000", stable(5000, True), False)
+show("sort(ascending) keeps index order among ties, n=5000", stable(5000, False), False)
+x = torch.tensor([1.0, float("nan"), float("inf"), 0.0])
+show("NaN sorts above +Inf (descending argsort first index)", int(torch.argsort(x, descending=True)[0]), 1)
+# Sums over the models axis: sequential f32 from +0; bf16 accumulates in f32, rounds once.
+show("f32 sum(dim=0) of [1, 1e8, -1e8] (sequential -> 0)", torch.tensor([[1.0], [1e8], [-1e8]]).sum(0).item(), 0.0)
+show("f32 sum(dim=0) of [-0, -0] is +0", math.copysign(1, torch.tensor([[-0.0], [-0.0]]).sum(0).item()), 1.0)
+show("bf16 sum(dim=0) of [1, 2^-8, 2^-8] (f32 acc -> 1.0078125)",
+     torch.tensor([[1.0], [2**-8], [2**-8]]).to(bf).sum(0).float().item(), 1.0078125)
+# Python scalars: to f32 for arithmetic; cast to the tensor dtype for comparisons.
+y = torch.full((2,), 3.0, dtype=bf)
+y *= 1 + 2**-8
+show("bf16 *= (1+2^-8): scalar used as f32 (-> 3.015625)", y[0].float().item(), 3.015625)
+y = torch.full((2,), 1 + 3 * 2**-23)
+y *= 1 + 2**-24
+show("f32 *= (1+2^-24): scalar rounded to f32 first", y[0].item() == 1 + 3 * 2**-23, True)
+show("f32 tensor(f32(1e-8)) < 1e-8 (scalar cast to f32 -> False)",
+     bool((torch.tensor([float(np.float32(1e-8))]) < 1e-8).item()), False)
+show("f16 tensor(0) < 1e-8 (f16(1e-8) = 0 -> False)",
+     bool((torch.tensor([0.0], dtype=torch.float16) < 1e-8).item()), False)
+show("torch.tensor([1+2^-8+2^-30], bf16) rounds via f32 (-> 1.0)",
+     torch.tensor([1 + 2**-8 + 2**-30], dtype=bf).float().item(), 1.0)
+show("sign(NaN) is 0", torch.sign(torch.tensor([float("nan")])).item(), 0.0)
+# SLERP reduces over the whole tensor, not per row.
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+from mergekit.merge_methods.slerp import slerp_merge_method  # noqa: E402
+
+a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+(r,) = slerp_merge_method([TensorGroup.from_tensors([a, b], base_index=0)], parameters={"t": 0.5})
+whole = math.sin(0.5 * math.acos(0.5)) / math.sin(math.acos(0.5))
+show("slerp row 1 uses the whole-tensor angle (per-row would give 1.0)", round(r[1, 0].item(), 5), round(2 * whole, 5))
+# torch's f32 acos/sin on one element are not correctly rounded.
+rng = np.random.default_rng(0)
+bad = sum(np.float32(torch.acos(torch.tensor([[v]])).item()) != np.float32(math.acos(float(v)))
+          for v in rng.uniform(-1, 1, 2000).astype(np.float32))
+print("%-70s %s" % ("torch f32 acos differs from the correctly rounded value", "%d / 2000" % bad))
