@@ -36,12 +36,17 @@
 
 use std::fmt;
 
+pub mod linear;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod linear_avx2;
+#[cfg(target_arch = "x86_64")]
+mod linear_avx512;
 
 /// Storage dtype of a floating-point tensor (safetensors naming).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
