@@ -4,8 +4,9 @@
 
 It spells out, one torch operation at a time, what happens to a tensor between
 loading it and writing it (see docs/mergekit-arithmetic.md for the derivation and
-the probes behind every rule). It depends on numpy and ml_dtypes only: no torch, no
-mergekit, no code shared with mergestream's Rust kernel. Values are carried as raw
+the probes behind every rule). It depends on numpy only (BF16 is handled as bit patterns,
+so not even ml_dtypes is needed): no torch, no mergekit, no code shared with
+mergestream's Rust kernel. Values are carried as raw
 bit patterns (uint16 / uint32 arrays) so that NaN payloads, signed zeros and
 subnormals are exactly what the model says, never what numpy happens to do.
 
@@ -24,6 +25,7 @@ Library use:
 CLI use (expected outputs for end-to-end tests):
 
     mergekit_ref.py SPEC.json OUT.safetensors
+    mergekit_ref.py --batch JOBS.json        # a JSON list of SPECs, each with "out": path
 
 SPEC.json:
     {"method": "linear" | "task_arithmetic",
@@ -562,9 +564,17 @@ def run_spec(spec: dict, out_path: str) -> None:
 
 
 def main(argv: List[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--batch":
+        # many merges in one process: a JSON list of specs, each with an "out" path
+        with open(argv[2]) as f:
+            for spec in json.load(f):
+                run_spec(spec, spec["out"])
+        return 0
     if len(argv) != 3 or argv[1] in ("-h", "--help"):
         print(__doc__.split("Library use:")[0].strip(), file=sys.stderr)
-        print(f"\nusage: {argv[0]} SPEC.json OUT.safetensors", file=sys.stderr)
+        print(f"\nusage: {argv[0]} SPEC.json OUT.safetensors\n"
+              f"       {argv[0]} --batch JOBS.json   (a list of specs, each with \"out\")",
+              file=sys.stderr)
         return 2
     with open(argv[1]) as f:
         spec = json.load(f)
