@@ -170,7 +170,7 @@ fn make_job(
     lambda: f64,
 ) -> Job {
     let inputs = storage.len();
-    let specials = id % 3 != 0;
+    let specials = !id.is_multiple_of(3);
     let mut files = vec![BTreeMap::new(); inputs];
     let mut weights = BTreeMap::new();
     for (t, (name, shape)) in TENSORS.iter().enumerate() {
@@ -191,7 +191,7 @@ fn make_job(
         let mut w: Vec<f64> = (0..models)
             .map(|_| WEIGHT_CHOICES[rng.below(WEIGHT_CHOICES.len() as u64) as usize])
             .collect();
-        if (id + t) % 7 == 0 && models > 1 {
+        if (id + t).is_multiple_of(7) && models > 1 {
             let rest: f64 = w[1..].iter().sum();
             w[0] = -rest;
         }
