@@ -221,6 +221,18 @@ fn dtype_of<const C: u8>() -> FloatDtype {
 
 // ------------------------------------------------------------------------ sequences
 
+/// Whether any lane of `v` is NaN.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn any_nan(v: __m256) -> bool {
+    _mm256_movemask_ps(is_nan(v)) != 0
+}
+
+// Each step first runs the plain arithmetic. NaN never turns back into a number in these
+// sequences (every operation and rounding point maps NaN to NaN), so if no result lane is
+// NaN, no intermediate was either and the plain result is exact. Only a step with a NaN
+// result lane is recomputed with the NaN rules applied after every operation.
+
 #[target_feature(enable = "avx2,f16c,fma")]
 fn fused<const C: u8, const O: u8>(
     op: &Combine,
@@ -235,12 +247,21 @@ fn fused<const C: u8, const O: u8>(
         let i = step * LANES;
         let mut r = _mm256_setzero_ps();
         for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
-            let x = load(bytes, i, *s, c);
-            // w is finite by construction, so only x and r take part in the NaN rule.
-            r = pick(_mm256_fmadd_ps(x, _mm256_set1_ps(w), r), x, r);
+            r = _mm256_fmadd_ps(load(bytes, i, *s, c), _mm256_set1_ps(w), r);
         }
         if let Some(d) = divisor {
-            r = pick(_mm256_div_ps(r, d), r, d);
+            r = _mm256_div_ps(r, d);
+        }
+        if any_nan(r) {
+            r = _mm256_setzero_ps();
+            for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
+                let x = load(bytes, i, *s, c);
+                // w is finite by construction, so only x and r take part in the NaN rule.
+                r = pick(_mm256_fmadd_ps(x, _mm256_set1_ps(w), r), x, r);
+            }
+            if let Some(d) = divisor {
+                r = pick(_mm256_div_ps(r, d), r, d);
+            }
         }
         store::<C, O>(out, i, r);
     }
@@ -269,22 +290,40 @@ fn task<const C: u8, const O: u8>(
         let mut acc = zero;
         for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
             let x = load(bytes, i, *s, c);
-            let d = round_to::<C>(pick(_mm256_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
-            let d = round_to::<C>(
-                pick1(_mm256_mul_ps(d, _mm256_set1_ps(w)), d),
-                BF16_NAN_VECTOR,
-            );
-            acc = pick(_mm256_add_ps(acc, d), acc, d);
+            let d = round_to::<C>(_mm256_sub_ps(x, b), BF16_NAN_VECTOR);
+            let d = round_to::<C>(_mm256_mul_ps(d, _mm256_set1_ps(w)), BF16_NAN_VECTOR);
+            acc = _mm256_add_ps(acc, d);
         }
-        // The sum is stored into a zero-filled tensor by torch's scalar code.
-        let mut m = round_to::<C>(pick1(_mm256_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
+        let mut m = round_to::<C>(_mm256_add_ps(zero, acc), BF16_NAN_SCALAR);
         if let Some(s) = divisor {
-            m = round_to::<C>(pick(_mm256_div_ps(m, s), m, s), BF16_NAN_VECTOR);
+            m = round_to::<C>(_mm256_div_ps(m, s), BF16_NAN_VECTOR);
         }
         if let Some(l) = lambda {
-            m = round_to::<C>(pick1(_mm256_mul_ps(m, l), m), BF16_NAN_VECTOR);
+            m = round_to::<C>(_mm256_mul_ps(m, l), BF16_NAN_VECTOR);
         }
-        store::<C, O>(out, i, pick(_mm256_add_ps(b, m), b, m));
+        let mut r = _mm256_add_ps(b, m);
+        if any_nan(r) {
+            let mut acc = zero;
+            for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
+                let x = load(bytes, i, *s, c);
+                let d = round_to::<C>(pick(_mm256_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
+                let d = round_to::<C>(
+                    pick1(_mm256_mul_ps(d, _mm256_set1_ps(w)), d),
+                    BF16_NAN_VECTOR,
+                );
+                acc = pick(_mm256_add_ps(acc, d), acc, d);
+            }
+            // The sum is stored into a zero-filled tensor by torch's scalar code.
+            let mut m = round_to::<C>(pick1(_mm256_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
+            if let Some(s) = divisor {
+                m = round_to::<C>(pick(_mm256_div_ps(m, s), m, s), BF16_NAN_VECTOR);
+            }
+            if let Some(l) = lambda {
+                m = round_to::<C>(pick1(_mm256_mul_ps(m, l), m), BF16_NAN_VECTOR);
+            }
+            r = pick(_mm256_add_ps(b, m), b, m);
+        }
+        store::<C, O>(out, i, r);
     }
     steps * LANES
 }

@@ -219,6 +219,18 @@ fn dtype_of<const C: u8>() -> FloatDtype {
 
 // ------------------------------------------------------------------------ sequences
 
+/// Whether any lane of `v` is NaN.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn any_nan(v: __m512) -> bool {
+    is_nan(v) != 0
+}
+
+// Each step first runs the plain arithmetic. NaN never turns back into a number in these
+// sequences (every operation and rounding point maps NaN to NaN), so if no result lane is
+// NaN, no intermediate was either and the plain result is exact. Only a step with a NaN
+// result lane is recomputed with the NaN rules applied after every operation.
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn fused<const C: u8, const O: u8>(
     op: &Combine,
@@ -233,12 +245,21 @@ fn fused<const C: u8, const O: u8>(
         let i = step * LANES;
         let mut r = _mm512_setzero_ps();
         for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
-            let x = load(bytes, i, *s, c);
-            // w is finite by construction, so only x and r take part in the NaN rule.
-            r = pick(_mm512_fmadd_ps(x, _mm512_set1_ps(w), r), x, r);
+            r = _mm512_fmadd_ps(load(bytes, i, *s, c), _mm512_set1_ps(w), r);
         }
         if let Some(d) = divisor {
-            r = pick(_mm512_div_ps(r, d), r, d);
+            r = _mm512_div_ps(r, d);
+        }
+        if any_nan(r) {
+            r = _mm512_setzero_ps();
+            for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
+                let x = load(bytes, i, *s, c);
+                // w is finite by construction, so only x and r take part in the NaN rule.
+                r = pick(_mm512_fmadd_ps(x, _mm512_set1_ps(w), r), x, r);
+            }
+            if let Some(d) = divisor {
+                r = pick(_mm512_div_ps(r, d), r, d);
+            }
         }
         store::<C, O>(out, i, r);
     }
@@ -267,22 +288,40 @@ fn task<const C: u8, const O: u8>(
         let mut acc = zero;
         for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
             let x = load(bytes, i, *s, c);
-            let d = round_to::<C>(pick(_mm512_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
-            let d = round_to::<C>(
-                pick1(_mm512_mul_ps(d, _mm512_set1_ps(w)), d),
-                BF16_NAN_VECTOR,
-            );
-            acc = pick(_mm512_add_ps(acc, d), acc, d);
+            let d = round_to::<C>(_mm512_sub_ps(x, b), BF16_NAN_VECTOR);
+            let d = round_to::<C>(_mm512_mul_ps(d, _mm512_set1_ps(w)), BF16_NAN_VECTOR);
+            acc = _mm512_add_ps(acc, d);
         }
-        // The sum is stored into a zero-filled tensor by torch's scalar code.
-        let mut m = round_to::<C>(pick1(_mm512_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
+        let mut m = round_to::<C>(_mm512_add_ps(zero, acc), BF16_NAN_SCALAR);
         if let Some(s) = divisor {
-            m = round_to::<C>(pick(_mm512_div_ps(m, s), m, s), BF16_NAN_VECTOR);
+            m = round_to::<C>(_mm512_div_ps(m, s), BF16_NAN_VECTOR);
         }
         if let Some(l) = lambda {
-            m = round_to::<C>(pick1(_mm512_mul_ps(m, l), m), BF16_NAN_VECTOR);
+            m = round_to::<C>(_mm512_mul_ps(m, l), BF16_NAN_VECTOR);
         }
-        store::<C, O>(out, i, pick(_mm512_add_ps(b, m), b, m));
+        let mut r = _mm512_add_ps(b, m);
+        if any_nan(r) {
+            let mut acc = zero;
+            for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
+                let x = load(bytes, i, *s, c);
+                let d = round_to::<C>(pick(_mm512_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
+                let d = round_to::<C>(
+                    pick1(_mm512_mul_ps(d, _mm512_set1_ps(w)), d),
+                    BF16_NAN_VECTOR,
+                );
+                acc = pick(_mm512_add_ps(acc, d), acc, d);
+            }
+            // The sum is stored into a zero-filled tensor by torch's scalar code.
+            let mut m = round_to::<C>(pick1(_mm512_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
+            if let Some(s) = divisor {
+                m = round_to::<C>(pick(_mm512_div_ps(m, s), m, s), BF16_NAN_VECTOR);
+            }
+            if let Some(l) = lambda {
+                m = round_to::<C>(pick1(_mm512_mul_ps(m, l), m), BF16_NAN_VECTOR);
+            }
+            r = pick(_mm512_add_ps(b, m), b, m);
+        }
+        store::<C, O>(out, i, r);
     }
     steps * LANES
 }

@@ -152,8 +152,8 @@ def fma32(a, b, c):
     and finally to binary32, which is correct because 53 >= 24 + 2.
     NaN priority a, c, b (what torch's addcmul_ does: the tensor, then the
     running sum; see the docs)."""
-    a64, b64, c64 = (_f(x).astype(np.float64) for x in (a, b, c))
     with np.errstate(all="ignore"):
+        a64, b64, c64 = (_f(x).astype(np.float64) for x in (a, b, c))
         p = a64 * b64
         s = p + c64
         bb = s - p
