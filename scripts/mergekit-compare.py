@@ -260,7 +260,7 @@ def run_engine(template: str, config: Path, out: Path, threads: Optional[int]) -
 def compare(a: Output, b: Output) -> dict:
     """Tensor-by-tensor, element-by-element comparison of two outputs."""
     res = dict(tensors=0, identical_tensors=0, elements=0, identical_elements=0,
-               bytes=0, nan_encoding=0, value=0, missing=0, first=None)
+               bytes=0, nan_elements=0, nan_encoding=0, value=0, missing=0, first=None)
     for name in sorted(set(a) | set(b)):
         if name not in a or name not in b:
             res["missing"] += 1
@@ -274,6 +274,7 @@ def compare(a: Output, b: Output) -> dict:
             continue
         x, y = x.reshape(-1), y.reshape(-1)
         res["elements"] += x.size
+        res["nan_elements"] += int(np.isnan(mr.widen(x, dx).view(np.float32)).sum())
         res["bytes"] += x.nbytes
         diff = np.nonzero(x != y)[0]
         res["identical_elements"] += x.size - diff.size
@@ -402,7 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             r = compare(outputs[a], ref if b == "reference" else outputs[b])
             tot = totals.setdefault((category, f"{a} vs {b}"), dict(
                 merges=0, tensors=0, identical_tensors=0, elements=0,
-                identical_elements=0, bytes=0, nan_encoding=0, value=0, missing=0))
+                identical_elements=0, bytes=0, nan_elements=0, nan_encoding=0, value=0,
+                missing=0))
             tot["merges"] += 1
             for key in tot:
                 if key != "merges":
@@ -419,8 +421,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         pct = 100.0 * t["identical_elements"] / max(1, t["elements"])
         print(f"  {category:8s} {pair:24s} {t['merges']:3d} merges, {t['tensors']:5d} tensors, "
               f"{t['bytes'] / 1e6:8.2f} MB: {t['identical_tensors']}/{t['tensors']} tensors "
-              f"and {pct:.4f} % of elements byte-identical; NaN-encoding diffs "
-              f"{t['nan_encoding']}, other diffs {t['value']}, missing {t['missing']}")
+              f"and {pct:.4f} % of {t['elements']} elements ({t['nan_elements']} of them NaN) "
+              f"byte-identical; NaN-encoding diffs {t['nan_encoding']}, other diffs "
+              f"{t['value']}, missing {t['missing']}")
     print("RESULT:", "FAIL" if failures else "PASS")
     if tmp is not None:
         tmp.cleanup()

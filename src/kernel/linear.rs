@@ -796,7 +796,7 @@ pub fn combine(
         );
     }
     assert!(
-        Isa::available().contains(&isa),
+        isa.is_supported(),
         "combine: instruction set {isa} is not supported by this CPU"
     );
     // The SIMD paths cover elements below `simd_end`; the rest (and everything on a CPU
@@ -808,20 +808,17 @@ pub fn combine(
     };
     let mut done = 0;
     if simd_n > 0 {
+        // The SIMD twins process whole steps of the elements `out` holds.
         let head_out = &mut out[..simd_n * op.out.size()];
-        let head_in: Vec<(&[u8], FloatDtype)> = inputs
-            .iter()
-            .map(|&(bytes, dtype)| (&bytes[..simd_n * dtype.size()], dtype))
-            .collect();
         done = match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: simd_capable(Avx2) checked avx2, f16c and fma, the target features
             // of `linear_avx2::combine`.
-            Isa::Avx2 => unsafe { super::linear_avx2::combine(op, &head_in, head_out) },
+            Isa::Avx2 => unsafe { super::linear_avx2::combine(op, inputs, head_out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: simd_capable(Avx512) checked avx512f/bw/vl, the target features of
             // `linear_avx512::combine`.
-            Isa::Avx512 => unsafe { super::linear_avx512::combine(op, &head_in, head_out) },
+            Isa::Avx512 => unsafe { super::linear_avx512::combine(op, inputs, head_out) },
             _ => unreachable!("simd_capable is false for {isa}"),
         };
     }
@@ -877,7 +874,15 @@ fn scalar(
         }
         Sequence::TaskVectors => {
             let (base, models) = inputs.split_first().expect("task vectors have a base");
-            let mut d = vec![0.0f32; models.len()];
+            // Scratch for one element's task vectors; on the stack for up to 32 models.
+            let mut stack = [0.0f32; 32];
+            let mut heap = Vec::new();
+            let d: &mut [f32] = if models.len() <= stack.len() {
+                &mut stack[..models.len()]
+            } else {
+                heap.resize(models.len(), 0.0);
+                &mut heap
+            };
             for i in from..to {
                 let b = load(read(base.0, i, base.1), base.1, c);
                 for ((di, (bytes, s)), &w) in d.iter_mut().zip(models).zip(&op.coefficients) {
@@ -885,7 +890,7 @@ fn scalar(
                     *di = round_to(mul(round_to(sub(x, b), c), w), c);
                 }
                 let order = op.regions.order(offset + i as u64, c);
-                let mut m = store_scalar(add(0.0, task_sum(&d, order, c)), c);
+                let mut m = store_scalar(add(0.0, task_sum(d, order, c)), c);
                 if let Some(s) = op.divisor {
                     m = round_to(div(m, s), c);
                 }

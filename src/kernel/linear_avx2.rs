@@ -42,10 +42,12 @@ fn code(d: FloatDtype) -> u8 {
 /// Runs `op` on the first `n - n % 8` elements of the chunk (`n` = elements of `out`) and
 /// returns how many it did; the caller does the rest with the scalar path.
 ///
+/// Inputs may be longer than `out` (only the elements `out` holds are read).
+///
 /// # Safety
 ///
 /// A `#[target_feature]` function: the CPU must support avx2, f16c and fma. The caller has
-/// checked that every input holds as many elements as `out`.
+/// checked that every input holds at least as many elements as `out`.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub fn combine(op: &Combine, inputs: &[(&[u8], FloatDtype)], out: &mut [u8]) -> usize {
     macro_rules! go {

@@ -175,7 +175,7 @@ impl Isa {
 
     /// Whether this CPU can run `self`. Cheap: `is_x86_feature_detected!`
     /// caches its answer in a static after the first call.
-    fn is_supported(self) -> bool {
+    pub(crate) fn is_supported(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]

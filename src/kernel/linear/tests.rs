@@ -236,6 +236,21 @@ fn chunk_past_tensor_end_panics() {
 }
 
 #[test]
+fn unavailable_isa_panics_instead_of_running() {
+    let op = Combine::linear(&[1.0], false, FloatDtype::BF16, FloatDtype::BF16).unwrap();
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        if Isa::available().contains(&isa) {
+            eprintln!("(this CPU has {isa}: nothing to check for it)");
+            continue;
+        }
+        let r = std::panic::catch_unwind(|| {
+            combine(isa, &op, 0, &[(&[0; 64], FloatDtype::BF16)], &mut [0; 64]);
+        });
+        assert!(r.is_err(), "{isa} must panic when unsupported");
+    }
+}
+
+#[test]
 fn empty_chunk_is_fine_on_every_isa() {
     let op = Combine::linear(&[1.0, 2.0], true, FloatDtype::BF16, FloatDtype::F16).unwrap();
     for isa in Isa::available() {
