@@ -232,8 +232,25 @@ fn any_nan(v: __m256) -> bool {
 
 // Each step first runs the plain arithmetic. NaN never turns back into a number in these
 // sequences (every operation and rounding point maps NaN to NaN), so if no result lane is
-// NaN, no intermediate was either and the plain result is exact. Only a step with a NaN
-// result lane is recomputed with the NaN rules applied after every operation.
+// NaN, no intermediate was either and the plain result is exact. Only a vector with a NaN
+// result lane is recomputed with the NaN rules applied after every operation. Two vectors
+// go through each step, interleaved, so that their dependency chains overlap.
+
+/// The fused sum of the vector at element `i` with the NaN rules.
+#[target_feature(enable = "avx2,f16c,fma")]
+fn fused_nan(op: &Combine, inputs: &[(&[u8], FloatDtype)], i: usize, c: FloatDtype) -> __m256 {
+    let mut r = _mm256_setzero_ps();
+    for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
+        let x = load(bytes, i, *s, c);
+        // w is finite by construction, so only x and r take part in the NaN rule.
+        r = pick(_mm256_fmadd_ps(x, _mm256_set1_ps(w), r), x, r);
+    }
+    if let Some(d) = op.divisor {
+        let d = _mm256_set1_ps(d);
+        r = pick(_mm256_div_ps(r, d), r, d);
+    }
+    r
+}
 
 #[target_feature(enable = "avx2,f16c,fma")]
 fn fused<const C: u8, const O: u8>(
@@ -243,10 +260,30 @@ fn fused<const C: u8, const O: u8>(
 ) -> usize {
     let c = dtype_of::<C>();
     let n = out.len() / dtype_of::<O>().size();
-    let steps = n / LANES;
     let divisor = op.divisor.map(|x| _mm256_set1_ps(x));
-    for step in 0..steps {
-        let i = step * LANES;
+    let mut i = 0;
+    while i + 2 * LANES <= n {
+        let (mut r0, mut r1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
+            let w = _mm256_set1_ps(w);
+            r0 = _mm256_fmadd_ps(load(bytes, i, *s, c), w, r0);
+            r1 = _mm256_fmadd_ps(load(bytes, i + LANES, *s, c), w, r1);
+        }
+        if let Some(d) = divisor {
+            r0 = _mm256_div_ps(r0, d);
+            r1 = _mm256_div_ps(r1, d);
+        }
+        for (k, r) in [(i, r0), (i + LANES, r1)] {
+            let r = if any_nan(r) {
+                fused_nan(op, inputs, k, c)
+            } else {
+                r
+            };
+            store::<C, O>(out, k, r);
+        }
+        i += 2 * LANES;
+    }
+    while i + LANES <= n {
         let mut r = _mm256_setzero_ps();
         for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
             r = _mm256_fmadd_ps(load(bytes, i, *s, c), _mm256_set1_ps(w), r);
@@ -254,20 +291,74 @@ fn fused<const C: u8, const O: u8>(
         if let Some(d) = divisor {
             r = _mm256_div_ps(r, d);
         }
-        if any_nan(r) {
-            r = _mm256_setzero_ps();
-            for ((bytes, s), &w) in inputs.iter().zip(&op.coefficients) {
-                let x = load(bytes, i, *s, c);
-                // w is finite by construction, so only x and r take part in the NaN rule.
-                r = pick(_mm256_fmadd_ps(x, _mm256_set1_ps(w), r), x, r);
-            }
-            if let Some(d) = divisor {
-                r = pick(_mm256_div_ps(r, d), r, d);
-            }
-        }
+        let r = if any_nan(r) {
+            fused_nan(op, inputs, i, c)
+        } else {
+            r
+        };
         store::<C, O>(out, i, r);
+        i += LANES;
     }
-    steps * LANES
+    i
+}
+
+/// The task-vector sequence of the vector at element `i` with the NaN rules.
+#[target_feature(enable = "avx2,f16c,fma")]
+fn task_nan<const C: u8>(op: &Combine, inputs: &[(&[u8], FloatDtype)], i: usize) -> __m256 {
+    let c = dtype_of::<C>();
+    let ((base, base_dtype), models) = (&inputs[0], &inputs[1..]);
+    let b = load(base, i, *base_dtype, c);
+    let zero = _mm256_setzero_ps();
+    let mut acc = zero;
+    for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
+        let x = load(bytes, i, *s, c);
+        let d = round_to::<C>(pick(_mm256_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
+        let d = round_to::<C>(
+            pick1(_mm256_mul_ps(d, _mm256_set1_ps(w)), d),
+            BF16_NAN_VECTOR,
+        );
+        acc = pick(_mm256_add_ps(acc, d), acc, d);
+    }
+    // The sum is stored into a zero-filled tensor by torch's scalar code.
+    let mut m = round_to::<C>(pick1(_mm256_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
+    if let Some(s) = op.divisor {
+        let s = _mm256_set1_ps(s);
+        m = round_to::<C>(pick(_mm256_div_ps(m, s), m, s), BF16_NAN_VECTOR);
+    }
+    if let Some(l) = op.lambda {
+        m = round_to::<C>(
+            pick1(_mm256_mul_ps(m, _mm256_set1_ps(l)), m),
+            BF16_NAN_VECTOR,
+        );
+    }
+    pick(_mm256_add_ps(b, m), b, m)
+}
+
+/// What follows the sum in the task-vector sequence, without the NaN rules.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn task_finish<const C: u8>(
+    b: __m256,
+    acc: __m256,
+    divisor: Option<__m256>,
+    lambda: Option<__m256>,
+) -> __m256 {
+    let mut m = round_to::<C>(_mm256_add_ps(_mm256_setzero_ps(), acc), BF16_NAN_SCALAR);
+    if let Some(s) = divisor {
+        m = round_to::<C>(_mm256_div_ps(m, s), BF16_NAN_VECTOR);
+    }
+    if let Some(l) = lambda {
+        m = round_to::<C>(_mm256_mul_ps(m, l), BF16_NAN_VECTOR);
+    }
+    _mm256_add_ps(b, m)
+}
+
+/// One task vector `c(c(x - b) * w)`, without the NaN rules.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn task_delta<const C: u8>(x: __m256, b: __m256, w: __m256) -> __m256 {
+    let d = round_to::<C>(_mm256_sub_ps(x, b), BF16_NAN_VECTOR);
+    round_to::<C>(_mm256_mul_ps(d, w), BF16_NAN_VECTOR)
 }
 
 #[target_feature(enable = "avx2,f16c,fma")]
@@ -278,54 +369,51 @@ fn task<const C: u8, const O: u8>(
 ) -> usize {
     let c = dtype_of::<C>();
     let n = out.len() / dtype_of::<O>().size();
-    let steps = n / LANES;
     let Some(((base, base_dtype), models)) = inputs.split_first() else {
         return 0;
     };
     let divisor = op.divisor.map(|x| _mm256_set1_ps(x));
     let lambda = op.lambda.map(|x| _mm256_set1_ps(x));
-    let zero = _mm256_setzero_ps();
-    for step in 0..steps {
-        let i = step * LANES;
-        let b = load(base, i, *base_dtype, c);
-        // Left to right from +0 (the only order below `simd_end`).
-        let mut acc = zero;
+    // Left to right from +0: the only order below `simd_end`.
+    let mut i = 0;
+    while i + 2 * LANES <= n {
+        let b0 = load(base, i, *base_dtype, c);
+        let b1 = load(base, i + LANES, *base_dtype, c);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
-            let x = load(bytes, i, *s, c);
-            let d = round_to::<C>(_mm256_sub_ps(x, b), BF16_NAN_VECTOR);
-            let d = round_to::<C>(_mm256_mul_ps(d, _mm256_set1_ps(w)), BF16_NAN_VECTOR);
-            acc = _mm256_add_ps(acc, d);
+            let w = _mm256_set1_ps(w);
+            acc0 = _mm256_add_ps(acc0, task_delta::<C>(load(bytes, i, *s, c), b0, w));
+            acc1 = _mm256_add_ps(acc1, task_delta::<C>(load(bytes, i + LANES, *s, c), b1, w));
         }
-        let mut m = round_to::<C>(_mm256_add_ps(zero, acc), BF16_NAN_SCALAR);
-        if let Some(s) = divisor {
-            m = round_to::<C>(_mm256_div_ps(m, s), BF16_NAN_VECTOR);
+        let r0 = task_finish::<C>(b0, acc0, divisor, lambda);
+        let r1 = task_finish::<C>(b1, acc1, divisor, lambda);
+        for (k, r) in [(i, r0), (i + LANES, r1)] {
+            let r = if any_nan(r) {
+                task_nan::<C>(op, inputs, k)
+            } else {
+                r
+            };
+            store::<C, O>(out, k, r);
         }
-        if let Some(l) = lambda {
-            m = round_to::<C>(_mm256_mul_ps(m, l), BF16_NAN_VECTOR);
-        }
-        let mut r = _mm256_add_ps(b, m);
-        if any_nan(r) {
-            let mut acc = zero;
-            for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
-                let x = load(bytes, i, *s, c);
-                let d = round_to::<C>(pick(_mm256_sub_ps(x, b), x, b), BF16_NAN_VECTOR);
-                let d = round_to::<C>(
-                    pick1(_mm256_mul_ps(d, _mm256_set1_ps(w)), d),
-                    BF16_NAN_VECTOR,
-                );
-                acc = pick(_mm256_add_ps(acc, d), acc, d);
-            }
-            // The sum is stored into a zero-filled tensor by torch's scalar code.
-            let mut m = round_to::<C>(pick1(_mm256_add_ps(zero, acc), acc), BF16_NAN_SCALAR);
-            if let Some(s) = divisor {
-                m = round_to::<C>(pick(_mm256_div_ps(m, s), m, s), BF16_NAN_VECTOR);
-            }
-            if let Some(l) = lambda {
-                m = round_to::<C>(pick1(_mm256_mul_ps(m, l), m), BF16_NAN_VECTOR);
-            }
-            r = pick(_mm256_add_ps(b, m), b, m);
-        }
-        store::<C, O>(out, i, r);
+        i += 2 * LANES;
     }
-    steps * LANES
+    while i + LANES <= n {
+        let b = load(base, i, *base_dtype, c);
+        let mut acc = _mm256_setzero_ps();
+        for ((bytes, s), &w) in models.iter().zip(&op.coefficients) {
+            acc = _mm256_add_ps(
+                acc,
+                task_delta::<C>(load(bytes, i, *s, c), b, _mm256_set1_ps(w)),
+            );
+        }
+        let r = task_finish::<C>(b, acc, divisor, lambda);
+        let r = if any_nan(r) {
+            task_nan::<C>(op, inputs, i)
+        } else {
+            r
+        };
+        store::<C, O>(out, i, r);
+        i += LANES;
+    }
+    i
 }
