@@ -1,6 +1,8 @@
 //! Throughput of the ExPO kernel (`mergestream::kernel::expo`) for every
-//! instruction set this CPU supports × every dtype, on 1 Mi elements.
-//! Throughput is reported as bytes of *input* (aligned + sft) per second.
+//! instruction set this CPU supports × every dtype, on 1 Mi elements, and of the
+//! N-input kernel (`mergestream::kernel::linear::combine`: mergekit's linear and
+//! task_arithmetic) for 3 and 8 inputs.
+//! Throughput is reported as bytes of *input* (all inputs) per second.
 //!
 //! What it deliberately does not do: no file I/O, threading or end-to-end
 //! merge timing, and no correctness checks (those are the kernel's unit
@@ -10,6 +12,7 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use mergestream::kernel::linear::{combine, Combine};
 use mergestream::kernel::{expo, FloatDtype, Isa};
 
 const N: usize = 1 << 20;
@@ -52,5 +55,46 @@ fn bench_expo(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_expo);
+fn bench_combine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("combine");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for dtype in [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32] {
+        for models in [3usize, 8] {
+            let inputs: Vec<Vec<u8>> = (0..=models as u32)
+                .map(|i| data(dtype, 0x1234_5678 ^ i.wrapping_mul(0x9E37_79B9)))
+                .collect();
+            let weights: Vec<f64> = (0..models).map(|i| 0.1 + 0.05 * i as f64).collect();
+            let ops = [
+                (
+                    "linear",
+                    Combine::linear(&weights, true, dtype, dtype).unwrap(),
+                    &inputs[..models],
+                ),
+                (
+                    "task_arithmetic",
+                    Combine::task_arithmetic(&weights, true, 0.8, dtype, dtype, N as u64).unwrap(),
+                    &inputs[..],
+                ),
+            ];
+            let mut out = vec![0u8; N * dtype.size()];
+            for (name, op, ins) in &ops {
+                let slices: Vec<(&[u8], FloatDtype)> =
+                    ins.iter().map(|b| (b.as_slice(), dtype)).collect();
+                group.throughput(Throughput::Bytes((slices.len() * N * dtype.size()) as u64));
+                for isa in Isa::available() {
+                    let id = format!("{name}x{models}/{}/{}", isa.name(), dtype.name());
+                    group.bench_function(id, |b| {
+                        b.iter(|| combine(isa, op, 0, black_box(&slices), &mut out));
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_expo, bench_combine);
 criterion_main!(benches);

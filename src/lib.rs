@@ -180,6 +180,103 @@ impl Summary {
     }
 }
 
+/// The runs a merge config asks for, in the order they must happen: each run writes the
+/// outputs whose inputs exist by then, reading each of its inputs once; a document that reads
+/// another's output comes in a later run. One output goes to `out`; several go to
+/// `out/<name>/` (`out/final/` for the one unnamed document mergekit-multi allows).
+pub fn config_runs(
+    spec: &spec::MergeSpec,
+    out: &std::path::Path,
+    policy: Policy,
+    options: &RunOptions,
+) -> Result<Vec<MergeJob>> {
+    use spec::ModelLocation;
+    let single = spec.outputs.len() == 1;
+    let dir_of = |k: usize| -> PathBuf {
+        if single {
+            out.to_path_buf()
+        } else {
+            out.join(spec.outputs[k].name.as_deref().unwrap_or("final"))
+        }
+    };
+    for o in &spec.outputs {
+        if o.chat_template.is_some() {
+            return Err(Error::Usage(
+                "chat_template is not supported yet: remove it from the config and set the template in the output's tokenizer_config.json".into(),
+            ));
+        }
+        if !matches!(o.tokenizer_source, spec::TokenizerSource::Default) {
+            return Err(Error::Usage(
+                "tokenizer_source is not supported yet (mergekit realigns the embeddings to the chosen tokenizer); without it the base model's (else the first model's) tokenizer files are copied".into(),
+            ));
+        }
+    }
+    let order = spec.run_order();
+    let mut done = vec![false; spec.outputs.len()];
+    let mut runs = Vec::new();
+    let mut remaining: Vec<usize> = order;
+    while !remaining.is_empty() {
+        let (now, later): (Vec<usize>, Vec<usize>) = remaining
+            .iter()
+            .partition(|&&k| spec.outputs[k].dependencies().iter().all(|&d| done[d]));
+        if now.is_empty() {
+            return Err(Error::Usage(
+                "internal: the config's documents depend on each other in a cycle".into(),
+            ));
+        }
+        let mut models: Vec<PathBuf> = Vec::new();
+        let mut outputs = Vec::new();
+        for &k in &now {
+            let o = &spec.outputs[k];
+            let mut indices = Vec::new();
+            for entry in &o.models {
+                let path = match &entry.model.location {
+                    ModelLocation::Output { index, .. } => dir_of(*index),
+                    _ => entry
+                        .model
+                        .dir()
+                        .expect("not another output")
+                        .to_path_buf(),
+                };
+                let i = match models.iter().position(|m| *m == path) {
+                    Some(i) => i,
+                    None => {
+                        models.push(path);
+                        models.len() - 1
+                    }
+                };
+                indices.push(i);
+            }
+            outputs.push(OutputJob {
+                out: dir_of(k),
+                recipe: Recipe {
+                    method: Method::Config(std::sync::Arc::new(method::ConfigMerge {
+                        spec: o.clone(),
+                    })),
+                    models: indices,
+                    policy,
+                },
+            });
+        }
+        for &k in &now {
+            done[k] = true;
+        }
+        runs.push(MergeJob {
+            models,
+            root: (!single).then(|| out.to_path_buf()),
+            outputs,
+            options: options.clone(),
+        });
+        remaining = later;
+    }
+    if runs.len() > 1 && options.part.is_some() {
+        return Err(Error::Usage(
+            "documents of this config read other documents' outputs, which a partitioned run cannot do in one go: run `merge` without --part, or split the config into one config per stage".into(),
+        ));
+    }
+    Ok(runs)
+}
+
 /// Opens every model of `job` and plans every output, writing nothing.
 pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
     let models = job

@@ -8,16 +8,51 @@
 //! runs the ops; neither knows which method asked for them. Every mismatch between the models is
 //! collected and reported at once. Nothing here reads tensor data.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Mismatch, Result};
+use crate::kernel::methods;
+use crate::spec;
 use crate::format::Dtype;
 use crate::kernel::FloatDtype;
 use crate::model::{Model, TensorLoc};
 
 /// A merge method with its parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Method {
     /// `aligned + alpha * (aligned - sft)` (ExPO), over the models `[sft, aligned]`.
     Expo { alpha: f32 },
+    /// One document of a merge config (mergekit's methods, or `expo` written as a config),
+    /// over the models of `spec.models`, in that order.
+    Config(Arc<ConfigMerge>),
+}
+
+/// A config document.
+#[derive(Debug, Clone)]
+pub struct ConfigMerge {
+    pub spec: spec::OutputSpec,
+}
+
+/// The layer count that places a tensor on a parameter gradient: `num_hidden_layers` of the
+/// model's `config.json` (or of its `text_config`), else one more than the highest
+/// `layers.N.` in its tensor names.
+pub fn num_layers(model: &Model) -> usize {
+    let from_config = std::fs::read(model.dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| {
+            c.get("num_hidden_layers")
+                .or_else(|| c.get("text_config").and_then(|t| t.get("num_hidden_layers")))
+                .and_then(serde_json::Value::as_u64)
+        });
+    match from_config {
+        Some(n) => n as usize,
+        None => model
+            .tensors()
+            .filter_map(|(_, t)| spec::layer_index(&t.name))
+            .max()
+            .map_or(1, |i| i + 1),
+    }
 }
 
 impl Method {
@@ -25,19 +60,21 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::Expo { .. } => "expo",
+            Method::Config(c) => c.spec.method.name(),
         }
     }
 
-    /// How many models the method reads, and what each is called in messages.
-    pub fn roles(&self) -> &'static [&'static str] {
+    /// What each model the method reads is called in messages and provenance.
+    pub fn roles(&self) -> Vec<String> {
         match self {
-            Method::Expo { .. } => &["sft", "aligned"],
+            Method::Expo { .. } => vec!["sft".into(), "aligned".into()],
+            Method::Config(c) => c.spec.models.iter().map(|m| m.path.clone()).collect(),
         }
     }
 }
 
 /// One output of a run: a method over some of the run's models.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Recipe {
     pub method: Method,
     /// Indices into the run's models, one per role of the method, in the method's order.
@@ -101,7 +138,7 @@ pub struct Input {
 
 /// What is computed for a range of elements. Ops are data: the pipeline hands them to the
 /// kernel without knowing which method made them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Op {
     /// The bytes of the one input, unchanged (integer buffers, rows only one model has).
     Copy,
@@ -112,10 +149,21 @@ pub enum Op {
         aligned: FloatDtype,
         sft: FloatDtype,
     },
+    /// A method that may need whole-tensor statistics first (TIES, SLERP, DARE, …), over the
+    /// inputs `[base, others…]`: reduction passes over the tensor's chunks, then the output
+    /// pass. This is the op as planned, before any statistics; the pipeline runs a copy.
+    Method(std::sync::Arc<crate::kernel::methods::Op>),
+}
+
+impl Op {
+    /// Whether the op writes the bytes of its input unchanged.
+    pub fn is_copy(&self) -> bool {
+        matches!(self, Op::Copy)
+    }
 }
 
 /// A range of an output tensor's elements and how to compute it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Segment {
     /// Elements `[start, end)` of the output tensor.
     pub elems: std::ops::Range<u64>,
@@ -124,7 +172,7 @@ pub struct Segment {
 }
 
 /// One output tensor.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PlannedTensor {
     pub name: String,
     pub dtype: Dtype,
@@ -142,10 +190,18 @@ impl PlannedTensor {
 }
 
 impl Recipe {
-    /// The model whose tensor order, dtypes and non-weight files the output takes.
+    /// The model whose tensor order, dtypes and non-weight files the output takes: the
+    /// aligned model of ExPO, else the base model, else the first.
     pub fn layout_model(&self) -> usize {
-        match self.method {
+        match &self.method {
             Method::Expo { .. } => self.models[1],
+            Method::Config(c) if c.spec.method == spec::Method::Expo => {
+                let aligned = (0..self.models.len())
+                    .find(|&i| Some(i) != c.spec.base)
+                    .unwrap_or(0);
+                self.models[aligned]
+            }
+            Method::Config(c) => self.models[c.spec.base.unwrap_or(0)],
         }
     }
 
@@ -157,8 +213,12 @@ impl Recipe {
             Method::Expo { alpha } => {
                 metadata.push(("mergestream.alpha".into(), format!("{alpha}")));
             }
+            Method::Config(c) => {
+                metadata.push(("mergestream.config".into(), c.spec.source_text.clone()));
+            }
         }
         for (role, &m) in self.method.roles().iter().zip(&self.models) {
+            let role = role.replace(['[', ']'], "");
             let files = serde_json::to_string(&file_list(&models[m]))
                 .expect("serializing JSON cannot fail");
             metadata.push((format!("mergestream.{role}"), files));
@@ -178,11 +238,17 @@ impl Recipe {
                 );
                 p.insert("alpha".into(), json_number(&format!("{alpha}")));
             }
+            Method::Config(c) => {
+                p.insert("config".into(), c.spec.source_text.clone().into());
+                if let Some(name) = &c.spec.name {
+                    p.insert("name".into(), name.clone().into());
+                }
+            }
         }
         let mut inputs = serde_json::Map::new();
         for (role, &m) in self.method.roles().iter().zip(&self.models) {
             inputs.insert(
-                (*role).into(),
+                role.clone(),
                 serde_json::json!({ "files": file_list(&models[m]) }),
             );
         }
@@ -210,6 +276,23 @@ impl Recipe {
                 let (sft, aligned) = (self.models[0], self.models[1]);
                 plan_expo(alpha, sft, aligned, models, self.policy)
             }
+            Method::Config(ref c) => match c.spec.method {
+                spec::Method::Expo => {
+                    let alpha = c.spec.expo_alpha.ok_or_else(|| {
+                        Error::Usage("internal: an expo document without alpha".into())
+                    })?;
+                    let base = c.spec.base.unwrap_or(0);
+                    let aligned = (0..self.models.len()).find(|&i| i != base).unwrap_or(0);
+                    plan_expo(
+                        alpha,
+                        self.models[base],
+                        self.models[aligned],
+                        models,
+                        self.policy,
+                    )
+                }
+                _ => plan_config(c, &self.models, models, self.policy),
+            },
         }
     }
 }
@@ -378,7 +461,7 @@ fn plan_expo(
         if shared > 0 {
             segments.push(Segment {
                 elems: 0..shared,
-                op,
+                op: op.clone(),
                 inputs: vec![aligned_input, sft_input],
             });
         }
@@ -437,4 +520,295 @@ fn plan_expo(
 /// Whether two shapes differ in their first dimension only.
 fn rows_only_differ(a: &[u64], b: &[u64]) -> bool {
     !a.is_empty() && a.len() == b.len() && a[0] != b[0] && a[1..] == b[1..]
+}
+
+/// The output dtype of a config merge: `out_dtype`, else the compute dtype, else the promotion
+/// of the inputs' dtypes (as torch promotes: any F32 or a BF16/F16 mix gives F32).
+fn promote(dtypes: &[FloatDtype]) -> FloatDtype {
+    let first = dtypes.first().copied().unwrap_or(FloatDtype::F32);
+    if dtypes.iter().all(|&d| d == first) {
+        first
+    } else {
+        FloatDtype::F32
+    }
+}
+
+fn dtype_of(f: FloatDtype) -> Dtype {
+    match f {
+        FloatDtype::BF16 => Dtype::BF16,
+        FloatDtype::F16 => Dtype::F16,
+        FloatDtype::F32 => Dtype::F32,
+    }
+}
+
+/// Plans a config document whose method is not ExPO: the layout model's tensors, each an op over
+/// `[base, others in config order]` (methods with a base) or the models in config order.
+fn plan_config(
+    c: &ConfigMerge,
+    indices: &[usize],
+    models: &[Model],
+    policy: Policy,
+) -> Result<(Vec<PlannedTensor>, Vec<Note>)> {
+    let spec = &c.spec;
+    let layout_pos = spec.base.unwrap_or(0);
+    let layout = &models[indices[layout_pos]];
+    let layers = num_layers(layout);
+    // The op's input order: the base model first, then the others in config order.
+    let order: Vec<usize> = spec
+        .base
+        .into_iter()
+        .chain((0..spec.models.len()).filter(|&i| Some(i) != spec.base))
+        .collect();
+    let role = |i: usize| format!("{} ({})", spec.models[i].path, spec.models[i].model.written);
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let mut tensors = Vec::with_capacity(layout.tensor_count());
+    let mut mismatch = |tensor: &str, problem: String| {
+        problems.push(Mismatch {
+            tensor: tensor.to_owned(),
+            problem,
+        })
+    };
+    for (loc, t) in layout.tensors() {
+        let numel = t.nbytes() / t.dtype.size() as u64;
+        let layout_input = Input {
+            model: indices[layout_pos],
+            loc,
+            dtype: t.dtype,
+            first: 0,
+        };
+        let copy = |note: Option<String>, notes: &mut Vec<Note>| {
+            if let Some(note) = note {
+                notes.push(Note {
+                    tensor: t.name.clone(),
+                    note,
+                });
+            }
+            PlannedTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                nbytes: t.nbytes(),
+                segments: vec![Segment {
+                    elems: 0..numel,
+                    op: Op::Copy,
+                    inputs: vec![layout_input],
+                }],
+            }
+        };
+        if is_unsaved_buffer(&t.name) || t.dtype.is_integer() {
+            tensors.push(copy(None, &mut notes));
+            continue;
+        }
+        let Some(_) = t.dtype.mergeable() else {
+            mismatch(
+                &t.name,
+                format!(
+                    "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
+                    t.dtype
+                ),
+            );
+            continue;
+        };
+        let mut found = Vec::with_capacity(order.len());
+        let mut missing = Vec::new();
+        for &i in &order {
+            let model = &models[indices[i]];
+            match model.get(&t.name) {
+                Some((loc, info)) => found.push((i, loc, info)),
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            if policy.copy_only_in_layout {
+                let who: Vec<String> = missing.iter().map(|&i| role(i)).collect();
+                tensors.push(copy(
+                    Some(format!(
+                        "missing from {}: copied from {} (--only-in-base copy)",
+                        who.join(", "),
+                        role(layout_pos)
+                    )),
+                    &mut notes,
+                ));
+            } else {
+                for i in missing {
+                    mismatch(
+                        &t.name,
+                        format!(
+                            "missing from {} (pass --only-in-base copy to copy it from {})",
+                            role(i),
+                            role(layout_pos)
+                        ),
+                    );
+                }
+            }
+            continue;
+        }
+        let mut bad = false;
+        for &(i, _, info) in &found {
+            if info.shape != t.shape {
+                mismatch(
+                    &t.name,
+                    format!(
+                        "shape {:?} in {} but {:?} in {}",
+                        t.shape,
+                        role(layout_pos),
+                        info.shape,
+                        role(i)
+                    ),
+                );
+                bad = true;
+            } else if info.dtype.mergeable().is_none() {
+                mismatch(
+                    &t.name,
+                    format!(
+                        "dtype {} in {} cannot be merged with {} in {}",
+                        info.dtype,
+                        role(i),
+                        t.dtype,
+                        role(layout_pos)
+                    ),
+                );
+                bad = true;
+            }
+        }
+        if bad {
+            continue;
+        }
+        let dtypes: Vec<FloatDtype> = found
+            .iter()
+            .map(|(_, _, info)| info.dtype.mergeable().expect("checked above"))
+            .collect();
+        let compute = spec.dtype.unwrap_or_else(|| promote(&dtypes));
+        let out = spec.out_dtype.unwrap_or(compute);
+        let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
+        let resolved = spec
+            .resolve(&t.name, layer_t)
+            .map_err(|e| Error::Usage(e.to_string()))?;
+        let op = match methods::Method::from_name(spec.method.name()) {
+            Some(method) => {
+                let params = method_params(method, spec, &resolved, &order);
+                let ctx = methods::TensorCtx {
+                    name: &t.name,
+                    shape: &t.shape,
+                    compute,
+                    inputs: &dtypes,
+                    out,
+                };
+                let op = methods::Op::new(&params, &ctx)
+                    .map_err(|e| Error::Usage(format!("tensor '{}': {e}", t.name)))?;
+                Op::Method(Arc::new(op))
+            }
+            None => {
+                return Err(Error::Usage(format!(
+                    "merge method '{}' is not implemented yet",
+                    spec.method.name()
+                )))
+            }
+        };
+        let inputs = found
+            .iter()
+            .map(|&(i, loc, info)| Input {
+                model: indices[i],
+                loc,
+                dtype: info.dtype,
+                first: 0,
+            })
+            .collect();
+        let dtype = dtype_of(out);
+        tensors.push(PlannedTensor {
+            name: t.name.clone(),
+            dtype,
+            shape: t.shape.clone(),
+            nbytes: numel * dtype.size() as u64,
+            segments: vec![Segment {
+                elems: 0..numel,
+                op,
+                inputs,
+            }],
+        });
+    }
+    // Tensors the other models have and the layout model does not.
+    for (i, entry) in spec.models.iter().enumerate() {
+        if i == layout_pos {
+            continue;
+        }
+        for (_, other) in models[indices[i]].tensors() {
+            if layout.get(&other.name).is_some() {
+                continue;
+            }
+            if is_unsaved_buffer(&other.name) || other.dtype.is_integer() {
+                notes.push(Note {
+                    tensor: other.name.clone(),
+                    note: format!("only in {}: left out", entry.path),
+                });
+            } else {
+                mismatch(
+                    &other.name,
+                    format!("missing from {} (the output takes its tensors)", role(layout_pos)),
+                );
+            }
+        }
+    }
+    if problems.is_empty() {
+        notes.sort();
+        notes.dedup();
+        Ok((tensors, notes))
+    } else {
+        problems.sort();
+        problems.dedup();
+        Err(Error::Usage(format!(
+            "the models do not match ({} problem{}):\n{}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )))
+    }
+}
+
+/// A statistics method's parameters for one tensor, from the resolved config values; `order`
+/// lists the inputs as the op takes them (base first).
+fn method_params(
+    method: methods::Method,
+    spec: &spec::OutputSpec,
+    resolved: &spec::Resolved,
+    order: &[usize],
+) -> methods::MethodParams {
+    use spec::Param;
+    let mut p = methods::MethodParams::new(method);
+    p.inputs = order
+        .iter()
+        .filter(|&&i| Some(i) != spec.base)
+        .map(|&i| {
+            let mut input = methods::InputParams::new(resolved.model_f64(i, Param::Weight).unwrap_or(1.0));
+            if let Some(d) = resolved.model_f64(i, Param::Density) {
+                input.density = d;
+            }
+            if let Some(g) = resolved.model_f64(i, Param::Gamma) {
+                input.gamma = g;
+            }
+            if let Some(e) = resolved.model_f64(i, Param::Epsilon) {
+                input.epsilon = e;
+            }
+            input
+        })
+        .collect();
+    p.normalize = resolved.bool(Param::Normalize);
+    p.rescale = resolved.bool(Param::Rescale);
+    if let Some(l) = resolved.f64(Param::Lambda) {
+        p.lambda = l;
+    }
+    p.int8_mask = resolved.bool(Param::Int8Mask).unwrap_or(false);
+    if let Some(t) = resolved.f64(Param::T) {
+        p.t = t;
+    }
+    p.filter_wise = resolved.bool(Param::FilterWise).unwrap_or(false);
+    if let Some(seed) = resolved.global.get(&Param::Seed).and_then(|v| v.as_u64()) {
+        p.seed = seed;
+    }
+    p
 }

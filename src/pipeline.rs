@@ -14,13 +14,13 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::busy::{Busy, Stage};
 use crate::error::{Error, Result};
-use crate::kernel::{self, Isa};
+use crate::kernel::{self, methods, Isa};
 use crate::method::{Input, Op};
 use crate::model::Model;
 use crate::plan::{OutShard, Plan};
@@ -87,7 +87,7 @@ pub fn buffers_per_slot(outputs: &[(&Plan, &[usize])]) -> (usize, usize) {
         for (plan, _) in outputs {
             for seg in &plan.tensors[t].segments {
                 inputs.extend(&seg.inputs);
-                ops += usize::from(seg.op != Op::Copy);
+                ops += usize::from(!seg.op.is_copy());
             }
         }
         inputs.sort_by_key(|i| (i.model, i.loc.shard, i.loc.entry, i.first));
@@ -145,6 +145,45 @@ pub struct Output<'a> {
     pub sink: &'a mut dyn ShardSink,
 }
 
+/// An op as the pipeline runs it: a method's statistics live here, one copy per tensor and
+/// output, filled in by the reduction rounds before the output round reads them.
+#[derive(Debug)]
+enum Kernel {
+    Copy,
+    Expo {
+        alpha: f32,
+        aligned: kernel::FloatDtype,
+        sft: kernel::FloatDtype,
+    },
+    Method(RwLock<methods::Op>),
+}
+
+impl Kernel {
+    fn of(op: &Op) -> Kernel {
+        match op {
+            Op::Copy => Kernel::Copy,
+            &Op::Expo {
+                alpha,
+                aligned,
+                sft,
+            } => Kernel::Expo {
+                alpha,
+                aligned,
+                sft,
+            },
+            Op::Method(op) => Kernel::Method(RwLock::new((**op).clone())),
+        }
+    }
+
+    /// The method op, for reading.
+    fn method(&self) -> Option<std::sync::RwLockReadGuard<'_, methods::Op>> {
+        match self {
+            Kernel::Method(op) => Some(op.read().unwrap_or_else(|p| p.into_inner())),
+            _ => None,
+        }
+    }
+}
+
 /// What one output makes of one piece of a tensor.
 #[derive(Debug)]
 struct Work {
@@ -152,7 +191,7 @@ struct Work {
     output: usize,
     /// The output shard the bytes belong to.
     shard: usize,
-    op: Op,
+    kernel: Kernel,
     /// Buffers (indices into the step's reads) of the op's inputs, in the op's order.
     inputs: Vec<usize>,
     /// The slot's output buffer the result goes to (unused by [`Op::Copy`]).
@@ -181,13 +220,27 @@ struct Slot {
     outputs: Vec<Vec<u8>>,
 }
 
+/// What a chunk is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// A reduction pass of the step's method ops; `last` marks the step's last chunk.
+    Reduce { last: bool },
+    /// The output.
+    Output,
+}
+
 /// One chunk of one step.
 struct Job {
     seq: u64,
     step: Arc<Step>,
     /// Elements of the step's tensor.
     elems: Range<u64>,
+    round: Round,
     slot: Slot,
+    /// Per work item, in a reduction round: the chunk's partial statistics.
+    partials: Vec<Option<methods::Partial>>,
+    /// What went wrong computing the chunk (reported by the writer, in order).
+    error: Option<Error>,
 }
 
 impl Job {
@@ -198,9 +251,9 @@ impl Job {
     /// The bytes `work` produced.
     fn output(&self, work: &Work) -> &[u8] {
         let len = (self.n() * work.width) as usize;
-        match work.op {
-            Op::Copy => &self.slot.inputs[work.inputs[0]][..len],
-            Op::Expo { .. } => &self.slot.outputs[work.out][..len],
+        match work.kernel {
+            Kernel::Copy => &self.slot.inputs[work.inputs[0]][..len],
+            Kernel::Expo { .. } | Kernel::Method(_) => &self.slot.outputs[work.out][..len],
         }
     }
 }
@@ -215,6 +268,9 @@ struct Run<'a> {
     cancel: &'a Cancel,
     busy: &'a Busy,
 }
+
+/// Tells the reader that the writer has applied a reduction round's statistics.
+type RoundDone = (Sender<()>, Receiver<()>);
 
 /// Writes every output's selected shards into its sink, reading each input once.
 ///
@@ -273,6 +329,7 @@ pub fn run(
     }
     let (read_tx, read_rx) = bounded::<Job>(settings.slots);
     let (done_tx, done_rx) = bounded::<Job>(settings.slots);
+    let (round_tx, round_rx): RoundDone = bounded(1);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
         cancel.abort.store(true, Ordering::Relaxed);
@@ -288,7 +345,7 @@ pub fn run(
         scope.spawn(move || {
             // Record the error before closing the channel, so that it is the one reported
             // rather than the writer's complaint about the early end.
-            if let Err(e) = read_stage(run, pool_rx, &read_tx) {
+            if let Err(e) = read_stage(run, pool_rx, &read_tx, &round_rx) {
                 fail(e);
             }
             drop(read_tx);
@@ -298,7 +355,7 @@ pub fn run(
             scope.spawn(move || compute_stage(run, rx, tx));
         }
         drop((read_rx, done_tx));
-        if let Err(e) = write_stage(run, done_rx, pool_tx, outputs, progress) {
+        if let Err(e) = write_stage(run, done_rx, pool_tx, outputs, progress, round_tx) {
             fail(e);
         }
     });
@@ -309,7 +366,7 @@ pub fn run(
 }
 
 /// The steps of tensor `t`: one per stretch over which no wanted output changes segment.
-fn steps_of(run: &Run, t: usize) -> Vec<Step> {
+fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
     let mut cuts: Vec<u64> = Vec::new();
     let mut wanted = Vec::new();
     for (k, plan) in run.plans.iter().enumerate() {
@@ -333,6 +390,7 @@ fn steps_of(run: &Run, t: usize) -> Vec<Step> {
         let mut reads: Vec<(usize, Input)> = Vec::new();
         let mut work = Vec::new();
         let mut widest = 1;
+        let mut granule = 1;
         for &(k, shard) in &wanted {
             let tensor = &run.plans[k].tensors[t];
             let seg = tensor
@@ -358,17 +416,46 @@ fn steps_of(run: &Run, t: usize) -> Vec<Step> {
             }
             let width = tensor.dtype.size() as u64;
             widest = widest.max(width);
-            let out = work.iter().filter(|w: &&Work| w.op != Op::Copy).count();
+            let out = work
+                .iter()
+                .filter(|w: &&Work| !matches!(w.kernel, Kernel::Copy))
+                .count();
+            if let Op::Method(op) = &seg.op {
+                granule = lcm(granule, op.granule());
+                if (elems.start - seg.elems.start) % op.granule() != 0 {
+                    return Err(Error::Usage(format!(
+                        "internal: tensor '{}' is cut at element {} inside a {}-element granule of its method",
+                        tensor.name,
+                        elems.start,
+                        op.granule()
+                    )));
+                }
+            }
             work.push(Work {
                 output: k,
                 shard,
-                op: seg.op,
+                kernel: Kernel::of(&seg.op),
                 inputs,
                 out,
                 width,
             });
         }
-        let per_chunk = (run.settings.chunk_bytes as u64 / widest).max(1);
+        let fits = run.settings.chunk_bytes as u64 / widest;
+        let per_chunk = if granule > 1 {
+            // Method ops see chunks cut on their granule (a block of elements, or a row).
+            let per_chunk = fits / granule * granule;
+            if per_chunk == 0 {
+                let name = &run.plans[wanted[0].0].tensors[t].name;
+                return Err(Error::Usage(format!(
+                    "tensor '{name}': its merge method works on {granule} elements at a time ({} bytes), more than a chunk holds ({} bytes): raise --memory",
+                    granule * widest,
+                    run.settings.chunk_bytes
+                )));
+            }
+            per_chunk
+        } else {
+            fits.max(1)
+        };
         steps.push(Step {
             tensor: t,
             elems,
@@ -377,55 +464,115 @@ fn steps_of(run: &Run, t: usize) -> Vec<Step> {
             per_chunk,
         });
     }
-    steps
+    Ok(steps)
 }
 
-/// Reads every chunk of the selected shards, in output order.
-fn read_stage(run: &Run, pool: Receiver<Slot>, out: &Sender<Job>) -> Result<()> {
+fn lcm(a: u64, b: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
+
+/// Reads every chunk of the selected shards, in output order: for a step with method ops,
+/// first the chunks of each reduction round, waiting after each for the writer to apply its
+/// statistics, then the chunks of the output round.
+fn read_stage(
+    run: &Run,
+    pool: Receiver<Slot>,
+    out: &Sender<Job>,
+    round_done: &Receiver<()>,
+) -> Result<()> {
     let mut seq = 0;
     let tensors = run.plans.first().map_or(0, |p| p.tensors.len());
     for t in 0..tensors {
-        for step in steps_of(run, t) {
+        for step in steps_of(run, t)? {
             let step = Arc::new(step);
-            let mut at = step.elems.start;
-            while at < step.elems.end {
-                run.cancel.check()?;
-                if run.cancel.aborted() {
-                    return Ok(());
+            loop {
+                let reducing = step.work.iter().any(|w| {
+                    w.kernel
+                        .method()
+                        .is_some_and(|op| op.next_pass().is_some())
+                });
+                let round = if reducing {
+                    Round::Reduce { last: false }
+                } else {
+                    Round::Output
+                };
+                if !read_round(run, &step, round, &pool, out, &mut seq)? {
+                    return Ok(()); // a later stage has stopped
                 }
-                let n = (step.elems.end - at).min(step.per_chunk);
-                let Ok(mut slot) = pool.recv() else {
+                if !reducing {
+                    break;
+                }
+                if round_done.recv().is_err() {
                     return Ok(()); // the writer has stopped
-                };
-                for (i, input) in &step.reads {
-                    let width = input.dtype.size() as u64;
-                    let first = input.first + (at - step.elems.start);
-                    let len = (n * width) as usize;
-                    run.busy.time(Stage::Read, || {
-                        read_chunk(
-                            &run.models[input.model],
-                            input,
-                            &run.plans[step.work[0].output].tensors[step.tensor].name,
-                            first * width,
-                            &mut slot.inputs[*i][..len],
-                        )
-                    })?;
                 }
-                let job = Job {
-                    seq,
-                    step: Arc::clone(&step),
-                    elems: at..at + n,
-                    slot,
-                };
-                if out.send(job).is_err() {
-                    return Ok(());
-                }
-                seq += 1;
-                at += n;
             }
         }
     }
     Ok(())
+}
+
+/// Reads and sends every chunk of `step` for `round`; false if a later stage has stopped.
+fn read_round(
+    run: &Run,
+    step: &Arc<Step>,
+    round: Round,
+    pool: &Receiver<Slot>,
+    out: &Sender<Job>,
+    seq: &mut u64,
+) -> Result<bool> {
+    let mut at = step.elems.start;
+    while at < step.elems.end {
+        run.cancel.check()?;
+        if run.cancel.aborted() {
+            return Ok(false);
+        }
+        let n = (step.elems.end - at).min(step.per_chunk);
+        let Ok(mut slot) = pool.recv() else {
+            return Ok(false);
+        };
+        for (i, input) in &step.reads {
+            let width = input.dtype.size() as u64;
+            let first = input.first + (at - step.elems.start);
+            let len = (n * width) as usize;
+            run.busy.time(Stage::Read, || {
+                read_chunk(
+                    &run.models[input.model],
+                    input,
+                    &run.plans[step.work[0].output].tensors[step.tensor].name,
+                    first * width,
+                    &mut slot.inputs[*i][..len],
+                )
+            })?;
+        }
+        let round = match round {
+            Round::Reduce { .. } => Round::Reduce {
+                last: at + n == step.elems.end,
+            },
+            Round::Output => Round::Output,
+        };
+        let job = Job {
+            seq: *seq,
+            step: Arc::clone(step),
+            elems: at..at + n,
+            round,
+            slot,
+            partials: Vec::new(),
+            error: None,
+        };
+        if out.send(job).is_err() {
+            return Ok(false);
+        }
+        *seq += 1;
+        at += n;
+    }
+    Ok(true)
 }
 
 /// Reads `buf.len()` bytes of `input`'s tensor in `model`, starting `at` bytes into the tensor.
@@ -450,35 +597,72 @@ fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8])
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
     for mut job in input {
         let started = std::time::Instant::now();
-        let n = job.n();
-        let Slot { inputs, outputs } = &mut job.slot;
-        for work in &job.step.work {
-            let len = (n * work.width) as usize;
-            let input = |i: usize| {
-                let (_, at) = &job.step.reads[work.inputs[i]];
-                &inputs[work.inputs[i]][..(n * at.dtype.size() as u64) as usize]
-            };
-            match work.op {
-                Op::Copy => {}
-                Op::Expo {
-                    alpha,
-                    aligned,
-                    sft,
-                } => {
-                    let (a, s, o) = (input(0), input(1), &mut outputs[work.out][..len]);
-                    if aligned == sft {
-                        kernel::expo(run.settings.isa, aligned, alpha, a, s, o);
-                    } else {
-                        kernel::expo_mixed(aligned, sft, alpha, a, s, o);
-                    }
-                }
-            }
+        if let Err(e) = compute(run, &mut job) {
+            job.error = Some(e);
         }
         run.busy.add(Stage::Compute, started.elapsed());
         if output.send(job).is_err() {
             return;
         }
     }
+}
+
+/// Runs every work item of `job`: its partial statistics in a reduction round, its output bytes
+/// in the output round.
+fn compute(run: &Run, job: &mut Job) -> Result<()> {
+    let n = job.n();
+    let step = Arc::clone(&job.step);
+    let Slot { inputs, outputs } = &mut job.slot;
+    // Elements into the tensor (a method's segment is the whole tensor).
+    let offset = job.elems.start;
+    for work in &step.work {
+        let len = (n * work.width) as usize;
+        let ins: Vec<&[u8]> = work
+            .inputs
+            .iter()
+            .map(|&i| {
+                let (_, at) = &step.reads[i];
+                &inputs[i][..(n * at.dtype.size() as u64) as usize]
+            })
+            .collect();
+        if let Round::Reduce { .. } = job.round {
+            let partial = match work.kernel.method() {
+                Some(op) if op.next_pass().is_some() => Some(
+                    op.partial(offset, &ins)
+                        .map_err(|e| method_error(run, &step, e))?,
+                ),
+                _ => None,
+            };
+            job.partials.push(partial);
+            continue;
+        }
+        match &work.kernel {
+            Kernel::Copy => {}
+            &Kernel::Expo {
+                alpha,
+                aligned,
+                sft,
+            } => {
+                let o = &mut outputs[work.out][..len];
+                if aligned == sft {
+                    kernel::expo(run.settings.isa, aligned, alpha, ins[0], ins[1], o);
+                } else {
+                    kernel::expo_mixed(aligned, sft, alpha, ins[0], ins[1], o);
+                }
+            }
+            Kernel::Method(_) => {
+                let op = work.kernel.method().expect("a method kernel");
+                op.output(offset, &ins, &mut outputs[work.out][..len])
+                    .map_err(|e| method_error(run, &step, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn method_error(run: &Run, step: &Step, e: methods::MethodError) -> Error {
+    let name = &run.plans[step.work[0].output].tensors[step.tensor].name;
+    Error::Usage(format!("tensor '{name}': {e}"))
 }
 
 /// Where the writer stands in one output.
@@ -496,7 +680,10 @@ fn write_stage(
     pool: Sender<Slot>,
     outputs: &mut [Output],
     progress: &dyn Progress,
+    round_done: Sender<()>,
 ) -> Result<()> {
+    // A reduction round's combiners, per work item of the step being reduced.
+    let mut combiners: Vec<Option<methods::Combiner>> = Vec::new();
     let mut pending: BTreeMap<u64, Job> = BTreeMap::new();
     let mut next = 0u64;
     let mut cursors: Vec<Cursor> = outputs
@@ -520,6 +707,18 @@ fn write_stage(
             }
         };
         run.cancel.check()?;
+        if let Some(e) = job.error {
+            return Err(e);
+        }
+        if let Round::Reduce { last } = job.round {
+            reduce(run, &job, &mut combiners, last)?;
+            if last && round_done.send(()).is_err() {
+                return Ok(());
+            }
+            next += 1;
+            let _ = pool.send(job.slot);
+            continue;
+        }
         for work in &job.step.work {
             let out = &mut outputs[work.output];
             let cursor = &mut cursors[work.output];
@@ -554,6 +753,35 @@ fn write_stage(
             return Err(Error::Usage(
                 "internal: the read stage stopped before every shard was complete".into(),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Pushes a reduction chunk's partials into the round's combiners, in chunk order; after the
+/// step's last chunk, applies the statistics to the step's method ops.
+fn reduce(
+    run: &Run,
+    job: &Job,
+    combiners: &mut Vec<Option<methods::Combiner>>,
+    last: bool,
+) -> Result<()> {
+    combiners.resize_with(job.step.work.len(), || None);
+    for ((work, partial), comb) in job.step.work.iter().zip(&job.partials).zip(combiners.iter_mut()) {
+        let Some(partial) = partial else { continue };
+        let op = work.kernel.method().expect("partials come from method ops");
+        let comb = comb.get_or_insert_with(|| op.combiner());
+        comb.push(partial.clone())
+            .map_err(|e| method_error(run, &job.step, e))?;
+    }
+    if last {
+        for (work, comb) in job.step.work.iter().zip(combiners.iter_mut()) {
+            if let (Kernel::Method(op), Some(comb)) = (&work.kernel, comb.take()) {
+                op.write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finish_pass(comb)
+                    .map_err(|e| method_error(run, &job.step, e))?;
+            }
         }
     }
     Ok(())

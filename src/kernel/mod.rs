@@ -38,6 +38,7 @@ use std::fmt;
 
 pub mod detmath;
 pub mod exec;
+pub mod linear;
 pub mod methods;
 pub mod rng;
 pub mod scalar;
@@ -47,6 +48,10 @@ pub mod stats;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod linear_avx2;
+#[cfg(target_arch = "x86_64")]
+mod linear_avx512;
 
 /// Storage dtype of a floating-point tensor (safetensors naming).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -175,7 +180,7 @@ impl Isa {
 
     /// Whether this CPU can run `self`. Cheap: `is_x86_feature_detected!`
     /// caches its answer in a static after the first call.
-    fn is_supported(self) -> bool {
+    pub(crate) fn is_supported(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
