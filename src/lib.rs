@@ -232,11 +232,7 @@ pub fn config_runs(
             for entry in &o.models {
                 let path = match &entry.model.location {
                     ModelLocation::Output { index, .. } => dir_of(*index),
-                    _ => entry
-                        .model
-                        .dir()
-                        .expect("not another output")
-                        .to_path_buf(),
+                    _ => entry.model.dir().expect("not another output").to_path_buf(),
                 };
                 let i = match models.iter().position(|m| *m == path) {
                     Some(i) => i,

@@ -11,11 +11,11 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Mismatch, Result};
-use crate::kernel::methods;
-use crate::spec;
 use crate::format::Dtype;
 use crate::kernel::FloatDtype;
+use crate::kernel::{linear, methods};
 use crate::model::{Model, TensorLoc};
+use crate::spec;
 
 /// A merge method with its parameters.
 #[derive(Debug, Clone)]
@@ -42,7 +42,10 @@ pub fn num_layers(model: &Model) -> usize {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|c| {
             c.get("num_hidden_layers")
-                .or_else(|| c.get("text_config").and_then(|t| t.get("num_hidden_layers")))
+                .or_else(|| {
+                    c.get("text_config")
+                        .and_then(|t| t.get("num_hidden_layers"))
+                })
                 .and_then(serde_json::Value::as_u64)
         });
     match from_config {
@@ -153,6 +156,9 @@ pub enum Op {
     /// inputs `[base, others…]`: reduction passes over the tensor's chunks, then the output
     /// pass. This is the op as planned, before any statistics; the pipeline runs a copy.
     Method(std::sync::Arc<crate::kernel::methods::Op>),
+    /// mergekit's `linear` or `task_arithmetic` over the inputs in the combination's order
+    /// (task arithmetic: the base first), with mergekit's rounding points and sum order.
+    Combine(std::sync::Arc<crate::kernel::linear::Combine>),
 }
 
 impl Op {
@@ -675,17 +681,60 @@ fn plan_config(
         if bad {
             continue;
         }
-        let dtypes: Vec<FloatDtype> = found
-            .iter()
-            .map(|(_, _, info)| info.dtype.mergeable().expect("checked above"))
-            .collect();
-        let compute = spec.dtype.unwrap_or_else(|| promote(&dtypes));
+        let compute = spec.dtype.unwrap_or_else(|| {
+            promote(
+                &found
+                    .iter()
+                    .map(|(_, _, info)| info.dtype.mergeable().expect("checked above"))
+                    .collect::<Vec<_>>(),
+            )
+        });
         let out = spec.out_dtype.unwrap_or(compute);
         let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
         let resolved = spec
             .resolve(&t.name, layer_t)
             .map_err(|e| Error::Usage(e.to_string()))?;
+        let linear = match spec.method {
+            spec::Method::Linear => Some(linear::Method::Linear),
+            spec::Method::TaskArithmetic => Some(linear::Method::TaskArithmetic),
+            _ => None,
+        };
+        // Linear weighs every input in config order; the others take the base first.
+        let found: Vec<_> = if linear == Some(linear::Method::Linear) {
+            let mut f = found;
+            f.sort_by_key(|&(i, _, _)| i);
+            f
+        } else {
+            found
+        };
+        let dtypes: Vec<FloatDtype> = found
+            .iter()
+            .map(|(_, _, info)| info.dtype.mergeable().expect("checked above"))
+            .collect();
         let op = match methods::Method::from_name(spec.method.name()) {
+            _ if linear.is_some() => {
+                let method = linear.expect("checked");
+                use spec::Param;
+                let weights: Vec<f64> = found
+                    .iter()
+                    .filter(|&&(i, _, _)| method == linear::Method::Linear || Some(i) != spec.base)
+                    .map(|&(i, _, _)| resolved.model_f64(i, Param::Weight).unwrap_or(1.0))
+                    .collect();
+                let normalize = resolved
+                    .bool(Param::Normalize)
+                    .unwrap_or(method == linear::Method::Linear);
+                let combine = linear::Combine::new(&linear::CombineParams {
+                    method,
+                    weights: &weights,
+                    normalize,
+                    lambda: resolved.f64(Param::Lambda).unwrap_or(1.0),
+                    compute,
+                    out,
+                    numel,
+                })
+                .map_err(|e| Error::Usage(format!("tensor '{}': {e}", t.name)))?;
+                Op::Combine(Arc::new(combine))
+            }
             Some(method) => {
                 let params = method_params(method, spec, &resolved, &order);
                 let ctx = methods::TensorCtx {
@@ -745,7 +794,10 @@ fn plan_config(
             } else {
                 mismatch(
                     &other.name,
-                    format!("missing from {} (the output takes its tensors)", role(layout_pos)),
+                    format!(
+                        "missing from {} (the output takes its tensors)",
+                        role(layout_pos)
+                    ),
                 );
             }
         }
@@ -784,7 +836,8 @@ fn method_params(
         .iter()
         .filter(|&&i| Some(i) != spec.base)
         .map(|&i| {
-            let mut input = methods::InputParams::new(resolved.model_f64(i, Param::Weight).unwrap_or(1.0));
+            let mut input =
+                methods::InputParams::new(resolved.model_f64(i, Param::Weight).unwrap_or(1.0));
             if let Some(d) = resolved.model_f64(i, Param::Density) {
                 input.density = d;
             }

@@ -156,6 +156,7 @@ enum Kernel {
         sft: kernel::FloatDtype,
     },
     Method(RwLock<methods::Op>),
+    Combine(Arc<kernel::linear::Combine>),
 }
 
 impl Kernel {
@@ -172,6 +173,7 @@ impl Kernel {
                 sft,
             },
             Op::Method(op) => Kernel::Method(RwLock::new((**op).clone())),
+            Op::Combine(c) => Kernel::Combine(Arc::clone(c)),
         }
     }
 
@@ -253,7 +255,9 @@ impl Job {
         let len = (self.n() * work.width) as usize;
         match work.kernel {
             Kernel::Copy => &self.slot.inputs[work.inputs[0]][..len],
-            Kernel::Expo { .. } | Kernel::Method(_) => &self.slot.outputs[work.out][..len],
+            Kernel::Expo { .. } | Kernel::Method(_) | Kernel::Combine(_) => {
+                &self.slot.outputs[work.out][..len]
+            }
         }
     }
 }
@@ -493,11 +497,10 @@ fn read_stage(
         for step in steps_of(run, t)? {
             let step = Arc::new(step);
             loop {
-                let reducing = step.work.iter().any(|w| {
-                    w.kernel
-                        .method()
-                        .is_some_and(|op| op.next_pass().is_some())
-                });
+                let reducing = step
+                    .work
+                    .iter()
+                    .any(|w| w.kernel.method().is_some_and(|op| op.next_pass().is_some()));
                 let round = if reducing {
                     Round::Reduce { last: false }
                 } else {
@@ -650,6 +653,27 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
                     kernel::expo_mixed(aligned, sft, alpha, ins[0], ins[1], o);
                 }
             }
+            Kernel::Combine(c) => {
+                let typed: Vec<(&[u8], kernel::FloatDtype)> = work
+                    .inputs
+                    .iter()
+                    .zip(&ins)
+                    .map(|(&i, bytes)| {
+                        let (_, at) = &step.reads[i];
+                        (
+                            *bytes,
+                            at.dtype.mergeable().expect("planned as a float input"),
+                        )
+                    })
+                    .collect();
+                kernel::linear::combine(
+                    run.settings.isa,
+                    c,
+                    offset,
+                    &typed,
+                    &mut outputs[work.out][..len],
+                );
+            }
             Kernel::Method(_) => {
                 let op = work.kernel.method().expect("a method kernel");
                 op.output(offset, &ins, &mut outputs[work.out][..len])
@@ -767,7 +791,13 @@ fn reduce(
     last: bool,
 ) -> Result<()> {
     combiners.resize_with(job.step.work.len(), || None);
-    for ((work, partial), comb) in job.step.work.iter().zip(&job.partials).zip(combiners.iter_mut()) {
+    for ((work, partial), comb) in job
+        .step
+        .work
+        .iter()
+        .zip(&job.partials)
+        .zip(combiners.iter_mut())
+    {
         let Some(partial) = partial else { continue };
         let op = work.kernel.method().expect("partials come from method ops");
         let comb = comb.get_or_insert_with(|| op.combiner());
