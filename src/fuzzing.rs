@@ -4,7 +4,7 @@
 //! panics only when a promise the library makes is broken (a header that validates but does not
 //! tile its data section, a failed merge that leaves output behind, a merged value that differs
 //! from the reference, …). Errors are expected outcomes, not findings. The functions live here,
-//! not in `fuzz/`, so that `tests/fuzz_corpus.rs` replays the seed corpus and every crash
+//! not in `fuzz/`, so that `tests/it/fuzz_corpus.rs` replays the seed corpus and every crash
 //! reproducer under plain `cargo test`, through the very same code.
 //!
 //! Not part of the API: hidden from the docs, and free to change with the targets.

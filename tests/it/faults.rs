@@ -2,9 +2,7 @@
 //! once; inputs changed underneath; SIGINT and SIGTERM. Killing and pausing at exact points uses
 //! the failpoints in `src/failpoint.rs`: the process really gets SIGKILL.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

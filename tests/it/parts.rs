@@ -2,12 +2,10 @@
 //! the directory a single `expo` gives, byte for byte; `finalize` must refuse (exit 1, naming
 //! the part) whenever the parts do not add up to one run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::*;
+use crate::common::*;
 
 const ALPHA: &str = "0.3";
 /// Small enough that the tiny pair makes 5 shards: with 7 parts, two parts get none.

@@ -1,7 +1,6 @@
 //! Shared helpers for the end-to-end tests: run the binary, make inputs, read outputs with an
 //! independent reader (the `safetensors` crate), and compute the ExPO reference independently of
 //! the tool's kernel (with the `half` crate's conversions).
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -127,13 +126,9 @@ pub fn load_model(dir: &Path) -> BTreeMap<String, Tensor> {
     out
 }
 
-/// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN.
-pub fn expo_element(dtype: safetensors::Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
-    expo_element_mixed(dtype, dtype, alpha, a, s)
-}
-
-/// The reference when the SFT side is stored as `sft_dtype`: both widen exactly to f32, the
-/// result takes the aligned dtype.
+/// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN. The
+/// SFT side may be stored as another float type (`sft_dtype`): both widen exactly to f32 and
+/// the result takes the aligned dtype.
 pub fn expo_element_mixed(
     dtype: safetensors::Dtype,
     sft_dtype: safetensors::Dtype,

@@ -4,11 +4,9 @@
 //! precheck creates nothing) or existed empty (plan failures come before the output directory is
 //! opened). Valid edge cases must merge and match the independent reference.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// A safetensors file: the 8-byte length, `json` verbatim, then `data`.
 fn raw(json: impl AsRef<[u8]>, data: &[u8]) -> Vec<u8> {

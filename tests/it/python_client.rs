@@ -1,9 +1,7 @@
 //! The output as a real client sees it: the Python `safetensors` package loads every shard
 //! through the index, and numpy computes the ExPO reference independently.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -1,0 +1,19 @@
+//! Every end-to-end test, in one binary (one link, one process per `cargo test` run), a module
+//! per area. The tests run the real `mergestream` binary on generated inputs and check its output
+//! with independent readers (the `safetensors` crate, the `half` crate, the Python package).
+//!
+//! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
+//! - `expo`, `malformed`, `parts`, `faults`, `memory`: the command line, area by area;
+//! - `python_client`, `slurm`: real clients and a real cluster;
+//! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
+
+mod common;
+
+mod expo;
+mod faults;
+mod fuzz_corpus;
+mod malformed;
+mod memory;
+mod parts;
+mod python_client;
+mod slurm;
