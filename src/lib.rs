@@ -14,9 +14,9 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
-#[doc(hidden)]
-pub mod failpoint;
+mod failpoint;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;

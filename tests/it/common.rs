@@ -172,7 +172,7 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
         let (a, s) = (&aligned[name], &sft[name]);
         assert_eq!(m.dtype, a.dtype, "{name}: dtype");
         assert_eq!(m.shape, a.shape, "{name}: shape");
-        let size = m.dtype.size();
+        let size = m.dtype.bitsize() / 8;
         let float = matches!(
             m.dtype,
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
@@ -189,7 +189,7 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
             .data
             .chunks_exact(size)
             .zip(a.data.chunks_exact(size))
-            .zip(s.data.chunks_exact(s.dtype.size()))
+            .zip(s.data.chunks_exact(s.dtype.bitsize() / 8))
             .enumerate()
         {
             let want = expo_element_mixed(m.dtype, s.dtype, alpha, ao, so);

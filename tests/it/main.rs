@@ -6,14 +6,21 @@
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`: the command line, area by area;
 //! - `python_client`, `slurm`: real clients and a real cluster;
 //! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
+//!
+//! `faults` needs the `failpoints` cargo feature and `fuzz_corpus` the `fuzzing` feature (test
+//! hooks kept out of the product); `scripts/test.sh` runs them. `product` checks what a build
+//! without those features does with the hooks' environment variables.
 
 mod common;
 
 mod expo;
+#[cfg(feature = "failpoints")]
 mod faults;
+#[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
 mod malformed;
 mod memory;
 mod parts;
+mod product;
 mod python_client;
 mod slurm;
