@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mergestream::format::Dtype;
 use mergestream::model::Model;
@@ -122,18 +122,18 @@ struct PlanArgs {
 struct SynthArgs {
     /// Where to write OUT/sft and OUT/aligned.
     out: PathBuf,
-    /// Model widths: tiny-llama, tiny-mistral, llama3-8b, mistral-7b, llama3-70b.
-    #[arg(long, default_value = "tiny-llama")]
-    preset: String,
+    /// Model widths.
+    #[arg(long, value_enum, default_value_t = synth::Preset::TinyLlama)]
+    preset: synth::Preset,
     /// Number of transformer layers (default: the preset's).
     #[arg(long)]
     layers: Option<u64>,
-    /// BF16, F16 or F32.
-    #[arg(long, default_value = "BF16")]
-    dtype: String,
+    /// The float type of the weights.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = FloatArg::BF16)]
+    dtype: FloatArg,
     /// Store the SFT model's float tensors as this type instead (a mixed-precision pair).
-    #[arg(long)]
-    sft_dtype: Option<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    sft_dtype: Option<FloatArg>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long, default_value_t = 3)]
@@ -146,6 +146,33 @@ struct SynthArgs {
     /// Add an I64 buffer tensor (copied, not merged).
     #[arg(long)]
     int_buffer: bool,
+}
+
+/// The float types `synth` writes.
+#[derive(Clone, Copy, ValueEnum)]
+enum FloatArg {
+    #[value(name = "BF16")]
+    BF16,
+    #[value(name = "F16")]
+    F16,
+    #[value(name = "F32")]
+    F32,
+}
+
+impl FloatArg {
+    fn dtype(self) -> Dtype {
+        match self {
+            FloatArg::BF16 => Dtype::BF16,
+            FloatArg::F16 => Dtype::F16,
+            FloatArg::F32 => Dtype::F32,
+        }
+    }
+}
+
+impl std::fmt::Display for FloatArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dtype().name())
+    }
 }
 
 fn main() -> ExitCode {
@@ -364,27 +391,14 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
 }
 
 fn synth_pair(args: SynthArgs) -> Result<()> {
-    let mut shape = synth::preset(&args.preset).ok_or_else(|| {
-        Error::Usage(format!(
-            "unknown preset '{}' (choose from {})",
-            args.preset,
-            synth::PRESETS
-        ))
-    })?;
+    let mut shape = args.preset.shape();
     if let Some(layers) = args.layers {
         shape.layers = layers;
     }
-    let float = |text: &str| {
-        Dtype::parse(&text.to_ascii_uppercase())
-            .filter(|d| d.mergeable().is_some())
-            .ok_or_else(|| Error::Usage(format!("{text} is not BF16, F16 or F32")))
-    };
-    let dtype = float(&args.dtype)?;
-    let sft_dtype = args.sft_dtype.as_deref().map(float).transpose()?;
     let spec = synth::PairSpec {
         shape,
-        dtype,
-        sft_dtype,
+        dtype: args.dtype.dtype(),
+        sft_dtype: args.sft_dtype.map(FloatArg::dtype),
         seed: args.seed,
         sft_shards: args.sft_shards.max(1),
         aligned_shards: args.aligned_shards.max(1),
@@ -398,4 +412,16 @@ fn synth_pair(args: SynthArgs) -> Result<()> {
         format_bytes(bytes)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over the whole command line (as b3sum does).
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
