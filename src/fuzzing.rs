@@ -48,10 +48,10 @@ pub fn header(data: &[u8]) {
 pub fn index(data: &[u8]) {
     let mut parts = split(data, SEPARATOR);
     let index_json = parts.remove(0);
-    let parsed = index::parse(Path::new(INDEX_FILE), index_json);
+    let parsed = index::parse(index_json);
     match &parsed {
         Ok(idx) => check_index(idx),
-        Err(e) => check_error(e),
+        Err(e) => assert!(!e.to_string().is_empty()),
     }
 
     let scratch = scratch();
@@ -209,7 +209,7 @@ fn check_index(idx: &index::Index) {
     let mut names = HashSet::new();
     for (tensor, shard) in &idx.weight_map {
         assert!(names.insert(tensor), "tensor '{tensor}' twice");
-        assert!(index::check_shard_name(shard).is_ok());
+        assert!(index::check_shard_name(tensor, shard).is_ok());
         assert!(!shard.contains('/') && shard != ".." && shard != ".");
     }
     let shards = idx.shards();

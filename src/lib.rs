@@ -34,6 +34,7 @@ pub mod writer;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use error::UsageError;
 pub use error::{Error, Result};
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
@@ -101,13 +102,14 @@ pub fn plan_expo(
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     let started = Instant::now();
     output::precheck(&job.out)?;
-    let isa = kernel::Isa::select().map_err(Error::Usage)?;
-    let budget = job.memory.checked_sub(MEMORY_RESERVE).ok_or_else(|| {
-        Error::Usage(format!(
-            "--memory must be more than {} MiB",
-            MEMORY_RESERVE >> 20
-        ))
-    })?;
+    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
+    let budget = job
+        .memory
+        .checked_sub(MEMORY_RESERVE)
+        .filter(|&b| b > 0)
+        .ok_or(UsageError::MemoryBelowReserve {
+            reserve: MEMORY_RESERVE,
+        })?;
     let mut settings = Settings::for_budget(budget, job.threads, isa)?;
     if let Some(chunk) = job.chunk_bytes {
         settings.chunk_bytes = chunk.max(8) & !7;

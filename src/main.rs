@@ -225,7 +225,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
     let cancel = Cancel::default();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_usize(signal, Arc::clone(&cancel.signal), signal as usize)
-            .map_err(|e| Error::Usage(format!("cannot install a signal handler: {e}")))?;
+            .map_err(|source| Error::SignalHandler { source })?;
     }
     let job = ExpoJob {
         sft: args.pair.sft,

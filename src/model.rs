@@ -13,7 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
 use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
 
@@ -85,16 +85,16 @@ impl Shard {
         if now.len != self.identity.len {
             return Err(Error::InputChanged {
                 path: self.path.clone(),
-                reason: format!(
-                    "its length changed from {} to {} bytes",
-                    self.identity.len, now.len
-                ),
+                change: InputChange::Length {
+                    from: self.identity.len,
+                    to: now.len,
+                },
             });
         }
         if now != self.identity {
             return Err(Error::InputChanged {
                 path: self.path.clone(),
-                reason: "it was modified (its modification time changed)".into(),
+                change: InputChange::Modified,
             });
         }
         Ok(())
@@ -132,10 +132,7 @@ impl Model {
             return Model::from_shards(path, dir, vec![shard], None);
         }
         if !meta.is_dir() {
-            return Err(Error::Model {
-                path: path.to_path_buf(),
-                reason: "is neither a safetensors file nor a model directory".into(),
-            });
+            return Err(Error::model(path, ModelError::NotAModel));
         }
         // `symlink_metadata`, so that a dangling link (an HF cache missing a blob) is reported
         // as such, not as an absent file.
@@ -148,10 +145,7 @@ impl Model {
             let shard = Shard::open(single, SINGLE_FILE.into())?;
             return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
         }
-        Err(Error::Model {
-            path: path.to_path_buf(),
-            reason: format!("not a model: no {INDEX_FILE} or {SINGLE_FILE} in this directory"),
-        })
+        Err(Error::model(path, ModelError::NoWeights))
     }
 
     fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
@@ -159,14 +153,13 @@ impl Model {
         if meta.len() > MAX_INDEX_LEN {
             return Err(Error::index(
                 index_path,
-                None,
-                format!("{} bytes is larger than any index should be", meta.len()),
+                IndexError::TooLarge { len: meta.len() },
             ));
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| Error::io(index_path, "reading index", e))?;
-        let index = index::parse(index_path, &bytes)?;
+        let index = index::parse(&bytes).map_err(|kind| Error::index(index_path, kind))?;
         let shards = index
             .shards()
             .into_iter()
@@ -185,14 +178,13 @@ impl Model {
         for (s, shard) in shards.iter().enumerate() {
             for (entry, t) in shard.header.tensors.iter().enumerate() {
                 if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { shard: s, entry }) {
-                    return Err(Error::Model {
-                        path: shard.path.clone(),
-                        reason: format!(
-                            "tensor '{}' is also in {}",
-                            t.name,
-                            shards[prev.shard].path.display()
-                        ),
-                    });
+                    return Err(Error::model(
+                        &shard.path,
+                        ModelError::TensorInTwoShards {
+                            tensor: t.name.clone(),
+                            other: shards[prev.shard].path.clone(),
+                        },
+                    ));
                 }
             }
         }
@@ -203,24 +195,28 @@ impl Model {
                 .map(|(i, s)| (s.name.as_str(), i))
                 .collect();
             for (tensor, shard_name) in &index.weight_map {
-                let listed = by_name[shard_name.as_str()];
+                let listed = *by_name.get(shard_name.as_str()).ok_or_else(|| {
+                    Error::internal(format!("shard {shard_name} of the index was not opened"))
+                })?;
                 match tensors.get(tensor) {
                     Some(loc) if loc.shard == listed => {}
                     Some(loc) => {
                         return Err(Error::index(
                             index_path,
-                            Some(tensor),
-                            format!(
-                                "listed in {shard_name}, but it is in {}",
-                                shards[loc.shard].name
-                            ),
+                            IndexError::WrongShard {
+                                tensor: tensor.clone(),
+                                listed: shard_name.clone(),
+                                actual: shards[loc.shard].name.clone(),
+                            },
                         ))
                     }
                     None => {
                         return Err(Error::index(
                             index_path,
-                            Some(tensor),
-                            format!("listed in {shard_name}, which does not contain it"),
+                            IndexError::NotInShard {
+                                tensor: tensor.clone(),
+                                shard: shard_name.clone(),
+                            },
                         ))
                     }
                 }
@@ -239,19 +235,20 @@ impl Model {
                     .filter(|(t, _)| !listed.contains(t))
                     .collect();
                 unlisted.sort();
-                let (tensor, shard) = unlisted[0];
+                let (tensor, shard) = unlisted.first().ok_or_else(|| {
+                    Error::internal("more tensors than the index lists, yet none unlisted")
+                })?;
                 return Err(Error::index(
                     index_path,
-                    Some(tensor),
-                    format!("is in {shard} but the index does not list it"),
+                    IndexError::Unlisted {
+                        tensor: tensor.to_string(),
+                        shard: shard.to_string(),
+                    },
                 ));
             }
         }
         if tensors.is_empty() {
-            return Err(Error::Model {
-                path: path.to_path_buf(),
-                reason: "the model has no tensors".into(),
-            });
+            return Err(Error::model(path, ModelError::NoTensors));
         }
         Ok(Model {
             path: path.to_path_buf(),
@@ -316,16 +313,10 @@ impl Model {
 /// set the cancel flag. `O_NONBLOCK` covers a swap after the check; it changes nothing for a
 /// regular file.
 fn open_regular(path: &Path, what: &'static str) -> Result<(File, std::fs::Metadata)> {
-    let not_regular = || Error::Model {
-        path: path.to_path_buf(),
-        reason: "is not a regular file (a FIFO, socket or device?)".into(),
-    };
+    let not_regular = || Error::model(path, ModelError::NotRegularFile);
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, what, e))?;
     if meta.is_dir() {
-        return Err(Error::Model {
-            path: path.to_path_buf(),
-            reason: "is a directory, not a file".into(),
-        });
+        return Err(Error::model(path, ModelError::IsDirectory));
     }
     if !meta.is_file() {
         return Err(not_regular());

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InputChange, Result, UsageError};
 use crate::kernel::{self, Isa};
 use crate::model::{Model, TensorLoc};
 use crate::plan::{Op, OutShard, Plan};
@@ -49,10 +49,10 @@ impl Settings {
         let per_slot = buffer_budget / (3 * slots as u64);
         let chunk = (per_slot.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
         if chunk < Self::MIN_CHUNK_BYTES {
-            return Err(Error::Usage(format!(
-                "--memory is too small for {threads} threads: needs at least {} MiB of buffers",
-                (3 * slots * Self::MIN_CHUNK_BYTES) >> 20
-            )));
+            return Err(Error::Usage(UsageError::MemoryTooSmall {
+                threads,
+                needed: (3 * slots * Self::MIN_CHUNK_BYTES) as u64,
+            }));
         }
         Ok(Settings {
             threads,
@@ -276,9 +276,10 @@ fn read_chunk(model: &Model, loc: TensorLoc, name: &str, at: u64, buf: &mut [u8]
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::InputChanged {
                 path: shard.path.clone(),
-                reason: format!(
-                    "the file ends before the data of tensor '{name}' (at byte {offset}): truncated while being read?"
-                ),
+                change: InputChange::EndsEarly {
+                    tensor: name.to_owned(),
+                    offset,
+                },
             }
         } else {
             Error::io(&shard.path, "reading tensor data", e)
@@ -328,7 +329,7 @@ fn write_stage(
                     let Ok(job) = input.recv() else {
                         // Upstream stopped early; its error (or the signal) says why.
                         run.cancel.check()?;
-                        return Err(Error::Usage("the read stage stopped early".into()));
+                        return Err(Error::internal("the read stage stopped early"));
                     };
                     if job.seq != next {
                         pending.insert(job.seq, job);

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use crate::error::{Error, Mismatch, Result};
+use crate::error::{Error, Mismatch, MismatchKind, Result, UsageError};
 use crate::format::header::{self, TensorInfo};
 use crate::format::index::{self, INDEX_FILE};
 use crate::format::Dtype;
@@ -136,9 +136,7 @@ impl Plan {
     /// Plans `aligned + alpha * (aligned - sft)` for every tensor.
     pub fn expo(sft: &Model, aligned: &Model, alpha: f32, max_shard_size: u64) -> Result<Plan> {
         if !alpha.is_finite() {
-            return Err(Error::Usage(format!(
-                "alpha {alpha} is not a finite number"
-            )));
+            return Err(Error::Usage(UsageError::AlphaNotFinite { alpha }));
         }
         let tensors = match_models(sft, aligned)?;
         let alpha_text = format!("{alpha}");
@@ -252,24 +250,27 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
         let Some((sft_loc, s)) = sft.get(&t.name) else {
             problems.push(Mismatch {
                 tensor: t.name.clone(),
-                problem: "missing from the SFT model (--sft)".into(),
+                kind: MismatchKind::MissingFromSft,
             });
             continue;
         };
         if s.shape != t.shape {
             problems.push(Mismatch {
                 tensor: t.name.clone(),
-                problem: format!(
-                    "shape {:?} in --aligned but {:?} in --sft",
-                    t.shape, s.shape
-                ),
+                kind: MismatchKind::Shape {
+                    aligned: t.shape.clone(),
+                    sft: s.shape.clone(),
+                },
             });
         }
         let both_float = t.dtype.mergeable().is_some() && s.dtype.mergeable().is_some();
         if s.dtype != t.dtype && !both_float {
             problems.push(Mismatch {
                 tensor: t.name.clone(),
-                problem: format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
+                kind: MismatchKind::Dtype {
+                    aligned: t.dtype,
+                    sft: s.dtype,
+                },
             });
         }
         let op = match (t.dtype.mergeable(), s.dtype.mergeable()) {
@@ -281,10 +282,7 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
             (None, _) => {
                 problems.push(Mismatch {
                     tensor: t.name.clone(),
-                    problem: format!(
-                        "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
-                        t.dtype
-                    ),
+                    kind: MismatchKind::Unmergeable { dtype: t.dtype },
                 });
                 continue;
             }
@@ -303,7 +301,7 @@ fn match_models(sft: &Model, aligned: &Model) -> Result<Vec<PlannedTensor>> {
         if aligned.get(&s.name).is_none() {
             problems.push(Mismatch {
                 tensor: s.name.clone(),
-                problem: "missing from the aligned model (--aligned)".into(),
+                kind: MismatchKind::MissingFromAligned,
             });
         }
     }

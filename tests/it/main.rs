@@ -4,6 +4,7 @@
 //!
 //! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`: the command line, area by area;
+//! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `python_client`, `slurm`: real clients and a real cluster;
 //! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
 //!
@@ -24,3 +25,4 @@ mod parts;
 mod product;
 mod python_client;
 mod slurm;
+mod verify;
