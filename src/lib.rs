@@ -1,16 +1,23 @@
 //! mergestream: merge model checkpoints by streaming them from disk.
 //!
-//! The public API mirrors the command line: [`expo`] plans and runs an ExPO merge (or one part
-//! of it), [`output::finalize`] completes a partitioned run, [`verify::verify`] checks a
-//! finished output. The pieces, each ignorant of the others' concerns:
+//! The public API mirrors the command line: [`plan_expo`] checks two models and plans a merge,
+//! [`expo`] plans and runs it (or one part of it), [`output::finalize`] completes a partitioned
+//! run, [`verify::verify`] checks a finished output. Every error is an [`Error`], whose variants
+//! say what went wrong in fields a caller can match on. The pieces, each ignorant of the others'
+//! concerns:
 //!
-//! - [`format`] parses and writes safetensors headers and shard indexes;
+//! - [`mod@format`] parses and writes safetensors headers and shard indexes;
 //! - [`model`] opens and validates input models;
 //! - [`plan`] decides every byte of the output from the headers and options;
 //! - [`kernel`] is the arithmetic, on slices;
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
-//! - [`output`] is that sink: temporary files, renames, records, locks, finalizing;
-//! - [`manifest`] is `checksums.b3`.
+//! - [`output`] is that sink: temporary files, renames, records, locks, finalizing (and
+//!   `checksums.b3`, the blake3 manifest);
+//! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
+//!
+//! What the library does not do: print (only `main.rs` does), parse command lines, or read
+//! tensor data anywhere but in the pipeline.
+#![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
@@ -20,7 +27,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;
-pub mod manifest;
+pub(crate) mod manifest;
 pub mod model;
 pub mod output;
 pub mod pipeline;
@@ -36,51 +43,72 @@ use std::time::Instant;
 
 use error::UsageError;
 pub use error::{Error, Result};
+use kernel::Isa;
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};
 use plan::{Part, Plan};
+use writer::IoMode;
 
 /// Memory kept aside from `--memory` for everything but chunk buffers: the program, thread
 /// stacks, headers and plans.
 pub const MEMORY_RESERVE: u64 = 32 << 20;
 /// The default `--memory`.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// The default `--max-shard-size`, as `transformers` defaults it (5 GB, decimal).
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// An ExPO run, as the command line describes it.
 #[derive(Debug, Clone)]
 pub struct ExpoJob {
+    /// The SFT model: a model directory or a `.safetensors` file.
     pub sft: PathBuf,
+    /// The aligned model, whose dtypes and non-weight files the output takes.
     pub aligned: PathBuf,
+    /// The output directory (created if missing).
     pub out: PathBuf,
+    /// Extrapolation strength: `aligned + alpha * (aligned - sft)`.
     pub alpha: f32,
+    /// Largest output shard in bytes of tensor data (a larger tensor gets a shard of its own).
     pub max_shard_size: u64,
     /// Cap on the process's memory; chunk buffers get all of it but [`MEMORY_RESERVE`].
     pub memory: u64,
+    /// Compute threads.
     pub threads: usize,
     /// Chunk size override (testing); output bytes never depend on it.
     pub chunk_bytes: Option<usize>,
     /// One part of a partitioned run (finalized later by [`output::finalize`]), or `None` for
     /// a whole run, which finalizes itself.
     pub part: Option<Part>,
+    /// What to do with earlier output in `out`.
     pub existing: Existing,
+    /// Show a progress bar on stderr (when it is a terminal).
     pub show_progress: bool,
-    pub io: writer::IoMode,
+    /// How output files are written.
+    pub io: IoMode,
 }
 
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Tensors in the shards this run (or part) is responsible for.
     pub tensors: usize,
+    /// Shards written by this run.
     pub shards_written: usize,
+    /// Shards an earlier, interrupted run had finished (`--resume`), kept.
     pub shards_kept: usize,
+    /// Bytes of the shards written.
     pub bytes_written: u64,
+    /// Wall-clock seconds.
     pub seconds: f64,
-    pub isa: &'static str,
-    /// "direct" or "buffered" (the output filesystem refused direct I/O).
-    pub io: &'static str,
+    /// The kernel that ran.
+    pub isa: Isa,
+    /// How shards were written: [`IoMode::Direct`], or [`IoMode::Buffered`] when the output
+    /// filesystem refused direct I/O (or it was asked for).
+    pub io: IoMode,
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
+    /// Files of the aligned model directory not copied to the output, with why.
     pub skipped_files: Vec<(String, &'static str)>,
 }
 
@@ -160,8 +188,12 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
         shards_kept: mine.len() - todo.len(),
         bytes_written: bytes,
         seconds: started.elapsed().as_secs_f64(),
-        isa: isa.name(),
-        io: if buffered { "buffered" } else { "direct" },
+        isa,
+        io: if buffered {
+            IoMode::Buffered
+        } else {
+            IoMode::Direct
+        },
         finalized: finalize,
         skipped_files: plan.skipped_files,
     })

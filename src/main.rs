@@ -11,7 +11,7 @@ use mergestream::model::Model;
 use mergestream::output::{self, Existing};
 use mergestream::pipeline::Cancel;
 use mergestream::plan::Part;
-use mergestream::units::{format_bytes, parse_size};
+use mergestream::units::{format_bytes, ByteSize};
 use mergestream::writer::IoMode;
 use mergestream::{progress, synth, verify, Error, ExpoJob, Result};
 
@@ -72,8 +72,8 @@ struct ModelPair {
     #[arg(long, allow_negative_numbers = true)]
     alpha: f32,
     /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
-    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
-    max_shard_size: u64,
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MAX_SHARD_SIZE))]
+    max_shard_size: ByteSize,
 }
 
 #[derive(Args)]
@@ -83,9 +83,8 @@ struct ExpoArgs {
     /// Output directory (created if missing; must be empty unless --resume or --force).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Memory cap for the whole process (chunk buffers get all but 32 MiB).
-    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
-    memory: u64,
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MEMORY), help = memory_help())]
+    memory: ByteSize,
     /// Compute threads (default: the number of CPUs).
     #[arg(long)]
     threads: Option<usize>,
@@ -102,11 +101,11 @@ struct ExpoArgs {
     #[arg(long, short)]
     quiet: bool,
     /// How shards are written: direct I/O where the filesystem allows it (auto), always, or never.
-    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = IoMode::parse)]
+    #[arg(long, value_name = "MODE", default_value_t = IoMode::Auto, value_parser = IoMode::parse)]
     io: IoMode,
     /// Bytes per chunk (for testing; output never depends on it).
-    #[arg(long, hide = true, value_parser = parse_size)]
-    chunk_size: Option<u64>,
+    #[arg(long, hide = true)]
+    chunk_size: Option<ByteSize>,
 }
 
 #[derive(Args)]
@@ -146,6 +145,14 @@ struct SynthArgs {
     /// Add an I64 buffer tensor (copied, not merged).
     #[arg(long)]
     int_buffer: bool,
+}
+
+/// `--memory`'s help, from the constants it describes.
+fn memory_help() -> String {
+    format!(
+        "Memory cap for the whole process (chunk buffers get all but {} MiB)",
+        mergestream::MEMORY_RESERVE >> 20
+    )
 }
 
 /// The float types `synth` writes.
@@ -232,12 +239,12 @@ fn expo(args: ExpoArgs) -> Result<()> {
         aligned: args.pair.aligned,
         out: args.out,
         alpha: args.pair.alpha,
-        max_shard_size: args.pair.max_shard_size,
-        memory: args.memory,
+        max_shard_size: args.pair.max_shard_size.0,
+        memory: args.memory.0,
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        chunk_bytes: args.chunk_size.map(|c| c as usize),
+        chunk_bytes: args.chunk_size.map(|c| c.0 as usize),
         part: args.part,
         existing: if args.resume {
             Existing::Resume
@@ -289,7 +296,7 @@ fn expo(args: ExpoArgs) -> Result<()> {
 fn plan(args: PlanArgs) -> Result<()> {
     let p = &args.pair;
     let (sft, aligned, plan) =
-        mergestream::plan_expo(&p.sft, &p.aligned, p.alpha, p.max_shard_size)?;
+        mergestream::plan_expo(&p.sft, &p.aligned, p.alpha, p.max_shard_size.0)?;
     println!(
         "OK: {} tensors match ({} in --sft, {} in --aligned)",
         plan.tensors.len(),

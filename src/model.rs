@@ -27,7 +27,9 @@ pub struct Shard {
     pub path: PathBuf,
     /// File name, as the index names it.
     pub name: String,
+    /// The open file: the run reads the file that was validated, whatever its path does later.
     pub file: File,
+    /// Its validated header.
     pub header: Header,
     identity: Identity,
 }
@@ -71,6 +73,7 @@ impl Shard {
         self.identity.len
     }
 
+    /// Whether the file is empty (never, for a shard that opened).
     pub fn is_empty(&self) -> bool {
         self.identity.len == 0
     }
@@ -104,6 +107,7 @@ impl Shard {
 /// Where one tensor lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorLoc {
+    /// Index into the model's `shards`.
     pub shard: usize,
     /// Index into that shard's `header.tensors`.
     pub entry: usize,
@@ -277,6 +281,7 @@ impl Model {
         })
     }
 
+    /// Number of tensors.
     pub fn tensor_count(&self) -> usize {
         self.tensors.len()
     }

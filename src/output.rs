@@ -43,7 +43,7 @@ pub enum Existing {
 
 /// One finished file, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileRecord {
+pub(crate) struct FileRecord {
     pub name: String,
     pub size: u64,
     pub blake3: String,
@@ -70,7 +70,7 @@ struct PlanRecord {
 
 /// Checks, before any work, that `out` can be written: it is a writable directory, or can be
 /// created as one. Creates nothing.
-pub fn precheck(out: &Path) -> Result<()> {
+pub(crate) fn precheck(out: &Path) -> Result<()> {
     let probe_in = match std::fs::metadata(out) {
         Ok(m) if m.is_dir() => out.to_path_buf(),
         Ok(_) => return Err(Error::output(out, OutputError::NotADirectory)),
@@ -97,6 +97,7 @@ pub fn precheck(out: &Path) -> Result<()> {
 
 /// An output directory opened for one part of a run, locked against a second run of that part.
 pub struct OutputDir {
+    /// The directory.
     pub path: PathBuf,
     work: PathBuf,
     part: Part,
@@ -262,6 +263,7 @@ impl OutputDir {
         )
     }
 
+    /// The fingerprint of the plan this directory is being written for.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -276,6 +278,7 @@ pub struct ShardWriter<'a> {
 }
 
 impl<'a> ShardWriter<'a> {
+    /// A sink writing into `dir`.
     pub fn new(dir: &'a mut OutputDir) -> ShardWriter<'a> {
         ShardWriter {
             dir,
@@ -331,7 +334,9 @@ impl ShardSink for ShardWriter<'_> {
 /// What `finalize` did.
 #[derive(Debug)]
 pub struct Finalized {
+    /// Files listed in `checksums.b3`, plus the manifest itself.
     pub files: usize,
+    /// Parts the run was split into.
     pub parts: u32,
 }
 

@@ -30,6 +30,7 @@ pub struct Settings {
     pub chunk_bytes: usize,
     /// Chunks in flight: the pool holds this many slots of three chunk buffers each.
     pub slots: usize,
+    /// The kernel to run.
     pub isa: Isa,
 }
 
@@ -100,6 +101,7 @@ impl Cancel {
 
 /// Counts bytes as the writer emits them.
 pub trait Progress: Sync {
+    /// `bytes` more bytes were handed to the sink.
     fn advance(&self, bytes: u64);
 }
 

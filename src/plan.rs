@@ -32,7 +32,9 @@ pub enum Op {
     /// The same, for a tensor the SFT model stores in another float type (`sft`); the output
     /// takes the aligned model's type.
     ExpoMixed {
+        /// The aligned model's (and the output's) type.
         aligned: FloatDtype,
+        /// The SFT model's type.
         sft: FloatDtype,
     },
     /// Copied from the aligned model unchanged (integer and boolean buffers).
@@ -42,11 +44,17 @@ pub enum Op {
 /// One output tensor.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
+    /// The tensor's name.
     pub name: String,
+    /// Its output dtype.
     pub dtype: Dtype,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// Bytes of output data.
     pub nbytes: u64,
+    /// What is done to it.
     pub op: Op,
+    /// The aligned model's tensor.
     pub aligned: TensorLoc,
     /// The SFT model's tensor, for merged tensors.
     pub sft: Option<TensorLoc>,
@@ -55,14 +63,18 @@ pub struct PlannedTensor {
 /// One output shard: its name, its tensors (a range of [`Plan::tensors`]) and its header bytes.
 #[derive(Debug, Clone)]
 pub struct OutShard {
+    /// File name, e.g. `model-00001-of-00003.safetensors`.
     pub name: String,
+    /// Its tensors: a range of [`Plan::tensors`], in data order.
     pub tensors: std::ops::Range<usize>,
     /// Length prefix, header JSON and padding: everything before the data section.
     pub prefix: Vec<u8>,
+    /// Bytes of the data section.
     pub data_len: u64,
 }
 
 impl OutShard {
+    /// The whole file's length.
     pub fn file_len(&self) -> u64 {
         self.prefix.len() as u64 + self.data_len
     }
@@ -71,15 +83,20 @@ impl OutShard {
 /// A non-weight file of the aligned model (config, tokenizer, …) copied to the output.
 #[derive(Debug, Clone)]
 pub struct ExtraFile {
+    /// File name, the same in the output.
     pub name: String,
+    /// Where it is copied from.
     pub source: PathBuf,
+    /// Its length when planned.
     pub size: u64,
 }
 
 /// One of `count` partitions of a run: `--part index/count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
+    /// Which part, from 0.
     pub index: u32,
+    /// Of how many.
     pub count: u32,
 }
 
@@ -116,9 +133,13 @@ impl std::fmt::Display for Part {
 /// The complete description of an output.
 #[derive(Debug)]
 pub struct Plan {
+    /// The extrapolation strength.
     pub alpha: f32,
+    /// Every output tensor, in output order.
     pub tensors: Vec<PlannedTensor>,
+    /// The output shards, in order.
     pub shards: Vec<OutShard>,
+    /// Non-weight files copied from the aligned model.
     pub extra_files: Vec<ExtraFile>,
     /// Files of the aligned model directory that are not copied, with why.
     pub skipped_files: Vec<(String, &'static str)>,
@@ -366,7 +387,7 @@ fn lay_out(
 }
 
 /// `model.safetensors`, or `model-00001-of-00003.safetensors`.
-pub fn shard_name(k: usize, count: usize) -> String {
+pub(crate) fn shard_name(k: usize, count: usize) -> String {
     if count == 1 {
         crate::model::SINGLE_FILE.into()
     } else {

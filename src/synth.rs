@@ -18,11 +18,15 @@ use crate::format::Dtype;
 /// Dimensions of a decoder-only transformer in the Llama family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
+    /// Hidden size (embedding width).
     pub hidden: u64,
+    /// MLP width.
     pub intermediate: u64,
+    /// Vocabulary size.
     pub vocab: u64,
     /// Width of the k and v projections (kv heads × head dim).
     pub kv: u64,
+    /// Transformer layers.
     pub layers: u64,
 }
 
@@ -95,12 +99,17 @@ impl std::fmt::Display for Preset {
 /// How to make a pair.
 #[derive(Debug, Clone)]
 pub struct PairSpec {
+    /// The model's dimensions.
     pub shape: Shape,
+    /// The float type of both models' weights (the aligned model's, with `sft_dtype`).
     pub dtype: Dtype,
     /// The SFT model's float type, when it differs from the aligned model's.
     pub sft_dtype: Option<Dtype>,
+    /// Seed of the values.
     pub seed: u64,
+    /// Shards of the SFT model.
     pub sft_shards: usize,
+    /// Shards of the aligned model.
     pub aligned_shards: usize,
     /// Sprinkle NaN, ±Inf, ±0, subnormals and extremes into both models.
     pub specials: bool,

@@ -32,15 +32,20 @@ pub const DATA_ALIGN: u64 = 4096;
 /// One tensor's entry in a header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The tensor's name.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions (empty for a scalar).
     pub shape: Vec<u64>,
-    /// Byte range within the data section, `[start, end)`.
+    /// Start of its byte range within the data section, `[start, end)`.
     pub start: u64,
+    /// End of its byte range.
     pub end: u64,
 }
 
 impl TensorInfo {
+    /// Bytes of data (`end - start`, which validation made dtype × shape).
     pub fn nbytes(&self) -> u64 {
         self.end - self.start
     }

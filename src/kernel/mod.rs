@@ -36,18 +36,21 @@
 
 use std::fmt;
 
-pub mod scalar;
+pub(crate) mod scalar;
 
 #[cfg(target_arch = "x86_64")]
-pub mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod avx512;
+pub(crate) mod avx512;
 
 /// Storage dtype of a floating-point tensor (safetensors naming).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FloatDtype {
+    /// bfloat16.
     BF16,
+    /// IEEE binary16.
     F16,
+    /// IEEE binary32.
     F32,
 }
 
