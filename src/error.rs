@@ -74,7 +74,7 @@ pub enum Error {
         change: InputChange,
     },
     /// An output would overlap an input: written into it, around it, or over one of its files.
-    /// Checked before anything is created or removed.
+    /// Checked before anything is created or removed ([`crate::paths::check_overlap`]).
     #[error("{}", describe_overlap(output, input, location, *storage, kind))]
     Overlap {
         /// The output directory, as named.

@@ -30,6 +30,7 @@ pub mod kernel;
 pub(crate) mod manifest;
 pub mod model;
 pub mod output;
+pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
@@ -129,6 +130,9 @@ pub fn plan_expo(
 /// whole run finalizes the output.
 pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     let started = Instant::now();
+    // Before anything is created or removed (the precheck creates a probe file).
+    let inputs = [job.sft.as_path(), job.aligned.as_path()];
+    paths::check_overlap(&job.out, &inputs)?;
     output::precheck(&job.out)?;
     let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
     let budget = job
@@ -144,7 +148,7 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     }
     let (sft, aligned, plan) = plan_expo(&job.sft, &job.aligned, job.alpha, job.max_shard_size)?;
     let part = job.part.unwrap_or(Part::WHOLE);
-    let mut dir = OutputDir::open(&job.out, &plan, part, job.existing, job.io)?;
+    let mut dir = OutputDir::open(&job.out, &inputs, &plan, part, job.existing, job.io)?;
 
     let mine = plan.shards_of(part);
     let todo: Vec<usize> = mine

@@ -115,6 +115,10 @@ struct PlanArgs {
     /// Show which shards part I of N would write.
     #[arg(long, value_name = "I/N", value_parser = Part::parse)]
     part: Option<Part>,
+    /// Also check this output directory as `expo` would: it must not be, lie inside, or contain
+    /// an input model.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -295,6 +299,9 @@ fn expo(args: ExpoArgs) -> Result<()> {
 
 fn plan(args: PlanArgs) -> Result<()> {
     let p = &args.pair;
+    if let Some(out) = &args.out {
+        mergestream::paths::check_overlap(out, &[&p.sft, &p.aligned])?;
+    }
     let (sft, aligned, plan) =
         mergestream::plan_expo(&p.sft, &p.aligned, p.alpha, p.max_shard_size.0)?;
     println!(

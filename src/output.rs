@@ -62,6 +62,9 @@ struct PartRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PlanRecord {
     fingerprint: String,
+    /// The input models (absolute), so that `finalize` can refuse an output that overlaps one.
+    #[serde(default)]
+    inputs: Vec<PathBuf>,
     /// Files the parts write between them (shards, copied files).
     files: Vec<String>,
     index_json: Option<String>,
@@ -108,14 +111,18 @@ pub struct OutputDir {
 }
 
 impl OutputDir {
-    /// Creates or opens `out` for `part` of `plan`, applying `existing`.
+    /// Creates or opens `out` for `part` of `plan` made from the input models `inputs`,
+    /// applying `existing`. Refuses, before creating anything, an `out` that overlaps an input
+    /// ([`crate::paths::check_overlap`]).
     pub fn open(
         out: &Path,
+        inputs: &[&Path],
         plan: &Plan,
         part: Part,
         existing: Existing,
         io: IoMode,
     ) -> Result<OutputDir> {
+        crate::paths::check_overlap(out, inputs)?;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
         // Look before touching anything, so a refusal leaves the directory as it was.
         let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
@@ -192,6 +199,7 @@ impl OutputDir {
         };
         let plan_record = PlanRecord {
             fingerprint: plan.fingerprint.clone(),
+            inputs: inputs.iter().map(|p| absolute(p)).collect(),
             files: writes.iter().map(|s| s.to_string()).collect(),
             index_json: plan.index_json.clone(),
             provenance_json: plan.provenance_json.clone(),
@@ -343,7 +351,8 @@ pub struct Finalized {
 /// Writes the index, `mergestream.json` and `checksums.b3` once every part of the run in `out`
 /// is complete and consistent, then removes the work directory. With `only`, considers just the
 /// records of that part (a whole run finalizing itself); otherwise all records present must form
-/// one run.
+/// one run. First of all, refuses an `out` that overlaps an input model its parts recorded
+/// ([`crate::paths::check_overlap`]).
 pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     let work = out.join(WORK_DIR);
     if !work.is_dir() {
@@ -354,6 +363,7 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         };
         return Err(Error::output(out, kind));
     }
+    crate::paths::check_overlap(out, &recorded_inputs(&work)?)?;
     let _lock = lock(&work.join("finalize.lock"), out, None)?;
     let mut records = Vec::new();
     for entry in std::fs::read_dir(&work).map_err(|e| Error::io(&work, "listing", e))? {
@@ -526,6 +536,33 @@ fn lock(path: &Path, out: &Path, part: Option<Part>) -> Result<File> {
     let _ = file.set_len(0);
     let _ = writeln!(file, "pid {}", std::process::id());
     Ok(file)
+}
+
+/// Every input model the plan records in `work` name, for checking before anything is written.
+fn recorded_inputs(work: &Path) -> Result<Vec<PathBuf>> {
+    let mut inputs = Vec::new();
+    for entry in std::fs::read_dir(work).map_err(|e| Error::io(work, "listing", e))? {
+        let entry = entry.map_err(|e| Error::io(work, "listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("plan-") && name.ends_with(".json") {
+            if let Some(record) = read_json::<PlanRecord>(&entry.path())? {
+                inputs.extend(record.inputs);
+            }
+        }
+    }
+    inputs.sort();
+    inputs.dedup();
+    Ok(inputs)
+}
+
+/// `path` made absolute (canonical where it exists), so a record read from another working
+/// directory still names it.
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    })
 }
 
 /// The plan record's file name in the work directory.

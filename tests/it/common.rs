@@ -257,3 +257,51 @@ pub fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64, 
         err,
     )
 }
+
+/// Copies every file of `dir` into a Hugging-Face-cache layout
+/// (`hub/blobs/<blake3>` and `hub/snapshots/rev/<name> -> ../../blobs/<blake3>`), returning the
+/// snapshot directory.
+pub fn as_hf_cache(dir: &Path, hub: &Path) -> PathBuf {
+    let snapshot = hub.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(hub.join("blobs")).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        std::fs::write(hub.join("blobs").join(&hash), &bytes).unwrap();
+        let name = path.file_name().unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snapshot.join(name)).unwrap();
+    }
+    snapshot
+}
+
+/// Something mounted at a directory for a test (`mount ARGS… AT`), unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts, or returns `None` (after saying SKIPPED) where this machine does not allow it
+    /// (not root); under `CI=true`, where the suite runs as root, that is a failure.
+    pub fn new(at: &Path, args: &[&str]) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(args)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Mount(at.to_path_buf()))
+        } else if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI runs as root and must be able to mount ({args:?})");
+        } else {
+            eprintln!("SKIPPED: cannot mount {args:?} here (not root?)");
+            None
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

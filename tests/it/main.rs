@@ -3,7 +3,7 @@
 //! with independent readers (the `safetensors` crate, the `half` crate, the Python package).
 //!
 //! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
-//! - `expo`, `malformed`, `parts`, `faults`, `memory`: the command line, area by area;
+//! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`: the command line, area by area;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `python_client`, `slurm`: real clients and a real cluster;
 //! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
@@ -21,6 +21,7 @@ mod faults;
 mod fuzz_corpus;
 mod malformed;
 mod memory;
+mod overlap;
 mod parts;
 mod product;
 mod python_client;

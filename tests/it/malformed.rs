@@ -922,24 +922,6 @@ fn single_safetensors_files_given_directly_merge() {
     assert_eq!(n, 2);
 }
 
-/// Moves every file of `dir` into an HF-cache-like layout next to it
-/// (`hub/blobs/<blake3>` and `hub/snapshots/rev/<name> -> ../../blobs/<blake3>`), returning the
-/// snapshot directory.
-fn as_hf_cache(dir: &Path, hub: &Path) -> PathBuf {
-    let snapshot = hub.join("snapshots/0123abcd");
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::create_dir_all(hub.join("blobs")).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        let hash = blake3::hash(&bytes).to_hex().to_string();
-        std::fs::write(hub.join("blobs").join(&hash), &bytes).unwrap();
-        let name = path.file_name().unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snapshot.join(name)).unwrap();
-    }
-    snapshot
-}
-
 #[test]
 fn symlinked_shards_in_hf_cache_layout_merge() {
     let dir = tempdir();

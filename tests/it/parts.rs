@@ -506,6 +506,7 @@ fn same_part_twice_at_once_is_refused_by_the_lock() {
     .unwrap();
     let held = mergestream::output::OutputDir::open(
         &out,
+        &[&pair.join("sft"), &pair.join("aligned")],
         &plan,
         mergestream::plan::Part::parse("1/2").unwrap(),
         mergestream::output::Existing::Resume,
