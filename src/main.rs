@@ -1,5 +1,10 @@
 //! The command line: parse arguments, call the library, turn errors into messages and exit codes.
+//!
+//! Results (`inspect`, `plan`, `verify`'s report, `--help`, `--version`) go to stdout; notes,
+//! summaries and errors to stderr. A closed stdout — `mergestream inspect DIR | head -1` — ends
+//! the job: exit 0, no message, as ripgrep does. Nothing here panics on a failed write.
 
+use std::io::{self, BufWriter, StdoutLock, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -187,49 +192,94 @@ impl std::fmt::Display for FloatArg {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version (to stdout, exit 0) or a usage error (to stderr, exit 2). A
+            // closed stream is no reason to say more.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mergestream: error: {e}");
+        // Whoever reads our output has all they want.
+        Err(Failure::Stdout(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Failure::Stdout(e)) => {
+            note(format_args!("error: writing to stdout: {e}"));
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
+            note(format_args!("error: {e}"));
             ExitCode::from(e.exit_code() as u8)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Why a command failed: the library's error, or stdout refusing our results.
+enum Failure {
+    Run(Error),
+    Stdout(io::Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Run(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Stdout(e)
+    }
+}
+
+/// Stdout for a command's results, buffered; flush it before returning.
+fn stdout() -> BufWriter<StdoutLock<'static>> {
+    BufWriter::new(io::stdout().lock())
+}
+
+/// `mergestream: MESSAGE` on stderr. A stderr that cannot be written to is ignored: there is
+/// nowhere left to say anything.
+fn note(message: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr().lock(), "mergestream: {message}");
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Expo(args) => expo(args),
-        Command::Plan(args) => plan(args),
-        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Expo(args) => expo(args)?,
+        Command::Plan(args) => plan(args)?,
+        Command::Inspect { model, json } => inspect(&model, json)?,
         Command::Verify { dir, quiet } => {
             let report = verify::verify(&dir)?;
             if !quiet {
-                eprintln!(
-                    "mergestream: {}: OK ({} files, {} tensors, {} checked)",
+                let mut out = stdout();
+                writeln!(
+                    out,
+                    "{}: OK ({} files, {} tensors, {} checked)",
                     dir.display(),
                     report.files,
                     report.tensors,
                     format_bytes(report.bytes)
-                );
+                )?;
+                out.flush()?;
             }
-            Ok(())
         }
         Command::Finalize { out, quiet } => {
             let done = output::finalize(&out, None)?;
             if !quiet {
-                eprintln!(
-                    "mergestream: finalized {} from {} part{}: {} files in checksums.b3",
+                note(format_args!(
+                    "finalized {} from {} part{}: {} files in checksums.b3",
                     out.display(),
                     done.parts,
                     if done.parts == 1 { "" } else { "s" },
                     done.files - 1
-                );
+                ));
             }
-            Ok(())
         }
-        Command::Synth(args) => synth_pair(args),
+        Command::Synth(args) => synth_pair(args)?,
     }
+    Ok(())
 }
 
 fn expo(args: ExpoArgs) -> Result<()> {
@@ -263,7 +313,9 @@ fn expo(args: ExpoArgs) -> Result<()> {
     let summary = mergestream::expo(&job, &cancel)?;
     if !args.quiet {
         for (name, why) in &summary.skipped_files {
-            eprintln!("mergestream: note: not copied from --aligned: {name} ({why})");
+            note(format_args!(
+                "note: not copied from --aligned: {name} ({why})"
+            ));
         }
         let kept = if summary.shards_kept > 0 {
             format!(", {} kept from the earlier run", summary.shards_kept)
@@ -282,8 +334,8 @@ fn expo(args: ExpoArgs) -> Result<()> {
                 job.part.unwrap_or(Part::WHOLE)
             )
         };
-        eprintln!(
-            "mergestream: {what}: {} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+        note(format_args!(
+            "{what}: {} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
             summary.tensors,
             format_bytes(summary.bytes_written),
             summary.shards_written,
@@ -292,57 +344,63 @@ fn expo(args: ExpoArgs) -> Result<()> {
             format_bytes(rate as u64),
             summary.isa,
             summary.io
-        );
+        ));
     }
     Ok(())
 }
 
-fn plan(args: PlanArgs) -> Result<()> {
+fn plan(args: PlanArgs) -> Result<(), Failure> {
     let p = &args.pair;
     if let Some(out) = &args.out {
         mergestream::paths::check_overlap(out, &[&p.sft, &p.aligned])?;
     }
     let (sft, aligned, plan) =
         mergestream::plan_expo(&p.sft, &p.aligned, p.alpha, p.max_shard_size.0)?;
-    println!(
+    let mut out = stdout();
+    writeln!(
+        out,
         "OK: {} tensors match ({} in --sft, {} in --aligned)",
         plan.tensors.len(),
         format_bytes(sft.data_bytes()),
         format_bytes(aligned.data_bytes())
-    );
+    )?;
     let part = args.part.unwrap_or(Part::WHOLE);
     let mine = plan.shards_of(part);
-    println!(
+    writeln!(
+        out,
         "output: {} shard{}, {} of tensor data",
         plan.shards.len(),
         if plan.shards.len() == 1 { "" } else { "s" },
         format_bytes(plan.total_size)
-    );
+    )?;
     for (i, s) in plan.shards.iter().enumerate() {
         let marker = if args.part.is_some() && mine.contains(&i) {
             "  <- this part"
         } else {
             ""
         };
-        println!(
+        writeln!(
+            out,
             "  {}  {:>4} tensors  {:>10}{marker}",
             s.name,
             s.tensors.len(),
             format_bytes(s.file_len())
-        );
+        )?;
     }
     for f in &plan.extra_files {
-        println!("  {}  (copied from --aligned)", f.name);
+        writeln!(out, "  {}  (copied from --aligned)", f.name)?;
     }
     for (name, why) in &plan.skipped_files {
-        println!("  {name}  (not copied: {why})");
+        writeln!(out, "  {name}  (not copied: {why})")?;
     }
-    println!("plan fingerprint: {}", plan.fingerprint);
+    writeln!(out, "plan fingerprint: {}", plan.fingerprint)?;
+    out.flush()?;
     Ok(())
 }
 
-fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
+fn inspect(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let model = Model::open(path)?;
+    let mut out = stdout();
     if json {
         let tensors: Vec<_> = model
             .tensors()
@@ -363,10 +421,9 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
             "tensor_count": model.tensor_count(),
             "total_bytes": model.data_bytes(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("serializing JSON cannot fail")
-        );
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(io::Error::from)?;
+        writeln!(out)?;
+        out.flush()?;
         return Ok(());
     }
     let width = model
@@ -374,17 +431,22 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
         .map(|(_, t)| t.name.len())
         .max()
         .unwrap_or(4);
-    println!("{:width$}  {:7}  {:>22}  shard", "name", "dtype", "shape");
+    writeln!(
+        out,
+        "{:width$}  {:7}  {:>22}  shard",
+        "name", "dtype", "shape"
+    )?;
     let mut by_dtype: std::collections::BTreeMap<Dtype, (usize, u64)> = Default::default();
     for (loc, t) in model.tensors() {
         let shape = format!("{:?}", t.shape);
-        println!(
+        writeln!(
+            out,
             "{:width$}  {:7}  {:>22}  {}",
             t.name,
             t.dtype.name(),
             shape,
             model.shards[loc.shard].name
-        );
+        )?;
         let e = by_dtype.entry(t.dtype).or_default();
         e.0 += 1;
         e.1 += t.nbytes();
@@ -393,14 +455,16 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
         .iter()
         .map(|(d, (n, b))| format!("{n} {d} ({})", format_bytes(*b)))
         .collect();
-    println!(
+    writeln!(
+        out,
         "{} tensors in {} shard{}: {}; {} in all",
         model.tensor_count(),
         model.shards.len(),
         if model.shards.len() == 1 { "" } else { "s" },
         counts.join(", "),
         format_bytes(model.data_bytes())
-    );
+    )?;
+    out.flush()?;
     Ok(())
 }
 
@@ -420,11 +484,11 @@ fn synth_pair(args: SynthArgs) -> Result<()> {
         int_buffer: args.int_buffer,
     };
     let bytes = synth::write_pair(&args.out, &spec)?;
-    eprintln!(
-        "mergestream: wrote {0}/sft and {0}/aligned ({1} each)",
+    note(format_args!(
+        "wrote {0}/sft and {0}/aligned ({1} each)",
         args.out.display(),
         format_bytes(bytes)
-    );
+    ));
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`: the command line, area by area;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
+//! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
 //! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
 //!
@@ -23,6 +24,7 @@ mod malformed;
 mod memory;
 mod overlap;
 mod parts;
+mod pipes;
 mod product;
 mod python_client;
 mod slurm;
