@@ -357,3 +357,272 @@ fn write_stage(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine against an in-memory sink: what reaches the sink, in what order, whatever the
+    //! threads and chunk sizes; errors and cancellation. The expected bytes come from reading
+    //! the input files directly and an element-wise reference built on the `half` crate, not
+    //! from the engine's own reading or kernel.
+
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::format::Dtype;
+    use crate::synth::{write_pair, PairSpec, Preset};
+
+    /// Shards as the sink saw them: (name, header prefix + data).
+    #[derive(Default)]
+    struct MemorySink {
+        shards: Vec<(String, Vec<u8>)>,
+        open: bool,
+    }
+
+    impl ShardSink for MemorySink {
+        fn begin(&mut self, shard: &OutShard) -> Result<()> {
+            assert!(!self.open, "begin while {} is open", shard.name);
+            self.open = true;
+            self.shards.push((shard.name.clone(), shard.prefix.clone()));
+            Ok(())
+        }
+        fn write(&mut self, bytes: &[u8]) -> Result<()> {
+            assert!(self.open, "write outside a shard");
+            self.shards.last_mut().unwrap().1.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn finish(&mut self, shard: &OutShard) -> Result<()> {
+            let (name, bytes) = self.shards.last().unwrap();
+            assert!(self.open && *name == shard.name);
+            assert_eq!(bytes.len() as u64, shard.file_len(), "{name}");
+            self.open = false;
+            Ok(())
+        }
+    }
+
+    /// A sink whose `write` fails after `ok` successful writes, counting what comes after.
+    struct FailingSink {
+        ok: usize,
+        writes: usize,
+        after_failure: usize,
+    }
+
+    impl ShardSink for FailingSink {
+        fn begin(&mut self, _: &OutShard) -> Result<()> {
+            Ok(())
+        }
+        fn write(&mut self, _: &[u8]) -> Result<()> {
+            self.writes += 1;
+            if self.writes > self.ok + 1 {
+                self.after_failure += 1;
+            }
+            if self.writes > self.ok {
+                return Err(Error::io(
+                    "memory",
+                    "writing",
+                    std::io::Error::other("sink full"),
+                ));
+            }
+            Ok(())
+        }
+        fn finish(&mut self, _: &OutShard) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Pair {
+        _dir: tempfile::TempDir,
+        sft: Model,
+        aligned: Model,
+        plan: Plan,
+    }
+
+    /// A Llama-shaped pair (BF16 aligned, F32 SFT, specials, an integer buffer), planned into
+    /// several shards.
+    fn pair() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shape = Preset::TinyLlama.shape();
+        shape.layers = 2;
+        let spec = PairSpec {
+            shape,
+            dtype: Dtype::BF16,
+            sft_dtype: Some(Dtype::F32),
+            seed: 7,
+            sft_shards: 2,
+            aligned_shards: 3,
+            specials: true,
+            int_buffer: true,
+        };
+        write_pair(dir.path(), &spec).unwrap();
+        let sft = Model::open(&dir.path().join("sft")).unwrap();
+        let aligned = Model::open(&dir.path().join("aligned")).unwrap();
+        let plan = Plan::expo(&sft, &aligned, 0.3, 60_000).unwrap();
+        assert!(plan.shards.len() >= 3, "{} shards", plan.shards.len());
+        Pair {
+            _dir: dir,
+            sft,
+            aligned,
+            plan,
+        }
+    }
+
+    fn settings(threads: usize, chunk_bytes: usize) -> Settings {
+        Settings {
+            threads,
+            chunk_bytes,
+            slots: 2 * threads + 2,
+            isa: Isa::select().unwrap(),
+        }
+    }
+
+    /// A tensor's bytes, read straight from its file.
+    fn tensor_bytes(model: &Model, loc: TensorLoc) -> Vec<u8> {
+        let shard = &model.shards[loc.shard];
+        let t = &shard.header.tensors[loc.entry];
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        shard
+            .file
+            .read_exact_at(&mut buf, shard.header.data_start() + t.start)
+            .unwrap();
+        buf
+    }
+
+    fn to_f32(dtype: Dtype, b: &[u8]) -> f32 {
+        match dtype {
+            Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+
+    fn from_f32(dtype: Dtype, v: f32) -> Vec<u8> {
+        match dtype {
+            Dtype::BF16 if v.is_nan() => 0x7FC0u16.to_le_bytes().to_vec(),
+            Dtype::F16 if v.is_nan() => 0x7E00u16.to_le_bytes().to_vec(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            _ if v.is_nan() => 0x7FC0_0000u32.to_le_bytes().to_vec(),
+            _ => v.to_le_bytes().to_vec(),
+        }
+    }
+
+    /// Every shard of `plan` as it should come out: header prefix, then each tensor, merged
+    /// element by element (`a + alpha * (a - s)` in f32) or copied.
+    fn expected(p: &Pair) -> Vec<(String, Vec<u8>)> {
+        p.plan
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut bytes = shard.prefix.clone();
+                for t in &p.plan.tensors[shard.tensors.clone()] {
+                    let a = tensor_bytes(&p.aligned, t.aligned);
+                    let Some(sft_loc) = t.sft else {
+                        bytes.extend_from_slice(&a);
+                        continue;
+                    };
+                    let s = tensor_bytes(&p.sft, sft_loc);
+                    let s_dtype = p.sft.get(&t.name).unwrap().1.dtype;
+                    let (wa, ws) = (t.dtype.size(), s_dtype.size());
+                    for (ae, se) in a.chunks_exact(wa).zip(s.chunks_exact(ws)) {
+                        let (av, sv) = (to_f32(t.dtype, ae), to_f32(s_dtype, se));
+                        let d = av - sv;
+                        let scaled = p.plan.alpha * d;
+                        bytes.extend_from_slice(&from_f32(t.dtype, av + scaled));
+                    }
+                }
+                (shard.name.clone(), bytes)
+            })
+            .collect()
+    }
+
+    fn run_into(p: &Pair, shards: &[usize], settings: &Settings) -> Result<MemorySink> {
+        let mut sink = MemorySink::default();
+        run(
+            &p.plan,
+            &p.sft,
+            &p.aligned,
+            shards,
+            settings,
+            &mut sink,
+            &(),
+            &Cancel::default(),
+        )?;
+        assert!(!sink.open, "a shard was left open");
+        Ok(sink)
+    }
+
+    #[test]
+    fn the_sink_receives_every_shard_in_order_matching_the_reference() {
+        let p = pair();
+        let all: Vec<usize> = (0..p.plan.shards.len()).collect();
+        let want = expected(&p);
+        for (threads, chunk) in [(1, 8), (2, 4096), (3, 520), (4, 256 << 10)] {
+            let got = run_into(&p, &all, &settings(threads, chunk)).unwrap();
+            assert!(
+                got.shards == want,
+                "{threads} threads, {chunk}-byte chunks: output differs from the reference"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_selected_shards_are_written() {
+        let p = pair();
+        let want = expected(&p);
+        let last = p.plan.shards.len() - 1;
+        let got = run_into(&p, &[1, last], &settings(2, 1024)).unwrap();
+        assert!(got.shards == [want[1].clone(), want[last].clone()]);
+        assert!(run_into(&p, &[], &settings(2, 1024))
+            .unwrap()
+            .shards
+            .is_empty());
+    }
+
+    #[test]
+    fn a_sink_error_stops_the_run_and_is_the_error_reported() {
+        let p = pair();
+        let all: Vec<usize> = (0..p.plan.shards.len()).collect();
+        for ok in [0, 3, 40] {
+            let mut sink = FailingSink {
+                ok,
+                writes: 0,
+                after_failure: 0,
+            };
+            let err = run(
+                &p.plan,
+                &p.sft,
+                &p.aligned,
+                &all,
+                &settings(2, 64),
+                &mut sink,
+                &(),
+                &Cancel::default(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, Error::Io { what: "writing", source, .. } if source.to_string() == "sink full"),
+                "{err:?}"
+            );
+            assert_eq!(sink.after_failure, 0, "writes after the sink failed");
+        }
+    }
+
+    #[test]
+    fn a_signal_interrupts_the_run() {
+        let p = pair();
+        let cancel = Cancel::default();
+        cancel.signal.store(15, Ordering::Relaxed);
+        let mut sink = MemorySink::default();
+        let err = run(
+            &p.plan,
+            &p.sft,
+            &p.aligned,
+            &[0],
+            &settings(2, 64),
+            &mut sink,
+            &(),
+            &cancel,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Interrupted { signal: 15 }), "{err:?}");
+    }
+}
