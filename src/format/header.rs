@@ -144,13 +144,20 @@ pub fn parse(json: &[u8], data_len: u64) -> std::result::Result<Header, HeaderEr
     let entries: Entries =
         serde_json::from_str(text).map_err(|json| HeaderError::NotJson { json })?;
 
+    // Names first: a name given twice is reported as such, whatever its entries hold.
     let mut seen = HashSet::new();
+    if let Some((name, _)) = entries
+        .0
+        .iter()
+        .find(|(name, _)| !seen.insert(name.as_str()))
+    {
+        return Err(HeaderError::DuplicateTensor {
+            tensor: name.clone(),
+        });
+    }
     let mut metadata = Vec::new();
     let mut tensors = Vec::with_capacity(entries.0.len());
     for (name, value) in entries.0 {
-        if !seen.insert(name.clone()) {
-            return Err(HeaderError::DuplicateTensor { tensor: name });
-        }
         if name == "__metadata__" {
             let fields = match value {
                 Field::Object(fields) => fields,
@@ -541,6 +548,12 @@ mod tests {
             (
                 r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#.into(),
                 2,
+                |e| matches!(e, H::DuplicateTensor { tensor } if tensor == "a"),
+            ),
+            // A name given twice is the problem reported, even when its first entry is broken.
+            (
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#.into(),
+                1,
                 |e| matches!(e, H::DuplicateTensor { tensor } if tensor == "a"),
             ),
             (
