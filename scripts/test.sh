@@ -21,4 +21,4 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 echo "== cargo test --release (the product: default features)"
 cargo test --release
 echo "== cargo test --release --features failpoints,fuzzing (fault injection, fuzz corpus)"
-cargo test --release --features failpoints,fuzzing --lib --test it -- faults:: fuzz_corpus:: fuzzing::
+cargo test --release --features failpoints,fuzzing --test it -- faults:: fuzz_corpus::
