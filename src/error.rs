@@ -960,13 +960,14 @@ pub enum VerifyCause {
         /// What is wrong with it.
         error: Box<Error>,
     },
-    /// The index puts tensors in a shard that is neither listed in the manifest nor present.
+    /// The index puts tensors in a file that is not a shard of the output: not in the directory
+    /// at all, or listed in the manifest but not a `.safetensors` file.
     #[error(
-        "{}: puts {} in {shard}, which does not exist",
+        "{}: puts {} in {shard}, which is not one of the output's shards",
         crate::format::index::INDEX_FILE,
         tensor_list(tensors)
     )]
-    IndexNamesMissingShard {
+    IndexNamesNoShard {
         /// The shard name.
         shard: String,
         /// The tensors it puts there.

@@ -81,15 +81,11 @@ pub fn verify(dir: &Path) -> Result<Report> {
         }
     }
 
-    let mut present = BTreeSet::new();
     match std::fs::read_dir(dir) {
         Ok(listing) => {
             let mut unlisted: Vec<String> = listing
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .inspect(|n| {
-                    present.insert(n.clone());
-                })
                 .filter(|n| n != MANIFEST_FILE && !listed.contains(n))
                 .collect();
             unlisted.sort();
@@ -174,11 +170,9 @@ pub fn verify(dir: &Path) -> Result<Report> {
                         // Missing, unreadable, broken or unlisted: already a problem, of which
                         // these tensors are a consequence.
                         found.attach(shard, VerifyConsequence::TensorsUnchecked { tensors });
-                    } else if present.contains(shard) && !listed.contains(shard) {
-                        found.add(Some(shard), VerifyCause::Unlisted { name: shard.into() });
-                        found.attach(shard, VerifyConsequence::TensorsUnchecked { tensors });
                     } else {
-                        let cause = VerifyCause::IndexNamesMissingShard {
+                        // Absent altogether, or a listed file that is not a shard.
+                        let cause = VerifyCause::IndexNamesNoShard {
                             shard: shard.to_owned(),
                             tensors,
                         };

@@ -178,3 +178,41 @@ fn every_independent_cause_is_listed() {
     );
     binary_reports(&out, 3);
 }
+
+#[test]
+fn an_index_naming_a_shard_that_is_not_there_is_one_problem() {
+    // The index (and its manifest line) rewritten to put two tensors in a shard that does not
+    // exist: one problem, naming the shard and the tensors.
+    let (_dir, out) = finished_output();
+    let moved = indexed_in(&out, SHARD);
+    let path = out.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(SHARD, "model-00009-of-00009.safetensors");
+    std::fs::write(&path, &text).unwrap();
+    let manifest: String = std::fs::read_to_string(out.join("checksums.b3"))
+        .unwrap()
+        .lines()
+        .map(|l| match l.split_once("  ") {
+            Some((_, name)) if name == "model.safetensors.index.json" => {
+                format!("{}  {name}\n", blake3::hash(text.as_bytes()).to_hex())
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(out.join("checksums.b3"), manifest).unwrap();
+    let found = problems(&out);
+    // The shard the index no longer mentions holds tensors the index does not list.
+    let (missing, unindexed): (Vec<_>, Vec<_>) = found
+        .iter()
+        .partition(|p| matches!(p.cause, VerifyCause::IndexNamesNoShard { .. }));
+    assert!(
+        matches!(&missing[..], [p] if matches!(&p.cause, VerifyCause::IndexNamesNoShard { shard, tensors }
+            if shard == "model-00009-of-00009.safetensors" && *tensors == moved)),
+        "{found:#?}"
+    );
+    assert_eq!(unindexed.len(), moved.len(), "{found:#?}");
+    assert!(unindexed
+        .iter()
+        .all(|p| matches!(&p.cause, VerifyCause::NotIndexed { shard, .. } if shard == SHARD)));
+}
