@@ -26,6 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use mergestream::synth::{Preset, Shape};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mergestream");
 /// The piece size of the floor's reads and writes: the tool's largest chunk.
@@ -212,28 +213,23 @@ struct Ctx {
 struct PairSpec {
     /// What the user asked for, as typed.
     asked: String,
-    preset: &'static str,
+    preset: Preset,
     layers: u64,
 }
 
-/// `(hidden, intermediate, vocab, kv)` of the synth presets, widest first (kept in step with
-/// `src/synth.rs`; the actual bytes are read back from the generated files).
-const PRESETS: [(&str, [u64; 4]); 5] = [
-    ("llama3-70b", [8192, 28672, 128256, 1024]),
-    ("llama3-8b", [4096, 14336, 128256, 1024]),
-    ("mistral-7b", [4096, 14336, 32000, 1024]),
-    ("tiny-mistral", [96, 256, 250, 48]),
-    ("tiny-llama", [64, 176, 320, 32]),
-];
+/// The synth presets, widest first (their dimensions come from `mergestream::synth`; the actual
+/// bytes are read back from the generated files).
+fn presets() -> Vec<Preset> {
+    let mut all = Preset::all().to_vec();
+    all.sort_by_key(|&p| std::cmp::Reverse(model_bytes(p, 0)));
+    all
+}
 
 impl PairSpec {
     fn parse(text: &str) -> Res<PairSpec> {
         if let Some((name, layers)) = text.split_once(':') {
-            let preset = PRESETS
-                .iter()
-                .find(|(p, _)| *p == name)
-                .ok_or_else(|| format!("unknown preset '{name}'"))?
-                .0;
+            let preset =
+                Preset::from_str(name, false).map_err(|_| format!("unknown preset '{name}'"))?;
             let layers = layers
                 .parse()
                 .map_err(|_| format!("'{layers}' is not a layer count"))?;
@@ -249,12 +245,14 @@ impl PairSpec {
         let target = gb * GB;
         // The widest preset whose embedding and lm_head alone fit, with the layer count that
         // comes closest to the target.
-        let (preset, dims) = PRESETS
+        let all = presets();
+        let preset = all
             .iter()
-            .find(|(_, d)| model_bytes(*d, 0) as f64 <= target)
-            .unwrap_or(&PRESETS[PRESETS.len() - 1]);
-        let per_layer = (model_bytes(*dims, 1) - model_bytes(*dims, 0)) as f64;
-        let layers = ((target - model_bytes(*dims, 0) as f64) / per_layer)
+            .copied()
+            .find(|&p| model_bytes(p, 0) as f64 <= target)
+            .unwrap_or(all[all.len() - 1]);
+        let per_layer = (model_bytes(preset, 1) - model_bytes(preset, 0)) as f64;
+        let layers = ((target - model_bytes(preset, 0) as f64) / per_layer)
             .round()
             .max(0.0) as u64;
         Ok(PairSpec {
@@ -269,17 +267,19 @@ impl PairSpec {
     }
 
     fn bytes(&self) -> u64 {
-        let dims = PRESETS
-            .iter()
-            .find(|(p, _)| *p == self.preset)
-            .expect("parsed")
-            .1;
-        model_bytes(dims, self.layers)
+        model_bytes(self.preset, self.layers)
     }
 }
 
-/// BF16 tensor bytes of a synth model (the layout of `synth::tensors`).
-fn model_bytes([h, i, v, kv]: [u64; 4], layers: u64) -> u64 {
+/// BF16 tensor bytes of a synth model of `preset`'s widths (the layout of `synth::tensors`).
+fn model_bytes(preset: Preset, layers: u64) -> u64 {
+    let Shape {
+        hidden: h,
+        intermediate: i,
+        vocab: v,
+        kv,
+        ..
+    } = preset.shape();
     let per_layer = 2 * h * h + 2 * kv * h + 3 * i * h + 2 * h;
     2 * (2 * v * h + h + layers * per_layer)
 }
@@ -391,7 +391,7 @@ fn bench_size(
         run_quiet(
             Command::new(BIN).arg("synth").arg(&pair).args([
                 "--preset",
-                spec.preset,
+                spec.preset.name(),
                 "--layers",
                 &spec.layers.to_string(),
                 "--sft-shards",

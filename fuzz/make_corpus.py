@@ -73,6 +73,9 @@ def encode(tensors, meta=None, pad=0, header=None, data=None):
 
 
 def put(target, name, data):
+    """Writes a seed; header seeds go to the differential target's corpus too."""
+    if target == "header":
+        put("differential", name, data)
     directory = os.path.join(ROOT, "corpus", target)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, name), "wb") as f:
@@ -91,6 +94,13 @@ def header_seeds(full, small, ints, f32, f16):
             ("scalar", "F32", [], b"\x00\x00\x80\x3f"), ("模型.权重", "BF16", [2], b"\x80\x3f\x00\x40"),
             ("é", "U8", [1], b"\x07")]
     put("header", "valid-edge", encode(edge))
+
+    one = '{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+    four = b"\x00\x00\x80\x3f"
+    # Unknown keys inside a tensor's entry are ignored, as the reference ignores them.
+    put("header", "valid-unknown-field", encode([], header=one[:-2] + ',"x":1}}', data=four))
+    put("header", "valid-metadata-null", encode([], header='{"__metadata__":null,' + one[1:],
+                                                data=four))
 
     one = '{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
     four = b"\x00\x00\x80\x3f"
@@ -116,10 +126,62 @@ def header_seeds(full, small, ints, f32, f16):
         "trailing-bytes": encode([], header=one, data=four + b"\0\0"),
         "metadata-not-string": encode([], header='{"__metadata__":{"k":1}}'),
         "missing-field": encode([], header='{"a":{"dtype":"BF16","shape":[2]}}', data=four),
-        "unknown-field": encode([], header=one[:-2] + ',"x":1}}', data=four),
     }
     for name, data in broken.items():
         put("header", "broken-" + name, data)
+
+
+def differential_seeds(small):
+    """Seeds for the differential target beyond the header seeds: named `valid-*` when
+    mergestream and the safetensors crate both read them, `broken-*` when both refuse them, and
+    `differs-*` when mergestream refuses them for a difference listed in fuzz/README.md."""
+    one = '{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+    four = b"\x00\x00\x80\x3f"
+    entry = '{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}'
+    f = lambda header, data=four: encode([], header=header, data=data)
+    seeds = {
+        # Both read these.
+        "valid-metadata-null": f('{"__metadata__":null,"a":%s}' % entry),
+        "valid-metadata-empty": f('{"__metadata__":{},"a":%s}' % entry),
+        "valid-metadata-key-twice": f('{"__metadata__":{"k":"1","k":"2"},"a":%s}' % entry),
+        "valid-unknown-fields": f('{"a":{"x":{"y":[1,{"z":null}]},"dtype":"BF16","shape":[2],'
+                                  '"data_offsets":[0,4],"n":null,"x2":"s"}}'),
+        "valid-leading-whitespace": f(" \t\r\n" + one),
+        "valid-newer-dtypes": f('{"c":{"dtype":"C64","shape":[1],"data_offsets":[0,8]},'
+                                '"e":{"dtype":"F8_E8M0","shape":[1],"data_offsets":[8,9]},'
+                                '"f":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[9,10]},'
+                                '"g":{"dtype":"F8_E5M2FNUZ","shape":[1],"data_offsets":[10,11]}}',
+                                bytes(11)),
+        # Both refuse these.
+        "broken-field-twice": f('{"a":{"dtype":"BF16","dtype":"BF16","shape":[2],'
+                                '"data_offsets":[0,4]}}'),
+        "broken-metadata-array": f('{"__metadata__":[],"a":%s}' % entry),
+        "broken-metadata-twice": f('{"__metadata__":{},"__metadata__":{},"a":%s}' % entry),
+        "broken-shape-minus-zero": f(one.replace("[2]", "[-0]")),
+        "broken-offsets-object": f(one.replace("[0,4]", '{"0":0,"1":4}')),
+        "broken-dtype-object-map": f(one.replace('"BF16"', '{"BF16":{}}')),
+        "broken-sub-byte-odd": f('{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}',
+                                 b"\x00"),
+        # mergestream refuses these, the reference reads them (documented differences).
+        "differs-name-twice": f('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":%s}'
+                                % entry),
+        "differs-entry-array": f('{"a":["BF16",[2],[0,4]]}'),
+        "differs-dtype-object": f(one.replace('"BF16"', '{"BF16":null}')),
+        "differs-sub-byte-dtype": f('{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}',
+                                    b"\x00"),
+        "differs-all-spellings": f('{"a":["F32",[1],[0,4]],"b":{"dtype":{"U8":null},"shape":[0],'
+                                   '"data_offsets":[4,4]},"b":{"dtype":"U8","shape":[0],'
+                                   '"data_offsets":[4,4]}}'),
+    }
+    for name, data in seeds.items():
+        put("differential", name, data)
+    # A real model's header, spelled the reference's loose ways.
+    obj, at = {}, 0
+    for name, dtype, shape, d in small:
+        obj[name] = [{dtype: None}, shape, [at, at + len(d)]]
+        at += len(d)
+    put("differential", "differs-model-spelled-loosely",
+        f(json.dumps(obj, separators=(",", ":")), b"".join(t[3] for t in small)))
 
 
 def index_json(weight_map):
@@ -200,9 +262,10 @@ def main():
         norms = [t for t in full if t[0].endswith("norm.weight")]
         small = norms + [t for t in full if t[0].endswith("q_proj.weight")]
         ints = [t for t in full if t[1] == "I64"] + norms[:1]
-        for target in ("header", "index", "merge"):
+        for target in ("header", "differential", "index", "merge"):
             shutil.rmtree(os.path.join(ROOT, "corpus", target), ignore_errors=True)
         header_seeds(full, small, ints, f32, f16)
+        differential_seeds(small)
         index_seeds(small)
         merge_seeds(small, ints, specials[:6])
     finally:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this script) and as the README tells a new
 # user to run it: sets up what the tests need (a Python venv with safetensors + numpy, b3sum; the
-# Slurm test installs Slurm itself), then formatting, lints, and every test in release mode
-# (unit, property, end-to-end, faults, fuzz-corpus replay, Python client, memory, Slurm).
+# Slurm test installs Slurm itself), then formatting, lints, warning-free docs, and every test in
+# release mode (unit, property, end-to-end, Python client, memory, Slurm) against the product as
+# shipped, then the tests that need the test hooks (fault injection, fuzz-corpus replay) with the
+# `failpoints` and `fuzzing` cargo features on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +13,12 @@ MERGESTREAM_TEST_PYTHON=$(bash scripts/test-env.sh)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+echo "== cargo clippy (default features, then with the test hooks)"
 cargo clippy --release --all-targets -- -D warnings
-echo "== cargo test --release"
+cargo clippy --release --all-targets --features failpoints,fuzzing -- -D warnings
+echo "== cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+echo "== cargo test --release (the product: default features)"
 cargo test --release
+echo "== cargo test --release --features failpoints,fuzzing (fault injection, fuzz corpus)"
+cargo test --release --features failpoints,fuzzing --test it -- faults:: fuzz_corpus::

@@ -2,15 +2,19 @@
 //! `MERGESTREAM_FAILPOINT` environment variable names them, the process kills itself with
 //! SIGKILL (`NAME:kill`) or pauses (`NAME:pause`) until the test lets it go on.
 //!
-//! A pause creates `$MERGESTREAM_FAILPOINT_DIR/reached-NAME` and waits (at most a minute) for
-//! `continue-NAME` beside it, or for the run to be cancelled. Points sit at coarse places (per
-//! shard, per run), never in the per-chunk hot path, and cost one environment lookup when unset.
-
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+//! Compiled in only with the `failpoints` cargo feature (`scripts/test.sh` turns it on for the
+//! fault tests): without it [`hit`] is an empty inline function, so the product has no hidden
+//! behaviour driven by the environment. A pause creates `$MERGESTREAM_FAILPOINT_DIR/reached-NAME`
+//! and waits (at most a minute) for `continue-NAME` beside it, or for the run to be cancelled.
+//! Points sit at coarse places (per shard, per run), never in the per-chunk hot path, and cost
+//! one environment lookup when the feature is on and the variable unset.
 
 /// Acts on the failpoint `name` if the environment asks for it; `cancelled` ends a pause early.
-pub fn hit(name: &str, cancelled: &dyn Fn() -> bool) {
+#[cfg(feature = "failpoints")]
+pub(crate) fn hit(name: &str, cancelled: &dyn Fn() -> bool) {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
     let Ok(spec) = std::env::var("MERGESTREAM_FAILPOINT") else {
         return;
     };
@@ -42,3 +46,8 @@ pub fn hit(name: &str, cancelled: &dyn Fn() -> bool) {
         _ => {}
     }
 }
+
+/// Without the `failpoints` feature a failpoint is nothing at all.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn hit(_name: &str, _cancelled: &dyn Fn() -> bool) {}

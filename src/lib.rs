@@ -1,23 +1,30 @@
 //! mergestream: merge model checkpoints by streaming them from disk.
 //!
-//! The public API mirrors the command line: [`expo`] plans and runs an ExPO merge (or one part
-//! of it), [`output::finalize`] completes a partitioned run, [`verify::verify`] checks a
-//! finished output. The pieces, each ignorant of the others' concerns:
+//! The public API mirrors the command line: [`plan_expo`] checks two models and plans a merge,
+//! [`expo`] plans and runs it (or one part of it), [`output::finalize`] completes a partitioned
+//! run, [`verify::verify`] checks a finished output. Every error is an [`Error`], whose variants
+//! say what went wrong in fields a caller can match on. The pieces, each ignorant of the others'
+//! concerns:
 //!
-//! - [`format`] parses and writes safetensors headers and shard indexes;
+//! - [`mod@format`] parses and writes safetensors headers and shard indexes;
 //! - [`model`] opens and validates input models;
 //! - [`plan`] decides every byte of the output from the headers and options;
 //! - [`kernel`] is the arithmetic, on slices;
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
-//! - [`output`] is that sink: temporary files, renames, records, locks, finalizing;
-//! - [`manifest`] is `checksums.b3`.
+//! - [`output`] is that sink: temporary files, renames, records, locks, finalizing (and
+//!   `checksums.b3`, the blake3 manifest);
+//! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
+//!
+//! What the library does not do: print (only `main.rs` does), parse command lines, or read
+//! tensor data anywhere but in the pipeline.
+#![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod busy;
 pub mod error;
-#[doc(hidden)]
-pub mod failpoint;
+mod failpoint;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;
@@ -25,9 +32,11 @@ pub mod manifest;
 pub mod method;
 pub mod model;
 pub mod output;
+pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod spec;
 pub mod synth;
 pub mod units;
@@ -37,29 +46,39 @@ pub mod writer;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use error::UsageError;
 pub use error::{Error, Result};
 use method::{Method, Note, Policy, Recipe};
+use kernel::Isa;
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};
 use plan::{Part, Plan};
+use writer::IoMode;
 
 /// Memory kept aside from `--memory` for everything but chunk buffers: the program, thread
 /// stacks, headers and plans.
 pub const MEMORY_RESERVE: u64 = 32 << 20;
 /// The default `--memory`.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// The default `--max-shard-size`, as `transformers` defaults it (5 GB, decimal).
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// An ExPO run, as the command line describes it: one output, or with several alphas a sweep
 /// (`OUT/alpha-0.1/`, `OUT/alpha-0.2/`, …) written from one read of the inputs.
 #[derive(Debug, Clone)]
 pub struct ExpoJob {
+    /// The SFT model: a model directory or a `.safetensors` file.
     pub sft: PathBuf,
+    /// The aligned model, whose dtypes and non-weight files the output takes.
     pub aligned: PathBuf,
+    /// The output directory (created if missing).
     pub out: PathBuf,
+    /// Extrapolation strengths: one output each (`aligned + alpha * (aligned - sft)`).
     pub alphas: Vec<f32>,
     /// Where the two models may disagree.
     pub policy: Policy,
+    /// How the run goes about its work.
     pub options: RunOptions,
 }
 
@@ -67,14 +86,14 @@ impl ExpoJob {
     /// The general job this ExPO run is.
     pub fn to_merge_job(&self) -> Result<MergeJob> {
         let mut seen = Vec::new();
-        for a in &self.alphas {
-            if seen.contains(&a.to_bits()) {
-                return Err(Error::Usage(format!("alpha {a} is given twice")));
+        for &alpha in &self.alphas {
+            if seen.contains(&alpha.to_bits()) {
+                return Err(UsageError::AlphaTwice { alpha }.into());
             }
-            seen.push(a.to_bits());
+            seen.push(alpha.to_bits());
         }
         let outputs = match self.alphas.as_slice() {
-            [] => return Err(Error::Usage("no alpha given".into())),
+            [] => return Err(Error::internal("an ExPO job without an alpha")),
             &[alpha] => vec![OutputJob {
                 out: self.out.clone(),
                 recipe: Recipe {
@@ -107,24 +126,31 @@ impl ExpoJob {
 /// How a run goes about its work; none of it changes the output bytes.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Largest output shard in bytes of tensor data (a larger tensor gets a shard of its own).
     pub max_shard_size: u64,
     /// Cap on the process's memory; chunk buffers get all of it but [`MEMORY_RESERVE`].
     pub memory: u64,
+    /// Compute threads.
     pub threads: usize,
     /// Chunk size override (testing); output bytes never depend on it.
     pub chunk_bytes: Option<usize>,
     /// One part of a partitioned run (finalized later by [`output::finalize`]), or `None` for
     /// a whole run, which finalizes itself.
     pub part: Option<Part>,
+    /// What to do with earlier output in `out`.
     pub existing: Existing,
+    /// Show a progress bar on stderr (when it is a terminal).
     pub show_progress: bool,
-    pub io: writer::IoMode,
+    /// How output files are written.
+    pub io: IoMode,
 }
 
 /// One output of a run: where it goes and what it is made of.
 #[derive(Debug, Clone)]
 pub struct OutputJob {
+    /// The output directory (created if missing).
     pub out: PathBuf,
+    /// The method and the models it reads.
     pub recipe: Recipe,
 }
 
@@ -135,24 +161,35 @@ pub struct MergeJob {
     pub models: Vec<PathBuf>,
     /// The directory holding the outputs' directories, when there are several.
     pub root: Option<PathBuf>,
+    /// The outputs, each a method over some of `models`.
     pub outputs: Vec<OutputJob>,
+    /// How the run goes about its work.
     pub options: RunOptions,
 }
 
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Outputs written (several in a sweep).
     pub outputs: usize,
+    /// Tensors in the shards this run (or part) is responsible for, over every output.
     pub tensors: usize,
+    /// Shards written by this run.
     pub shards_written: usize,
+    /// Shards an earlier, interrupted run had finished (`--resume`), kept.
     pub shards_kept: usize,
+    /// Bytes of the shards written.
     pub bytes_written: u64,
+    /// Wall-clock seconds.
     pub seconds: f64,
-    pub isa: &'static str,
-    /// "direct" or "buffered" (the output filesystem refused direct I/O).
-    pub io: &'static str,
+    /// The kernel that ran.
+    pub isa: Isa,
+    /// How shards were written: [`IoMode::Direct`], or [`IoMode::Buffered`] when the output
+    /// filesystem refused direct I/O (or it was asked for).
+    pub io: IoMode,
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
+    /// Files of the aligned model directory not copied to the output, with why.
     pub skipped_files: Vec<(String, &'static str)>,
     /// What the plans resolved on their own (buffers, extra vocabulary rows), once per output.
     pub notes: Vec<Note>,
@@ -201,14 +238,18 @@ pub fn config_runs(
     };
     for o in &spec.outputs {
         if o.chat_template.is_some() {
-            return Err(Error::Usage(
-                "chat_template is not supported yet: remove it from the config and set the template in the output's tokenizer_config.json".into(),
-            ));
+            return Err(UsageError::NotSupported {
+                feature: "chat_template",
+                hint: "remove it from the config and set the template in the output's tokenizer_config.json",
+            }
+            .into());
         }
         if !matches!(o.tokenizer_source, spec::TokenizerSource::Default) {
-            return Err(Error::Usage(
-                "tokenizer_source is not supported yet (mergekit realigns the embeddings to the chosen tokenizer); without it the base model's (else the first model's) tokenizer files are copied".into(),
-            ));
+            return Err(UsageError::NotSupported {
+                feature: "tokenizer_source",
+                hint: "mergekit realigns the embeddings to the chosen tokenizer, which mergestream does not do; without tokenizer_source the base model's (else the first model's) tokenizer files are copied",
+            }
+            .into());
         }
     }
     let order = spec.run_order();
@@ -220,8 +261,8 @@ pub fn config_runs(
             .iter()
             .partition(|&&k| spec.outputs[k].dependencies().iter().all(|&d| done[d]));
         if now.is_empty() {
-            return Err(Error::Usage(
-                "internal: the config's documents depend on each other in a cycle".into(),
+            return Err(Error::internal(
+                "the config's documents depend on each other in a cycle",
             ));
         }
         let mut models: Vec<PathBuf> = Vec::new();
@@ -266,9 +307,7 @@ pub fn config_runs(
         remaining = later;
     }
     if runs.len() > 1 && options.part.is_some() {
-        return Err(Error::Usage(
-            "documents of this config read other documents' outputs, which a partitioned run cannot do in one go: run `merge` without --part, or split the config into one config per stage".into(),
-        ));
+        return Err(UsageError::StagedPartition.into());
     }
     Ok(runs)
 }
@@ -316,6 +355,14 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
 pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     let started = Instant::now();
     let opts = &job.options;
+    // Before anything is created or removed (the precheck creates a probe file).
+    let inputs: Vec<&std::path::Path> = job.models.iter().map(PathBuf::as_path).collect();
+    if let Some(root) = &job.root {
+        paths::check_overlap(root, &inputs)?;
+    }
+    for o in &job.outputs {
+        paths::check_overlap(&o.out, &inputs)?;
+    }
     match &job.root {
         Some(root) => output::precheck(root)?,
         None => {
@@ -324,13 +371,14 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             }
         }
     }
-    let isa = kernel::Isa::select().map_err(Error::Usage)?;
-    let budget = opts.memory.checked_sub(MEMORY_RESERVE).ok_or_else(|| {
-        Error::Usage(format!(
-            "--memory must be more than {} MiB",
-            MEMORY_RESERVE >> 20
-        ))
-    })?;
+    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
+    let budget = opts
+        .memory
+        .checked_sub(MEMORY_RESERVE)
+        .filter(|&b| b > 0)
+        .ok_or(UsageError::MemoryBelowReserve {
+            reserve: MEMORY_RESERVE,
+        })?;
     let (models, plans) = plan_job(job)?;
     let part = opts.part.unwrap_or(Part::WHOLE);
     if let Some(root) = &job.root {
@@ -341,7 +389,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .outputs
         .iter()
         .zip(&plans)
-        .map(|(o, plan)| OutputDir::open(&o.out, plan, part, opts.existing, opts.io))
+        .map(|(o, plan)| OutputDir::open(&o.out, &inputs, plan, part, opts.existing, opts.io))
         .collect::<Result<Vec<_>>>()?;
     let todo: Vec<Vec<usize>> = plans
         .iter()
@@ -450,8 +498,12 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             .sum(),
         bytes_written: bytes,
         seconds: started.elapsed().as_secs_f64(),
-        isa: isa.name(),
-        io: if buffered { "buffered" } else { "direct" },
+        isa,
+        io: if buffered {
+            IoMode::Buffered
+        } else {
+            IoMode::Direct
+        },
         finalized: finalize,
         skipped_files,
         notes: {

@@ -1,10 +1,15 @@
 //! The command line: parse arguments, call the library, turn errors into messages and exit codes.
+//!
+//! Results (`inspect`, `plan`, `verify`'s report, `--help`, `--version`) go to stdout; notes,
+//! summaries and errors to stderr. A closed stdout — `mergestream inspect DIR | head -1` — ends
+//! the job: exit 0, no message, as ripgrep does. Nothing here panics on a failed write.
 
+use std::io::{self, BufWriter, StdoutLock, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mergestream::busy::Stage;
 use mergestream::format::Dtype;
@@ -13,9 +18,11 @@ use mergestream::model::Model;
 use mergestream::output::{self, Existing};
 use mergestream::pipeline::Cancel;
 use mergestream::plan::Part;
-use mergestream::units::{format_bytes, parse_size};
+use mergestream::units::{format_bytes, ByteSize};
 use mergestream::writer::IoMode;
-use mergestream::{progress, synth, verify, Error, ExpoJob, Result, RunOptions, Summary};
+use mergestream::{
+    progress, spec, synth, verify, Error, ExpoJob, MergeJob, Result, RunOptions, Summary,
+};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +43,14 @@ enum Command {
         after_help = "Examples:\n  mergestream expo --sft Meta-Llama-3-70B-Instruct --aligned Llama3-70B-Chinese-Chat --alpha 0.3 --out ExPO\n  mergestream expo ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --resume   (then: mergestream finalize OUT)"
     )]
     Expo(ExpoArgs),
-    /// Check two models against each other and show the output layout; writes nothing.
+    /// Run a mergekit merge config (linear, task_arithmetic, ties, dare, slerp, model_stock,
+    /// breadcrumbs, della, and expo), with mergekit's arithmetic.
+    #[command(
+        after_help = "Examples:\n  mergestream merge examples/configs/ties.yml --out TIES\n  mergestream merge sweep.yml --out SWEEP        (a multi-document config: SWEEP/<name>/ each)\n  mergestream plan examples/configs/ties.yml      (check the config and models; writes nothing)"
+    )]
+    Merge(MergeArgs),
+    /// Check the models (of two for ExPO, or of a merge config) and show the output layout;
+    /// writes nothing.
     Plan(PlanArgs),
     /// List a model's tensors from its headers.
     Inspect {
@@ -72,59 +86,71 @@ struct ModelPair {
     aligned: PathBuf,
     /// Extrapolation strength (ExPO papers use 0.1 to 0.5); several, comma-separated, write a
     /// sweep (OUT/alpha-0.1/, OUT/alpha-0.2/, …) from one read of the inputs.
-    #[arg(
-        long,
-        allow_negative_numbers = true,
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, allow_negative_numbers = true, value_delimiter = ',', required = true)]
     alpha: Vec<f32>,
-    /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
-    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
-    max_shard_size: u64,
+    #[command(flatten)]
+    layout: LayoutArgs,
     /// A float weight only --aligned has: refuse (default) or copy it from --aligned. Buffers
     /// transformers does not save (inv_freq, position_ids, …) and integer tensors need no flag.
-    #[arg(long, value_name = "WHAT", default_value = "refuse")]
-    only_in_aligned: OnlyInAligned,
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnlyIn::Refuse)]
+    only_in_aligned: OnlyIn,
     /// Tensors whose first dimension differs (vocabularies of 32000 and 32002): refuse
     /// (default) or merge the shared rows and copy the aligned model's extra rows.
-    #[arg(long, value_name = "WHAT", default_value = "refuse")]
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = VocabMismatch::Refuse)]
     vocab_mismatch: VocabMismatch,
-}
-
-/// `--only-in-aligned`.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum OnlyInAligned {
-    Refuse,
-    Copy,
-}
-
-/// `--vocab-mismatch`.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum VocabMismatch {
-    Refuse,
-    CopyAligned,
 }
 
 impl ModelPair {
     fn policy(&self) -> Policy {
         Policy {
-            copy_only_in_layout: self.only_in_aligned == OnlyInAligned::Copy,
+            copy_only_in_layout: self.only_in_aligned == OnlyIn::Copy,
             copy_extra_rows: self.vocab_mismatch == VocabMismatch::CopyAligned,
         }
     }
+}
+
+/// Options that shape the output's files.
+#[derive(Args)]
+struct LayoutArgs {
+    /// Largest output shard, like transformers' max_shard_size (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MAX_SHARD_SIZE))]
+    max_shard_size: ByteSize,
+}
+
+/// `--only-in-aligned` / `--only-in-base`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnlyIn {
+    /// A mismatch (the default).
+    Refuse,
+    /// Copied from the aligned (or base) model.
+    Copy,
+}
+
+/// `--vocab-mismatch`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VocabMismatch {
+    /// A mismatch (the default).
+    Refuse,
+    /// Shared rows merged, the aligned model's extra rows copied.
+    CopyAligned,
 }
 
 #[derive(Args)]
 struct ExpoArgs {
     #[command(flatten)]
     pair: ModelPair,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How a run that writes goes about it; none of it changes the output bytes.
+#[derive(Args)]
+struct RunArgs {
     /// Output directory (created if missing; must be empty unless --resume or --force).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Memory cap for the whole process (chunk buffers get all but 32 MiB).
-    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
-    memory: u64,
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MEMORY), help = memory_help())]
+    memory: ByteSize,
     /// Compute threads (default: the number of CPUs).
     #[arg(long)]
     threads: Option<usize>,
@@ -144,38 +170,115 @@ struct ExpoArgs {
     #[arg(long)]
     json: bool,
     /// How shards are written: direct I/O where the filesystem allows it (auto), always, or never.
-    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = IoMode::parse)]
+    #[arg(long, value_name = "MODE", default_value_t = IoMode::Auto, value_parser = IoMode::parse)]
     io: IoMode,
     /// Bytes per chunk (for testing; output never depends on it).
-    #[arg(long, hide = true, value_parser = parse_size)]
-    chunk_size: Option<u64>,
+    #[arg(long, hide = true)]
+    chunk_size: Option<ByteSize>,
+}
+
+impl RunArgs {
+    fn options(&self, layout: &LayoutArgs) -> RunOptions {
+        RunOptions {
+            max_shard_size: layout.max_shard_size.0,
+            memory: self.memory.0,
+            threads: self
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            chunk_bytes: self.chunk_size.map(|c| c.0 as usize),
+            part: self.part,
+            existing: if self.resume {
+                Existing::Resume
+            } else if self.force {
+                Existing::Overwrite
+            } else {
+                Existing::Refuse
+            },
+            show_progress: !self.quiet && !self.json,
+            io: self.io,
+        }
+    }
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The merge config (mergekit's YAML; several documents with `name:` write several outputs).
+    config: PathBuf,
+    #[command(flatten)]
+    layout: LayoutArgs,
+    #[command(flatten)]
+    policy: ConfigPolicyArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Where the models of a config may disagree.
+#[derive(Args)]
+struct ConfigPolicyArgs {
+    /// A float weight the base (layout) model has and another model lacks: refuse (default) or
+    /// copy it from the base model.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnlyIn::Refuse)]
+    only_in_base: OnlyIn,
+}
+
+impl ConfigPolicyArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            copy_only_in_layout: self.only_in_base == OnlyIn::Copy,
+            copy_extra_rows: false,
+        }
+    }
 }
 
 #[derive(Args)]
 struct PlanArgs {
+    /// A merge config to check (instead of --sft/--aligned/--alpha).
+    #[arg(conflicts_with_all = ["sft", "aligned", "alpha"], required_unless_present_all = ["sft", "aligned", "alpha"])]
+    config: Option<PathBuf>,
+    /// The SFT model (directory or .safetensors file).
+    #[arg(long, value_name = "DIR")]
+    sft: Option<PathBuf>,
+    /// The aligned model.
+    #[arg(long, value_name = "DIR")]
+    aligned: Option<PathBuf>,
+    /// Extrapolation strength(s), comma-separated.
+    #[arg(long, allow_negative_numbers = true, value_delimiter = ',')]
+    alpha: Vec<f32>,
     #[command(flatten)]
-    pair: ModelPair,
+    layout: LayoutArgs,
+    /// As `expo --only-in-aligned`.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnlyIn::Refuse)]
+    only_in_aligned: OnlyIn,
+    /// As `expo --vocab-mismatch`.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = VocabMismatch::Refuse)]
+    vocab_mismatch: VocabMismatch,
+    #[command(flatten)]
+    config_policy: ConfigPolicyArgs,
     /// Show which shards part I of N would write.
     #[arg(long, value_name = "I/N", value_parser = Part::parse)]
     part: Option<Part>,
+    /// Also check this output directory as `expo` would: it must not be, lie inside, or contain
+    /// an input model.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct SynthArgs {
     /// Where to write OUT/sft and OUT/aligned.
     out: PathBuf,
-    /// Model widths: tiny-llama, tiny-mistral, llama3-8b, mistral-7b, llama3-70b.
-    #[arg(long, default_value = "tiny-llama")]
-    preset: String,
+    /// Model widths.
+    #[arg(long, value_enum, default_value_t = synth::Preset::TinyLlama)]
+    preset: synth::Preset,
     /// Number of transformer layers (default: the preset's).
     #[arg(long)]
     layers: Option<u64>,
-    /// BF16, F16 or F32.
-    #[arg(long, default_value = "BF16")]
-    dtype: String,
+    /// The float type of the weights.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = FloatArg::BF16)]
+    dtype: FloatArg,
     /// Store the SFT model's float tensors as this type instead (a mixed-precision pair).
-    #[arg(long)]
-    sft_dtype: Option<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    sft_dtype: Option<FloatArg>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long, default_value_t = 3)]
@@ -190,91 +293,184 @@ struct SynthArgs {
     int_buffer: bool,
 }
 
+/// `--memory`'s help, from the constants it describes.
+fn memory_help() -> String {
+    format!(
+        "Memory cap for the whole process (chunk buffers get all but {} MiB)",
+        mergestream::MEMORY_RESERVE >> 20
+    )
+}
+
+/// The float types `synth` writes.
+#[derive(Clone, Copy, ValueEnum)]
+enum FloatArg {
+    #[value(name = "BF16")]
+    BF16,
+    #[value(name = "F16")]
+    F16,
+    #[value(name = "F32")]
+    F32,
+}
+
+impl FloatArg {
+    fn dtype(self) -> Dtype {
+        match self {
+            FloatArg::BF16 => Dtype::BF16,
+            FloatArg::F16 => Dtype::F16,
+            FloatArg::F32 => Dtype::F32,
+        }
+    }
+}
+
+impl std::fmt::Display for FloatArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dtype().name())
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version (to stdout, exit 0) or a usage error (to stderr, exit 2). A
+            // closed stream is no reason to say more.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mergestream: error: {e}");
+        // Whoever reads our output has all they want.
+        Err(Failure::Stdout(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Failure::Stdout(e)) => {
+            note(format_args!("error: writing to stdout: {e}"));
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
+            note(format_args!("error: {e}"));
             ExitCode::from(e.exit_code() as u8)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Why a command failed: the library's error, or stdout refusing our results.
+enum Failure {
+    Run(Error),
+    Stdout(io::Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Run(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Stdout(e)
+    }
+}
+
+/// Stdout for a command's results, buffered; flush it before returning.
+fn stdout() -> BufWriter<StdoutLock<'static>> {
+    BufWriter::new(io::stdout().lock())
+}
+
+/// `mergestream: MESSAGE` on stderr. A stderr that cannot be written to is ignored: there is
+/// nowhere left to say anything.
+fn note(message: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr().lock(), "mergestream: {message}");
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Expo(args) => expo(args),
-        Command::Plan(args) => plan(args),
-        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Expo(args) => expo(args)?,
+        Command::Merge(args) => merge(args)?,
+        Command::Plan(args) => plan(args)?,
+        Command::Inspect { model, json } => inspect(&model, json)?,
         Command::Verify { dir, quiet } => {
             let report = verify::verify(&dir)?;
             if !quiet {
-                eprintln!(
-                    "mergestream: {}: OK ({} files, {} tensors, {} checked)",
+                let mut out = stdout();
+                writeln!(
+                    out,
+                    "{}: OK ({} files, {} tensors, {} checked)",
                     dir.display(),
                     report.files,
                     report.tensors,
                     format_bytes(report.bytes)
-                );
+                )?;
+                out.flush()?;
             }
-            Ok(())
         }
         Command::Finalize { out, quiet } => {
             for (dir, done) in output::finalize_all(&out)? {
                 if !quiet {
-                    eprintln!(
-                        "mergestream: finalized {} from {} part{}: {} files in checksums.b3",
+                    note(format_args!(
+                        "finalized {} from {} part{}: {} files in checksums.b3",
                         dir.display(),
                         done.parts,
                         if done.parts == 1 { "" } else { "s" },
                         done.files - 1
-                    );
+                    ));
                 }
             }
-            Ok(())
         }
-        Command::Synth(args) => synth_pair(args),
+        Command::Synth(args) => synth_pair(args)?,
     }
+    Ok(())
 }
 
-fn expo(args: ExpoArgs) -> Result<()> {
+/// A cancel flag set by SIGINT and SIGTERM.
+fn cancel_on_signals() -> Result<Cancel> {
     let cancel = Cancel::default();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_usize(signal, Arc::clone(&cancel.signal), signal as usize)
-            .map_err(|e| Error::Usage(format!("cannot install a signal handler: {e}")))?;
+            .map_err(|source| Error::SignalHandler { source })?;
     }
-    let policy = args.pair.policy();
-    let job = ExpoJob {
-        sft: args.pair.sft,
-        aligned: args.pair.aligned,
-        out: args.out,
-        policy,
-        alphas: args.pair.alpha,
-        options: RunOptions {
-            max_shard_size: args.pair.max_shard_size,
-            memory: args.memory,
-            threads: args
-                .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-            chunk_bytes: args.chunk_size.map(|c| c as usize),
-            part: args.part,
-            existing: if args.resume {
-                Existing::Resume
-            } else if args.force {
-                Existing::Overwrite
-            } else {
-                Existing::Refuse
-            },
-            show_progress: !args.quiet,
-            io: args.io,
-        },
-    };
-    let summary = mergestream::expo(&job, &cancel)?;
-    report(&summary, job.options.part, args.quiet, args.json)
+    Ok(cancel)
 }
 
+fn expo(args: ExpoArgs) -> Result<(), Failure> {
+    let cancel = cancel_on_signals()?;
+    let job = ExpoJob {
+        policy: args.pair.policy(),
+        options: args.run.options(&args.pair.layout),
+        sft: args.pair.sft,
+        aligned: args.pair.aligned,
+        out: args.run.out.clone(),
+        alphas: args.pair.alpha,
+    };
+    let summary = mergestream::expo(&job, &cancel)?;
+    report(&summary, job.options.part, args.run.quiet, args.run.json)
+}
+
+/// Reads and checks a merge config (relative model paths are relative to the working
+/// directory, as mergekit reads them).
+fn read_config(path: &std::path::Path) -> Result<spec::MergeSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading config", e))?;
+    let cwd = std::env::current_dir().map_err(|e| Error::io(".", "finding the working directory", e))?;
+    spec::parse_config(&text, &cwd, &spec::HfCache::from_env()).map_err(|source| Error::Config {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn merge(args: MergeArgs) -> Result<(), Failure> {
+    let cancel = cancel_on_signals()?;
+    let spec = read_config(&args.config)?;
+    let options = args.run.options(&args.layout);
+    let runs = mergestream::config_runs(&spec, &args.run.out, args.policy.policy(), &options)?;
+    for job in &runs {
+        let summary = mergestream::run(job, &cancel)?;
+        report(&summary, options.part, args.run.quiet, args.run.json)?;
+    }
+    Ok(())
+}
+
+
 /// The end-of-run summary: a line (and where the time went) on stderr, or JSON on stdout.
-fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Result<()> {
+fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Result<(), Failure> {
     let peak = progress::peak_rss();
     if json {
         let busy: serde_json::Map<String, serde_json::Value> = summary
@@ -300,27 +496,27 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "bytes_written": summary.bytes_written,
             "seconds": summary.seconds,
             "peak_rss_bytes": peak,
-            "kernel": summary.isa,
-            "io": summary.io,
+            "kernel": summary.isa.to_string(),
+            "io": summary.io.to_string(),
             "threads": summary.threads,
             "busy": busy,
             "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("serializing JSON cannot fail")
-        );
+        let mut out = stdout();
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(io::Error::from)?;
+        writeln!(out)?;
+        out.flush()?;
         return Ok(());
     }
     if quiet {
         return Ok(());
     }
     for (name, why) in &summary.skipped_files {
-        eprintln!("mergestream: note: not copied: {name} ({why})");
+        note(format_args!("note: not copied: {name} ({why})"));
     }
-    for note in &summary.notes {
-        eprintln!("mergestream: note: {note}");
+    for n in &summary.notes {
+        note(format_args!("note: {n}"));
     }
     let kept = if summary.shards_kept > 0 {
         format!(", {} kept from the earlier run", summary.shards_kept)
@@ -344,8 +540,8 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
     } else {
         String::new()
     };
-    eprintln!(
-        "mergestream: {what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+    note(format_args!(
+        "{what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
         summary.tensors,
         format_bytes(summary.bytes_written),
         summary.shards_written,
@@ -354,12 +550,14 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         format_bytes(rate as u64),
         summary.isa,
         summary.io
-    );
+    ));
     let busy: Vec<String> = Stage::ALL
         .iter()
         .map(|&stage| {
             let of = match stage {
-                Stage::Compute if summary.threads > 1 => format!(" of {} threads", summary.threads),
+                Stage::Compute if summary.threads > 1 => {
+                    format!(" of {} threads", summary.threads)
+                }
                 Stage::Hash | Stage::Io if summary.outputs > 1 => {
                     format!(" of {} threads", summary.outputs)
                 }
@@ -372,81 +570,122 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             )
         })
         .collect();
-    eprintln!("mergestream: busy: {}", busy.join(", "));
+    note(format_args!("busy: {}", busy.join(", ")));
     Ok(())
 }
 
-fn plan(args: PlanArgs) -> Result<()> {
-    let p = args.pair;
-    let policy = p.policy();
-    let job = ExpoJob {
-        sft: p.sft,
-        aligned: p.aligned,
-        out: PathBuf::from("OUT"),
-        policy,
-        alphas: p.alpha,
-        options: RunOptions {
-            max_shard_size: p.max_shard_size,
-            memory: mergestream::DEFAULT_MEMORY,
-            threads: 1,
-            chunk_bytes: None,
-            part: args.part,
-            existing: Existing::Refuse,
-            show_progress: false,
-            io: IoMode::Auto,
-        },
-    }
-    .to_merge_job()?;
-    let (models, plans) = mergestream::plan_job(&job)?;
-    println!(
-        "OK: {} tensors match ({} in --sft, {} in --aligned)",
-        plans[0].tensors.len(),
-        format_bytes(models[0].data_bytes()),
-        format_bytes(models[1].data_bytes())
-    );
-    let part = args.part.unwrap_or(Part::WHOLE);
-    for (output, plan) in job.outputs.iter().zip(&plans) {
-        let mine = plan.shards_of(part);
-        let name = if plans.len() > 1 {
-            format!("{}: ", output.out.display())
-        } else {
-            String::new()
-        };
-        println!(
-            "output {name}{} shard{}, {} of tensor data",
-            plan.shards.len(),
-            if plan.shards.len() == 1 { "" } else { "s" },
-            format_bytes(plan.total_size)
-        );
-        for (i, s) in plan.shards.iter().enumerate() {
-            let marker = if args.part.is_some() && mine.contains(&i) {
-                "  <- this part"
-            } else {
-                ""
+fn plan(args: PlanArgs) -> Result<(), Failure> {
+    let options = RunOptions {
+        max_shard_size: args.layout.max_shard_size.0,
+        memory: mergestream::DEFAULT_MEMORY,
+        threads: 1,
+        chunk_bytes: None,
+        part: args.part,
+        existing: Existing::Refuse,
+        show_progress: false,
+        io: IoMode::Auto,
+    };
+    let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("OUT"));
+    let runs: Vec<MergeJob> = match (&args.config, &args.sft, &args.aligned) {
+        (Some(config), _, _) => {
+            let spec = read_config(config)?;
+            mergestream::config_runs(&spec, &out_dir, args.config_policy.policy(), &options)?
+        }
+        (None, Some(sft), Some(aligned)) => {
+            let policy = Policy {
+                copy_only_in_layout: args.only_in_aligned == OnlyIn::Copy,
+                copy_extra_rows: args.vocab_mismatch == VocabMismatch::CopyAligned,
             };
-            println!(
-                "  {}  {:>4} tensors  {:>10}{marker}",
-                s.name,
-                s.tensors.len(),
-                format_bytes(s.file_len())
-            );
+            vec![ExpoJob {
+                sft: sft.clone(),
+                aligned: aligned.clone(),
+                out: out_dir.clone(),
+                alphas: args.alpha.clone(),
+                policy,
+                options,
+            }
+            .to_merge_job()?]
         }
-        for f in &plan.extra_files {
-            println!("  {}  (copied from --aligned)", f.name);
+        _ => {
+            return Err(Error::internal("clap requires a config or --sft, --aligned and --alpha").into())
         }
-        for note in &plan.notes {
-            println!("  note: {note}");
+    };
+    let mut out = stdout();
+    let part = args.part.unwrap_or(Part::WHOLE);
+    for job in &runs {
+        if args.out.is_some() {
+            let inputs: Vec<&std::path::Path> = job.models.iter().map(PathBuf::as_path).collect();
+            for o in &job.outputs {
+                mergestream::paths::check_overlap(&o.out, &inputs)?;
+            }
         }
-        for (name, why) in &plan.skipped_files {
-            println!("  {name}  (not copied: {why})");
+        if job.models.iter().any(|m| !m.exists()) && runs.len() > 1 {
+            // A later stage reads an earlier stage's output, which does not exist yet.
+            writeln!(
+                out,
+                "later stage: {} (reads outputs of earlier stages; planned when they exist)",
+                job.outputs
+                    .iter()
+                    .map(|o| o.out.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+            continue;
         }
-        println!("plan fingerprint: {}", plan.fingerprint);
+        let (models, plans) = mergestream::plan_job(job)?;
+        let sizes: Vec<String> = models
+            .iter()
+            .map(|m| format!("{} ({})", m.path.display(), format_bytes(m.data_bytes())))
+            .collect();
+        writeln!(
+            out,
+            "OK: {} tensors match across {}",
+            plans.first().map_or(0, |p| p.tensors.len()),
+            sizes.join(", ")
+        )?;
+        for (output, plan) in job.outputs.iter().zip(&plans) {
+            let mine = plan.shards_of(part);
+            writeln!(
+                out,
+                "output {}: {} shard{}, {} of tensor data",
+                output.out.display(),
+                plan.shards.len(),
+                if plan.shards.len() == 1 { "" } else { "s" },
+                format_bytes(plan.total_size)
+            )?;
+            for (i, s) in plan.shards.iter().enumerate() {
+                let marker = if args.part.is_some() && mine.contains(&i) {
+                    "  <- this part"
+                } else {
+                    ""
+                };
+                writeln!(
+                    out,
+                    "  {}  {:>4} tensors  {:>10}{marker}",
+                    s.name,
+                    s.tensors.len(),
+                    format_bytes(s.file_len())
+                )?;
+            }
+            for f in &plan.extra_files {
+                writeln!(out, "  {}  (copied)", f.name)?;
+            }
+            for (name, why) in &plan.skipped_files {
+                writeln!(out, "  {name}  (not copied: {why})")?;
+            }
+            for n in &plan.notes {
+                writeln!(out, "  note: {n}")?;
+            }
+            writeln!(out, "plan fingerprint: {}", plan.fingerprint)?;
+        }
     }
+    out.flush()?;
     Ok(())
 }
 
-fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
+fn inspect(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let model = Model::open(path)?;
+    let mut out = stdout();
     if json {
         let tensors: Vec<_> = model
             .tensors()
@@ -467,10 +706,9 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
             "tensor_count": model.tensor_count(),
             "total_bytes": model.data_bytes(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("serializing JSON cannot fail")
-        );
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(io::Error::from)?;
+        writeln!(out)?;
+        out.flush()?;
         return Ok(());
     }
     let width = model
@@ -478,17 +716,22 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
         .map(|(_, t)| t.name.len())
         .max()
         .unwrap_or(4);
-    println!("{:width$}  {:7}  {:>22}  shard", "name", "dtype", "shape");
+    writeln!(
+        out,
+        "{:width$}  {:7}  {:>22}  shard",
+        "name", "dtype", "shape"
+    )?;
     let mut by_dtype: std::collections::BTreeMap<Dtype, (usize, u64)> = Default::default();
     for (loc, t) in model.tensors() {
         let shape = format!("{:?}", t.shape);
-        println!(
+        writeln!(
+            out,
             "{:width$}  {:7}  {:>22}  {}",
             t.name,
             t.dtype.name(),
             shape,
             model.shards[loc.shard].name
-        );
+        )?;
         let e = by_dtype.entry(t.dtype).or_default();
         e.0 += 1;
         e.1 += t.nbytes();
@@ -497,39 +740,28 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
         .iter()
         .map(|(d, (n, b))| format!("{n} {d} ({})", format_bytes(*b)))
         .collect();
-    println!(
+    writeln!(
+        out,
         "{} tensors in {} shard{}: {}; {} in all",
         model.tensor_count(),
         model.shards.len(),
         if model.shards.len() == 1 { "" } else { "s" },
         counts.join(", "),
         format_bytes(model.data_bytes())
-    );
+    )?;
+    out.flush()?;
     Ok(())
 }
 
 fn synth_pair(args: SynthArgs) -> Result<()> {
-    let mut shape = synth::preset(&args.preset).ok_or_else(|| {
-        Error::Usage(format!(
-            "unknown preset '{}' (choose from {})",
-            args.preset,
-            synth::PRESETS
-        ))
-    })?;
+    let mut shape = args.preset.shape();
     if let Some(layers) = args.layers {
         shape.layers = layers;
     }
-    let float = |text: &str| {
-        Dtype::parse(&text.to_ascii_uppercase())
-            .filter(|d| d.mergeable().is_some())
-            .ok_or_else(|| Error::Usage(format!("{text} is not BF16, F16 or F32")))
-    };
-    let dtype = float(&args.dtype)?;
-    let sft_dtype = args.sft_dtype.as_deref().map(float).transpose()?;
     let spec = synth::PairSpec {
         shape,
-        dtype,
-        sft_dtype,
+        dtype: args.dtype.dtype(),
+        sft_dtype: args.sft_dtype.map(FloatArg::dtype),
         seed: args.seed,
         sft_shards: args.sft_shards.max(1),
         aligned_shards: args.aligned_shards.max(1),
@@ -537,10 +769,22 @@ fn synth_pair(args: SynthArgs) -> Result<()> {
         int_buffer: args.int_buffer,
     };
     let bytes = synth::write_pair(&args.out, &spec)?;
-    eprintln!(
-        "mergestream: wrote {0}/sft and {0}/aligned ({1} each)",
+    note(format_args!(
+        "wrote {0}/sft and {0}/aligned ({1} each)",
         args.out.display(),
         format_bytes(bytes)
-    );
+    ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over the whole command line (as b3sum does).
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -10,7 +10,9 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Mismatch, Result};
+use crate::error::{
+    Disagreement, DisagreementKind, Error, Mismatch, MismatchKind, Result, UsageError,
+};
 use crate::format::Dtype;
 use crate::kernel::FloatDtype;
 use crate::kernel::{linear, methods};
@@ -21,7 +23,10 @@ use crate::spec;
 #[derive(Debug, Clone)]
 pub enum Method {
     /// `aligned + alpha * (aligned - sft)` (ExPO), over the models `[sft, aligned]`.
-    Expo { alpha: f32 },
+    Expo {
+        /// The extrapolation strength.
+        alpha: f32,
+    },
     /// One document of a merge config (mergekit's methods, or `expo` written as a config),
     /// over the models of `spec.models`, in that order.
     Config(Arc<ConfigMerge>),
@@ -30,6 +35,7 @@ pub enum Method {
 /// A config document.
 #[derive(Debug, Clone)]
 pub struct ConfigMerge {
+    /// The document, checked and with its models resolved.
     pub spec: spec::OutputSpec,
 }
 
@@ -79,6 +85,7 @@ impl Method {
 /// One output of a run: a method over some of the run's models.
 #[derive(Debug, Clone)]
 pub struct Recipe {
+    /// The method and its parameters.
     pub method: Method,
     /// Indices into the run's models, one per role of the method, in the method's order.
     pub models: Vec<usize>,
@@ -118,7 +125,9 @@ pub fn is_unsaved_buffer(name: &str) -> bool {
 /// provenance.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Note {
+    /// The tensor.
     pub tensor: String,
+    /// What was done.
     pub note: String,
 }
 
@@ -133,7 +142,9 @@ impl std::fmt::Display for Note {
 pub struct Input {
     /// Index into the run's models.
     pub model: usize,
+    /// Where the tensor is in that model.
     pub loc: TensorLoc,
+    /// Its storage dtype.
     pub dtype: Dtype,
     /// The input element that lines up with the segment's first element.
     pub first: u64,
@@ -148,8 +159,11 @@ pub enum Op {
     /// ExPO over the inputs `[aligned, sft]`, each widened exactly to f32; the output has the
     /// aligned input's type.
     Expo {
+        /// The extrapolation strength.
         alpha: f32,
+        /// The aligned input's (and the output's) type.
         aligned: FloatDtype,
+        /// The SFT input's type.
         sft: FloatDtype,
     },
     /// A method that may need whole-tensor statistics first (TIES, SLERP, DARE, …), over the
@@ -173,16 +187,22 @@ impl Op {
 pub struct Segment {
     /// Elements `[start, end)` of the output tensor.
     pub elems: std::ops::Range<u64>,
+    /// What is computed.
     pub op: Op,
+    /// What it reads, in the op's order.
     pub inputs: Vec<Input>,
 }
 
 /// One output tensor.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
+    /// The tensor's name.
     pub name: String,
+    /// Its storage dtype.
     pub dtype: Dtype,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// Bytes of output data.
     pub nbytes: u64,
     /// Segments covering `[0, numel)` in order, without gaps.
     pub segments: Vec<Segment>,
@@ -275,18 +295,17 @@ impl Recipe {
         match self.method {
             Method::Expo { alpha } => {
                 if !alpha.is_finite() {
-                    return Err(Error::Usage(format!(
-                        "alpha {alpha} is not a finite number"
-                    )));
+                    return Err(Error::Usage(UsageError::AlphaNotFinite { alpha }));
                 }
                 let (sft, aligned) = (self.models[0], self.models[1]);
                 plan_expo(alpha, sft, aligned, models, self.policy)
             }
             Method::Config(ref c) => match c.spec.method {
                 spec::Method::Expo => {
-                    let alpha = c.spec.expo_alpha.ok_or_else(|| {
-                        Error::Usage("internal: an expo document without alpha".into())
-                    })?;
+                    let alpha = c
+                        .spec
+                        .expo_alpha
+                        .ok_or_else(|| Error::internal("an expo document without alpha"))?;
                     let base = c.spec.base.unwrap_or(0);
                     let aligned = (0..self.models.len()).find(|&i| i != base).unwrap_or(0);
                     plan_expo(
@@ -331,10 +350,10 @@ fn plan_expo(
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     let mut tensors = Vec::with_capacity(aligned.tensor_count());
-    let mut mismatch = |tensor: &str, problem: String| {
+    let mut mismatch = |tensor: &str, kind: MismatchKind| {
         problems.push(Mismatch {
             tensor: tensor.to_owned(),
-            problem,
+            kind,
         })
     };
     for (loc, t) in aligned.tensors() {
@@ -381,13 +400,10 @@ fn plan_expo(
                     Some("only in --aligned: copied from it (--only-in-aligned copy)".into()),
                     &mut notes,
                 ));
+            } else if t.dtype.mergeable().is_some() {
+                mismatch(&t.name, MismatchKind::OnlyInAligned);
             } else {
-                let hint = if t.dtype.mergeable().is_some() {
-                    " (pass --only-in-aligned copy to copy it from --aligned)"
-                } else {
-                    ""
-                };
-                mismatch(&t.name, format!("missing from the SFT model (--sft){hint}"));
+                mismatch(&t.name, MismatchKind::MissingFromSft);
             }
             continue;
         };
@@ -400,7 +416,10 @@ fn plan_expo(
         if s.dtype != t.dtype && !both_float {
             mismatch(
                 &t.name,
-                format!("dtype {} in --aligned but {} in --sft", t.dtype, s.dtype),
+                MismatchKind::Dtype {
+                    aligned: t.dtype,
+                    sft: s.dtype,
+                },
             );
             continue;
         }
@@ -409,13 +428,7 @@ fn plan_expo(
             continue;
         }
         let (Some(a_dtype), Some(s_dtype)) = (t.dtype.mergeable(), s.dtype.mergeable()) else {
-            mismatch(
-                &t.name,
-                format!(
-                    "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
-                    t.dtype
-                ),
-            );
+            mismatch(&t.name, MismatchKind::Unmergeable { dtype: t.dtype });
             continue;
         };
         let op = Op::Expo {
@@ -449,18 +462,13 @@ fn plan_expo(
             });
             merged * row
         } else {
-            let hint = if rows_only_differ(&t.shape, &s.shape) {
-                " (only the first dimension differs: pass --vocab-mismatch copy-aligned to merge the shared rows and copy the aligned model's extra ones)"
+            let (aligned, sft) = (t.shape.clone(), s.shape.clone());
+            let kind = if rows_only_differ(&t.shape, &s.shape) {
+                MismatchKind::Rows { aligned, sft }
             } else {
-                ""
+                MismatchKind::Shape { aligned, sft }
             };
-            mismatch(
-                &t.name,
-                format!(
-                    "shape {:?} in --aligned but {:?} in --sft{hint}",
-                    t.shape, s.shape
-                ),
-            );
+            mismatch(&t.name, kind);
             continue;
         };
         let mut segments = Vec::new();
@@ -507,7 +515,7 @@ fn plan_expo(
                 note: "only in --sft: left out".into(),
             });
         } else {
-            mismatch(&s.name, "missing from the aligned model (--aligned)".into());
+            mismatch(&s.name, MismatchKind::MissingFromAligned);
         }
     }
     if problems.is_empty() {
@@ -569,10 +577,10 @@ fn plan_config(
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     let mut tensors = Vec::with_capacity(layout.tensor_count());
-    let mut mismatch = |tensor: &str, problem: String| {
-        problems.push(Mismatch {
+    let mut mismatch = |tensor: &str, kind: DisagreementKind| {
+        problems.push(Disagreement {
             tensor: tensor.to_owned(),
-            problem,
+            kind,
         })
     };
     for (loc, t) in layout.tensors() {
@@ -609,10 +617,10 @@ fn plan_config(
         let Some(_) = t.dtype.mergeable() else {
             mismatch(
                 &t.name,
-                format!(
-                    "dtype {} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)",
-                    t.dtype
-                ),
+                DisagreementKind::Dtype {
+                    model: role(layout_pos),
+                    dtype: t.dtype,
+                },
             );
             continue;
         };
@@ -640,11 +648,10 @@ fn plan_config(
                 for i in missing {
                     mismatch(
                         &t.name,
-                        format!(
-                            "missing from {} (pass --only-in-base copy to copy it from {})",
-                            role(i),
-                            role(layout_pos)
-                        ),
+                        DisagreementKind::Missing {
+                            model: role(i),
+                            layout: role(layout_pos),
+                        },
                     );
                 }
             }
@@ -655,25 +662,21 @@ fn plan_config(
             if info.shape != t.shape {
                 mismatch(
                     &t.name,
-                    format!(
-                        "shape {:?} in {} but {:?} in {}",
-                        t.shape,
-                        role(layout_pos),
-                        info.shape,
-                        role(i)
-                    ),
+                    DisagreementKind::Shape {
+                        model: role(i),
+                        other: info.shape.clone(),
+                        layout: role(layout_pos),
+                        shape: t.shape.clone(),
+                    },
                 );
                 bad = true;
             } else if info.dtype.mergeable().is_none() {
                 mismatch(
                     &t.name,
-                    format!(
-                        "dtype {} in {} cannot be merged with {} in {}",
-                        info.dtype,
-                        role(i),
-                        t.dtype,
-                        role(layout_pos)
-                    ),
+                    DisagreementKind::Dtype {
+                        model: role(i),
+                        dtype: info.dtype,
+                    },
                 );
                 bad = true;
             }
@@ -693,7 +696,10 @@ fn plan_config(
         let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
         let resolved = spec
             .resolve(&t.name, layer_t)
-            .map_err(|e| Error::Usage(e.to_string()))?;
+            .map_err(|e| Error::Method {
+                tensor: t.name.clone(),
+                source: e.into(),
+            })?;
         let linear = match spec.method {
             spec::Method::Linear => Some(linear::Method::Linear),
             spec::Method::TaskArithmetic => Some(linear::Method::TaskArithmetic),
@@ -732,7 +738,10 @@ fn plan_config(
                     out,
                     numel,
                 })
-                .map_err(|e| Error::Usage(format!("tensor '{}': {e}", t.name)))?;
+                .map_err(|e| Error::Method {
+                    tensor: t.name.clone(),
+                    source: e.into(),
+                })?;
                 Op::Combine(Arc::new(combine))
             }
             Some(method) => {
@@ -744,13 +753,15 @@ fn plan_config(
                     inputs: &dtypes,
                     out,
                 };
-                let op = methods::Op::new(&params, &ctx)
-                    .map_err(|e| Error::Usage(format!("tensor '{}': {e}", t.name)))?;
+                let op = methods::Op::new(&params, &ctx).map_err(|e| Error::Method {
+                    tensor: t.name.clone(),
+                    source: e.into(),
+                })?;
                 Op::Method(Arc::new(op))
             }
             None => {
-                return Err(Error::Usage(format!(
-                    "merge method '{}' is not implemented yet",
+                return Err(Error::internal(format!(
+                    "merge method '{}' reached the planner without an op",
                     spec.method.name()
                 )))
             }
@@ -794,10 +805,10 @@ fn plan_config(
             } else {
                 mismatch(
                     &other.name,
-                    format!(
-                        "missing from {} (the output takes its tensors)",
-                        role(layout_pos)
-                    ),
+                    DisagreementKind::NotInLayout {
+                        model: role(i),
+                        layout: role(layout_pos),
+                    },
                 );
             }
         }
@@ -809,16 +820,7 @@ fn plan_config(
     } else {
         problems.sort();
         problems.dedup();
-        Err(Error::Usage(format!(
-            "the models do not match ({} problem{}):\n{}",
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" },
-            problems
-                .iter()
-                .map(|p| format!("  - {p}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )))
+        Err(Error::Disagree { problems })
     }
 }
 

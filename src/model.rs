@@ -13,7 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
 use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
 
@@ -30,6 +30,7 @@ pub struct Shard {
     pub path: PathBuf,
     /// File name, as the index names it.
     pub name: String,
+    /// The open file: the run reads the file that was validated, whatever its path does later.
     pub file: File,
     /// Tensors ordered by their position in the data space (`start`/`end` are offsets in it).
     pub tensors: Vec<TensorInfo>,
@@ -98,6 +99,7 @@ impl Shard {
         self.identity.len
     }
 
+    /// Whether the file is empty (never, for a shard that opened).
     pub fn is_empty(&self) -> bool {
         self.identity.len == 0
     }
@@ -112,16 +114,16 @@ impl Shard {
         if now.len != self.identity.len {
             return Err(Error::InputChanged {
                 path: self.path.clone(),
-                reason: format!(
-                    "its length changed from {} to {} bytes",
-                    self.identity.len, now.len
-                ),
+                change: InputChange::Length {
+                    from: self.identity.len,
+                    to: now.len,
+                },
             });
         }
         if now != self.identity {
             return Err(Error::InputChanged {
                 path: self.path.clone(),
-                reason: "it was modified (its modification time changed)".into(),
+                change: InputChange::Modified,
             });
         }
         Ok(())
@@ -131,6 +133,7 @@ impl Shard {
 /// Where one tensor lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorLoc {
+    /// Index into the model's `shards`.
     pub shard: usize,
     /// Index into that shard's `header.tensors`.
     pub entry: usize,
@@ -159,10 +162,7 @@ impl Model {
             return Model::from_shards(path, dir, vec![shard], None);
         }
         if !meta.is_dir() {
-            return Err(Error::Model {
-                path: path.to_path_buf(),
-                reason: "is neither a safetensors file nor a model directory".into(),
-            });
+            return Err(Error::model(path, ModelError::NotAModel));
         }
         // `symlink_metadata`, so that a dangling link (an HF cache missing a blob) is reported
         // as such, not as an absent file.
@@ -175,10 +175,7 @@ impl Model {
             let shard = Shard::open(single, SINGLE_FILE.into())?;
             return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
         }
-        Err(Error::Model {
-            path: path.to_path_buf(),
-            reason: format!("not a model: no {INDEX_FILE} or {SINGLE_FILE} in this directory"),
-        })
+        Err(Error::model(path, ModelError::NoWeights))
     }
 
     fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
@@ -186,14 +183,13 @@ impl Model {
         if meta.len() > MAX_INDEX_LEN {
             return Err(Error::index(
                 index_path,
-                None,
-                format!("{} bytes is larger than any index should be", meta.len()),
+                IndexError::TooLarge { len: meta.len() },
             ));
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| Error::io(index_path, "reading index", e))?;
-        let index = index::parse(index_path, &bytes)?;
+        let index = index::parse(&bytes).map_err(|kind| Error::index(index_path, kind))?;
         let shards = index
             .shards()
             .into_iter()
@@ -212,14 +208,13 @@ impl Model {
         for (s, shard) in shards.iter().enumerate() {
             for (entry, t) in shard.tensors.iter().enumerate() {
                 if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { shard: s, entry }) {
-                    return Err(Error::Model {
-                        path: shard.path.clone(),
-                        reason: format!(
-                            "tensor '{}' is also in {}",
-                            t.name,
-                            shards[prev.shard].path.display()
-                        ),
-                    });
+                    return Err(Error::model(
+                        &shard.path,
+                        ModelError::TensorInTwoShards {
+                            tensor: t.name.clone(),
+                            other: shards[prev.shard].path.clone(),
+                        },
+                    ));
                 }
             }
         }
@@ -230,24 +225,28 @@ impl Model {
                 .map(|(i, s)| (s.name.as_str(), i))
                 .collect();
             for (tensor, shard_name) in &index.weight_map {
-                let listed = by_name[shard_name.as_str()];
+                let listed = *by_name.get(shard_name.as_str()).ok_or_else(|| {
+                    Error::internal(format!("shard {shard_name} of the index was not opened"))
+                })?;
                 match tensors.get(tensor) {
                     Some(loc) if loc.shard == listed => {}
                     Some(loc) => {
                         return Err(Error::index(
                             index_path,
-                            Some(tensor),
-                            format!(
-                                "listed in {shard_name}, but it is in {}",
-                                shards[loc.shard].name
-                            ),
+                            IndexError::WrongShard {
+                                tensor: tensor.clone(),
+                                listed: shard_name.clone(),
+                                actual: shards[loc.shard].name.clone(),
+                            },
                         ))
                     }
                     None => {
                         return Err(Error::index(
                             index_path,
-                            Some(tensor),
-                            format!("listed in {shard_name}, which does not contain it"),
+                            IndexError::NotInShard {
+                                tensor: tensor.clone(),
+                                shard: shard_name.clone(),
+                            },
                         ))
                     }
                 }
@@ -265,19 +264,20 @@ impl Model {
                     .filter(|(t, _)| !listed.contains(t))
                     .collect();
                 unlisted.sort();
-                let (tensor, shard) = unlisted[0];
+                let (tensor, shard) = unlisted.first().ok_or_else(|| {
+                    Error::internal("more tensors than the index lists, yet none unlisted")
+                })?;
                 return Err(Error::index(
                     index_path,
-                    Some(tensor),
-                    format!("is in {shard} but the index does not list it"),
+                    IndexError::Unlisted {
+                        tensor: tensor.to_string(),
+                        shard: shard.to_string(),
+                    },
                 ));
             }
         }
         if tensors.is_empty() {
-            return Err(Error::Model {
-                path: path.to_path_buf(),
-                reason: "the model has no tensors".into(),
-            });
+            return Err(Error::model(path, ModelError::NoTensors));
         }
         Ok(Model {
             path: path.to_path_buf(),
@@ -305,6 +305,7 @@ impl Model {
         })
     }
 
+    /// Number of tensors.
     pub fn tensor_count(&self) -> usize {
         self.tensors.len()
     }
@@ -341,16 +342,10 @@ impl Model {
 /// set the cancel flag. `O_NONBLOCK` covers a swap after the check; it changes nothing for a
 /// regular file.
 fn open_regular(path: &Path, what: &'static str) -> Result<(File, std::fs::Metadata)> {
-    let not_regular = || Error::Model {
-        path: path.to_path_buf(),
-        reason: "is not a regular file (a FIFO, socket or device?)".into(),
-    };
+    let not_regular = || Error::model(path, ModelError::NotRegularFile);
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, what, e))?;
     if meta.is_dir() {
-        return Err(Error::Model {
-            path: path.to_path_buf(),
-            reason: "is a directory, not a file".into(),
-        });
+        return Err(Error::model(path, ModelError::IsDirectory));
     }
     if !meta.is_file() {
         return Err(not_regular());

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, OutputError, PartsProblem, Result};
 use crate::format::index::INDEX_FILE;
 use crate::manifest::{self, Entry};
 use crate::pipeline::ShardSink;
@@ -43,7 +43,7 @@ pub enum Existing {
 
 /// One finished file, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileRecord {
+pub(crate) struct FileRecord {
     pub name: String,
     pub size: u64,
     pub blake3: String,
@@ -62,6 +62,9 @@ struct PartRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PlanRecord {
     fingerprint: String,
+    /// The input models (absolute), so that `finalize` can refuse an output that overlaps one.
+    #[serde(default)]
+    inputs: Vec<PathBuf>,
     /// Files the parts write between them (shards, copied files).
     files: Vec<String>,
     index_json: Option<String>,
@@ -70,17 +73,19 @@ struct PlanRecord {
 
 /// Checks, before any work, that `out` can be written: it is a writable directory, or can be
 /// created as one. Creates nothing.
-pub fn precheck(out: &Path) -> Result<()> {
+pub(crate) fn precheck(out: &Path) -> Result<()> {
     let probe_in = match std::fs::metadata(out) {
         Ok(m) if m.is_dir() => out.to_path_buf(),
-        Ok(_) => return Err(Error::output(out, "exists and is not a directory")),
+        Ok(_) => return Err(Error::output(out, OutputError::NotADirectory)),
         Err(_) => {
             let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
             if !parent.is_dir() {
                 return Err(Error::output(
                     out,
-                    format!("cannot be created: {} is not a directory", parent.display()),
+                    OutputError::ParentNotADirectory {
+                        parent: parent.to_path_buf(),
+                    },
                 ));
             }
             parent.to_path_buf()
@@ -90,11 +95,12 @@ pub fn precheck(out: &Path) -> Result<()> {
         .prefix(PROBE_PREFIX)
         .tempfile_in(&probe_in)
         .map(drop)
-        .map_err(|e| Error::output(&probe_in, format!("is not writable: {e}")))
+        .map_err(|source| Error::output(&probe_in, OutputError::NotWritable { source }))
 }
 
 /// An output directory opened for one part of a run, locked against a second run of that part.
 pub struct OutputDir {
+    /// The directory.
     pub path: PathBuf,
     work: PathBuf,
     part: Part,
@@ -106,14 +112,18 @@ pub struct OutputDir {
 }
 
 impl OutputDir {
-    /// Creates or opens `out` for `part` of `plan`, applying `existing`.
+    /// Creates or opens `out` for `part` of `plan` made from the input models `inputs`,
+    /// applying `existing`. Refuses, before creating anything, an `out` that overlaps an input
+    /// ([`crate::paths::check_overlap`]).
     pub fn open(
         out: &Path,
+        inputs: &[&Path],
         plan: &Plan,
         part: Part,
         existing: Existing,
         io: IoMode,
     ) -> Result<OutputDir> {
+        crate::paths::check_overlap(out, inputs)?;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
         // Look before touching anything, so a refusal leaves the directory as it was.
         let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
@@ -141,37 +151,18 @@ impl OutputDir {
         }
         foreign.sort();
         if foreign.iter().any(|n| n == MANIFEST_FILE) && existing != Existing::Overwrite {
-            let which = if part.count > 1 {
-                format!(": part {part} has nothing to add to it")
-            } else {
-                String::new()
-            };
             return Err(Error::output(
                 out,
-                format!(
-                    "is already a finished output (it has {MANIFEST_FILE}){which}; use another --out, or pass --force to replace it"
-                ),
+                OutputError::Finished { part: Some(part) },
             ));
         }
         if !foreign.is_empty() && existing != Existing::Overwrite {
-            let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
-            let more = if foreign.len() > 5 { ", …" } else { "" };
-            return Err(Error::output(
-                out,
-                format!(
-                    "is not empty (holds {}{more}); pass --force to replace earlier output",
-                    shown.join(", ")
-                ),
-            ));
+            return Err(Error::output(out, OutputError::NotEmpty { files: foreign }));
         }
         let work = out.join(WORK_DIR);
         std::fs::create_dir_all(&work)
             .map_err(|e| Error::io(&work, "creating work directory", e))?;
-        let lock = lock(
-            &work.join(format!("{}.lock", part.tag())),
-            out,
-            &format!("part {part}"),
-        )?;
+        let lock = lock(&work.join(format!("{}.lock", part.tag())), out, Some(part))?;
         remove_temporaries(&work, part)?;
         for name in &foreign {
             if looks_like_output(name) {
@@ -190,24 +181,17 @@ impl OutputDir {
             (None, _) => fresh,
             (Some(_), Existing::Overwrite) => fresh,
             (Some(old), Existing::Refuse) => {
-                let (state, then) = if old.complete {
-                    ("a finished", "keep it")
-                } else {
-                    ("an unfinished", "finish it")
-                };
                 return Err(Error::output(
                     out,
-                    format!(
-                        "holds {state} run of part {part} ({} files done); pass --resume to {then} or --force to start over",
-                        old.files.len()
-                    ),
+                    OutputError::HoldsRun {
+                        part,
+                        complete: old.complete,
+                        files: old.files.len(),
+                    },
                 ));
             }
             (Some(old), Existing::Resume) if old.fingerprint != plan.fingerprint => {
-                return Err(Error::output(
-                    out,
-                    format!("holds a run of part {part} made with other inputs or options; pass --force to start over"),
-                ))
+                return Err(Error::output(out, OutputError::OtherRun { part }))
             }
             (Some(old), Existing::Resume) => PartRecord {
                 files: keep_intact(out, old.files)?,
@@ -216,11 +200,12 @@ impl OutputDir {
         };
         let plan_record = PlanRecord {
             fingerprint: plan.fingerprint.clone(),
+            inputs: inputs.iter().map(|p| absolute(p)).collect(),
             files: writes.iter().map(|s| s.to_string()).collect(),
             index_json: plan.index_json.clone(),
             provenance_json: plan.provenance_json.clone(),
         };
-        let plan_path = work.join(format!("plan-{}.json", &plan.fingerprint[..16]));
+        let plan_path = work.join(plan_record_name(&plan.fingerprint));
         write_atomic(&work, &plan_path, &to_json(&plan_record))?;
         let dir = OutputDir {
             path: out.to_path_buf(),
@@ -294,6 +279,7 @@ impl OutputDir {
         )
     }
 
+    /// The fingerprint of the plan this directory is being written for.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -308,6 +294,7 @@ pub struct ShardWriter<'a> {
 }
 
 impl<'a> ShardWriter<'a> {
+    /// A sink writing into `dir`.
     pub fn new(dir: &'a mut OutputDir) -> ShardWriter<'a> {
         ShardWriter {
             dir,
@@ -337,14 +324,24 @@ impl ShardSink for ShardWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.current
             .as_mut()
-            .expect("write comes between begin and finish")
+            .ok_or_else(|| Error::internal("a shard's bytes came before its begin"))?
             .write(bytes)
     }
 
     fn finish(&mut self, shard: &OutShard) -> Result<()> {
-        let file = self.current.take().expect("finish follows begin");
+        let file = self
+            .current
+            .take()
+            .ok_or_else(|| Error::internal("a shard finished before it began"))?;
         let written = file.persist()?;
-        debug_assert_eq!(written.size, shard.file_len());
+        if written.size != shard.file_len() {
+            return Err(Error::internal(format!(
+                "{} came out {} bytes long; its plan says {}",
+                shard.name,
+                written.size,
+                shard.file_len()
+            )));
+        }
         crate::failpoint::hit("shard-renamed", &|| false);
         self.dir.add(record(&shard.name, &written))
     }
@@ -353,7 +350,9 @@ impl ShardSink for ShardWriter<'_> {
 /// What `finalize` did.
 #[derive(Debug)]
 pub struct Finalized {
+    /// Files listed in `checksums.b3`, plus the manifest itself.
     pub files: usize,
+    /// Parts the run was split into.
     pub parts: u32,
 }
 
@@ -395,18 +394,20 @@ pub fn finalize_all(out: &Path) -> Result<Vec<(PathBuf, Finalized)>> {
 /// Writes the index, `mergestream.json` and `checksums.b3` once every part of the run in `out`
 /// is complete and consistent, then removes the work directory. With `only`, considers just the
 /// records of that part (a whole run finalizing itself); otherwise all records present must form
-/// one run.
+/// one run. First of all, refuses an `out` that overlaps an input model its parts recorded
+/// ([`crate::paths::check_overlap`]).
 pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     let work = out.join(WORK_DIR);
     if !work.is_dir() {
-        let reason = if out.join(MANIFEST_FILE).exists() {
-            "is already finalized (it has a checksums.b3 and no work directory)".to_string()
+        let kind = if out.join(MANIFEST_FILE).exists() {
+            OutputError::AlreadyFinalized
         } else {
-            format!("has no {WORK_DIR} directory: no part of a run has written here")
+            OutputError::NothingToFinalize
         };
-        return Err(Error::output(out, reason));
+        return Err(Error::output(out, kind));
     }
-    let _lock = lock(&work.join("finalize.lock"), out, "finalize")?;
+    crate::paths::check_overlap(out, &recorded_inputs(&work)?)?;
+    let _lock = lock(&work.join("finalize.lock"), out, None)?;
     let mut records = Vec::new();
     for entry in std::fs::read_dir(&work).map_err(|e| Error::io(&work, "listing", e))? {
         let name = entry
@@ -429,7 +430,14 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         if only.is_some_and(|p| p != part) {
             continue;
         }
-        let record: PartRecord = read_json(&work.join(&name))?.expect("listed just now");
+        let path = work.join(&name);
+        let record: PartRecord = read_json(&path)?.ok_or_else(|| {
+            Error::io(
+                &path,
+                "reading part record",
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })?;
         records.push((part, record));
     }
     records.sort_by_key(|(p, _)| (p.count, p.index));
@@ -437,14 +445,13 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     let mut problems = Vec::new();
     let counts: BTreeSet<u32> = records.iter().map(|(p, _)| p.count).collect();
     if records.is_empty() {
-        problems.push("no part has recorded any work".to_string());
+        problems.push(PartsProblem::NoRecords);
     }
     if counts.len() > 1 {
-        problems.push(format!(
-            "records of runs split in different ways are present (into {} parts: {}); remove the records of the split you do not want from {WORK_DIR}/",
-            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
-            records.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ")
-        ));
+        problems.push(PartsProblem::MixedSplits {
+            counts: counts.iter().copied().collect(),
+            parts: records.iter().map(|(p, _)| *p).collect(),
+        });
     }
     let count = counts.iter().next().copied().unwrap_or(1);
     for index in 0..count {
@@ -452,32 +459,27 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
             .iter()
             .find(|(p, _)| p.index == index && p.count == count)
         {
-            None => problems.push(format!(
-                "part {index}/{count} has no record: did its task run?"
-            )),
-            Some((_, r)) if !r.complete => problems.push(format!(
-                "part {index}/{count} is not complete ({} files done)",
-                r.files.len()
-            )),
+            None => problems.push(PartsProblem::MissingPart {
+                part: Part { index, count },
+            }),
+            Some((_, r)) if !r.complete => problems.push(PartsProblem::IncompletePart {
+                part: Part { index, count },
+                files: r.files.len(),
+            }),
             Some(_) => {}
         }
     }
-    let mut by_fingerprint: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut by_fingerprint: BTreeMap<&str, Vec<Part>> = BTreeMap::new();
     for (p, r) in &records {
-        by_fingerprint
-            .entry(&r.fingerprint)
-            .or_default()
-            .push(p.to_string());
+        by_fingerprint.entry(&r.fingerprint).or_default().push(*p);
     }
     if by_fingerprint.len() > 1 {
-        let groups: Vec<String> = by_fingerprint
-            .iter()
-            .map(|(f, parts)| format!("parts {} have plan {}", parts.join(", "), &f[..16]))
-            .collect();
-        problems.push(format!(
-            "parts were made with different inputs or options: {}",
-            groups.join("; ")
-        ));
+        problems.push(PartsProblem::DifferentPlans {
+            groups: by_fingerprint
+                .into_iter()
+                .map(|(f, parts)| (f.to_owned(), parts))
+                .collect(),
+        });
     }
     if !problems.is_empty() {
         return Err(Error::Parts {
@@ -486,8 +488,8 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         });
     }
     let fingerprint = records[0].1.fingerprint.clone();
-    let plan: PlanRecord = read_json(&work.join(format!("plan-{}.json", &fingerprint[..16])))?
-        .ok_or_else(|| Error::output(out, "the plan record is missing from the work directory"))?;
+    let plan: PlanRecord = read_json(&work.join(plan_record_name(&fingerprint)))?
+        .ok_or_else(|| Error::output(out, OutputError::PlanRecordMissing))?;
 
     let mut entries = Vec::new();
     let mut have = BTreeSet::new();
@@ -495,13 +497,18 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         for f in &r.files {
             let size = std::fs::metadata(out.join(&f.name)).map(|m| m.len()).ok();
             if size != Some(f.size) {
-                problems.push(format!(
-                    "{} is missing or not the size its part recorded",
-                    f.name
-                ));
+                problems.push(PartsProblem::FileChanged {
+                    name: f.name.clone(),
+                });
             }
-            let hash = blake3::Hash::from_hex(&f.blake3)
-                .map_err(|_| Error::output(out, format!("the record of {} is corrupt", f.name)))?;
+            let hash = blake3::Hash::from_hex(&f.blake3).map_err(|_| {
+                Error::output(
+                    out,
+                    OutputError::FileRecordCorrupt {
+                        name: f.name.clone(),
+                    },
+                )
+            })?;
             entries.push(Entry {
                 name: f.name.clone(),
                 hash,
@@ -511,7 +518,7 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     }
     for name in &plan.files {
         if !have.contains(name) {
-            problems.push(format!("{name} was written by no part"));
+            problems.push(PartsProblem::Unwritten { name: name.clone() });
         }
     }
     if !problems.is_empty() {
@@ -550,8 +557,9 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     })
 }
 
-/// Takes an exclusive, non-blocking lock on `path`, or says who holds it.
-fn lock(path: &Path, out: &Path, what: &str) -> Result<File> {
+/// Takes an exclusive, non-blocking lock on `path` for `part` (`None`: for finalizing), or says
+/// who holds it.
+fn lock(path: &Path, out: &Path, part: Option<Part>) -> Result<File> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -564,15 +572,45 @@ fn lock(path: &Path, out: &Path, what: &str) -> Result<File> {
         let _ = file.read_to_string(&mut holder);
         return Err(Error::Locked {
             path: out.to_path_buf(),
-            reason: format!(
-                "another mergestream run is writing {what} here ({})",
-                holder.trim()
-            ),
+            part,
+            holder: holder.trim().to_owned(),
         });
     }
     let _ = file.set_len(0);
     let _ = writeln!(file, "pid {}", std::process::id());
     Ok(file)
+}
+
+/// Every input model the plan records in `work` name, for checking before anything is written.
+fn recorded_inputs(work: &Path) -> Result<Vec<PathBuf>> {
+    let mut inputs = Vec::new();
+    for entry in std::fs::read_dir(work).map_err(|e| Error::io(work, "listing", e))? {
+        let entry = entry.map_err(|e| Error::io(work, "listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("plan-") && name.ends_with(".json") {
+            if let Some(record) = read_json::<PlanRecord>(&entry.path())? {
+                inputs.extend(record.inputs);
+            }
+        }
+    }
+    inputs.sort();
+    inputs.dedup();
+    Ok(inputs)
+}
+
+/// `path` made absolute (canonical where it exists), so a record read from another working
+/// directory still names it.
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    })
+}
+
+/// The plan record's file name in the work directory.
+fn plan_record_name(fingerprint: &str) -> String {
+    format!("plan-{}.json", &fingerprint[..fingerprint.len().min(16)])
 }
 
 /// Removes what an earlier, killed run of `part` left under temporary names.
@@ -657,7 +695,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| Error::output(path, format!("is corrupt ({e}); rerun with --force"))),
+            .map_err(|json| Error::output(path, OutputError::RecordCorrupt { json })),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, "reading", e)),
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::busy::{Busy, Stage};
-use crate::error::{Error, Result};
+use crate::error::{Error, InputChange, MethodFailure, Result, UsageError};
 use crate::kernel::{self, methods, Isa};
 use crate::method::{Input, Op};
 use crate::model::Model;
@@ -34,6 +34,7 @@ pub struct Settings {
     pub chunk_bytes: usize,
     /// Chunks in flight: the pool holds this many slots.
     pub slots: usize,
+    /// The kernel to run.
     pub isa: Isa,
 }
 
@@ -60,10 +61,10 @@ impl Settings {
         let per_buffer = buffer_budget / (buffers * slots) as u64;
         let chunk = (per_buffer.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
         if chunk < Self::MIN_CHUNK_BYTES {
-            return Err(Error::Usage(format!(
-                "--memory is too small for {threads} threads and {buffers} buffers a chunk: needs at least {} MiB of buffers",
-                (buffers * slots * Self::MIN_CHUNK_BYTES).div_ceil(1 << 20)
-            )));
+            return Err(Error::Usage(UsageError::MemoryTooSmall {
+                threads,
+                needed: (buffers * slots * Self::MIN_CHUNK_BYTES) as u64,
+            }));
         }
         Ok(Settings {
             threads,
@@ -130,6 +131,7 @@ impl Cancel {
 
 /// Counts bytes as the writer emits them.
 pub trait Progress: Sync {
+    /// `bytes` more bytes were handed to the sink.
     fn advance(&self, bytes: u64);
 }
 
@@ -140,8 +142,11 @@ impl Progress for () {
 /// One output of a run: its plan, the shards to write (indices into `plan.shards`, ascending)
 /// and where they go.
 pub struct Output<'a> {
+    /// What the output is.
     pub plan: &'a Plan,
+    /// The shards this run writes (indices into `plan.shards`, ascending).
     pub shards: &'a [usize],
+    /// Where they go.
     pub sink: &'a mut dyn ShardSink,
 }
 
@@ -293,8 +298,8 @@ pub fn run(
     };
     for o in outputs.iter() {
         if !o.plan.tensor_names().eq(first.plan.tensor_names()) {
-            return Err(Error::Usage(
-                "internal: outputs of one run must list the same tensors in the same order".into(),
+            return Err(Error::internal(
+                "outputs of one run must list the same tensors in the same order",
             ));
         }
     }
@@ -426,12 +431,10 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
                 .count();
             if let Op::Method(op) = &seg.op {
                 granule = lcm(granule, op.granule());
-                if (elems.start - seg.elems.start) % op.granule() != 0 {
-                    return Err(Error::Usage(format!(
-                        "internal: tensor '{}' is cut at element {} inside a {}-element granule of its method",
-                        tensor.name,
-                        elems.start,
-                        op.granule()
+                if seg.elems != elems {
+                    return Err(Error::internal(format!(
+                        "tensor '{}': a method op covers elements {:?}, not the whole stretch {elems:?}",
+                        tensor.name, seg.elems
                     )));
                 }
             }
@@ -449,12 +452,14 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
             // Method ops see chunks cut on their granule (a block of elements, or a row).
             let per_chunk = fits / granule * granule;
             if per_chunk == 0 {
-                let name = &run.plans[wanted[0].0].tensors[t].name;
-                return Err(Error::Usage(format!(
-                    "tensor '{name}': its merge method works on {granule} elements at a time ({} bytes), more than a chunk holds ({} bytes): raise --memory",
-                    granule * widest,
-                    run.settings.chunk_bytes
-                )));
+                return Err(Error::Method {
+                    tensor: run.plans[wanted[0].0].tensors[t].name.clone(),
+                    source: MethodFailure::ChunkTooSmall {
+                        granule,
+                        bytes: granule * widest,
+                        chunk: run.settings.chunk_bytes as u64,
+                    },
+                });
             }
             per_chunk
         } else {
@@ -587,9 +592,10 @@ fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8])
             let offset = shard.file_offset(info.start + at);
             Error::InputChanged {
                 path: shard.path.clone(),
-                reason: format!(
-                    "the file ends before the data of tensor '{name}' (at byte {offset}): truncated while being read?"
-                ),
+                change: InputChange::EndsEarly {
+                    tensor: name.to_owned(),
+                    offset,
+                },
             }
         } else {
             Error::io(&shard.path, "reading tensor data", e)
@@ -685,8 +691,10 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
 }
 
 fn method_error(run: &Run, step: &Step, e: methods::MethodError) -> Error {
-    let name = &run.plans[step.work[0].output].tensors[step.tensor].name;
-    Error::Usage(format!("tensor '{name}': {e}"))
+    Error::Method {
+        tensor: run.plans[step.work[0].output].tensors[step.tensor].name.clone(),
+        source: e.into(),
+    }
 }
 
 /// Where the writer stands in one output.
@@ -774,8 +782,8 @@ fn write_stage(
     for (out, cursor) in outputs.iter_mut().zip(&mut cursors) {
         open_shard(run, out, cursor, None)?;
         if cursor.open.is_some() || cursor.next < out.shards.len() {
-            return Err(Error::Usage(
-                "internal: the read stage stopped before every shard was complete".into(),
+            return Err(Error::internal(
+                "the read stage stopped before every shard was complete",
             ));
         }
     }
@@ -829,8 +837,8 @@ fn open_shard(
         match cursor.open {
             Some((s, _)) if Some(s) == target => return Ok(()),
             Some((s, written)) => {
-                return Err(Error::Usage(format!(
-                    "internal: shard {} left after {written} of {} bytes",
+                return Err(Error::internal(format!(
+                    "shard {} left after {written} of {} bytes",
                     out.plan.shards[s].name, out.plan.shards[s].data_len
                 )))
             }
@@ -839,8 +847,8 @@ fn open_shard(
         let Some(&s) = out.shards.get(cursor.next) else {
             return match target {
                 None => Ok(()),
-                Some(t) => Err(Error::Usage(format!(
-                    "internal: data for shard {} which this run does not write",
+                Some(t) => Err(Error::internal(format!(
+                    "data for shard {} which this run does not write",
                     out.plan.shards[t].name
                 ))),
             };
@@ -865,4 +873,278 @@ fn finish_shard(run: &Run, out: &mut Output, shard: usize) -> Result<()> {
         model.check_unchanged()?;
     }
     out.sink.finish(&out.plan.shards[shard])
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine against an in-memory sink: what reaches the sink, in what order, whatever the
+    //! threads and chunk sizes; errors and cancellation. The expected bytes come from reading
+    //! the input files directly and an element-wise reference built on the `half` crate, not
+    //! from the engine's own reading or kernel.
+
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::format::Dtype;
+    use crate::synth::{write_pair, PairSpec, Preset};
+
+    /// Shards as the sink saw them: (name, header prefix + data).
+    #[derive(Default)]
+    struct MemorySink {
+        shards: Vec<(String, Vec<u8>)>,
+        open: bool,
+    }
+
+    impl ShardSink for MemorySink {
+        fn begin(&mut self, shard: &OutShard) -> Result<()> {
+            assert!(!self.open, "begin while {} is open", shard.name);
+            self.open = true;
+            self.shards.push((shard.name.clone(), shard.prefix.clone()));
+            Ok(())
+        }
+        fn write(&mut self, bytes: &[u8]) -> Result<()> {
+            assert!(self.open, "write outside a shard");
+            self.shards.last_mut().unwrap().1.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn finish(&mut self, shard: &OutShard) -> Result<()> {
+            let (name, bytes) = self.shards.last().unwrap();
+            assert!(self.open && *name == shard.name);
+            assert_eq!(bytes.len() as u64, shard.file_len(), "{name}");
+            self.open = false;
+            Ok(())
+        }
+    }
+
+    /// A sink whose `write` fails after `ok` successful writes, counting what comes after.
+    struct FailingSink {
+        ok: usize,
+        writes: usize,
+        after_failure: usize,
+    }
+
+    impl ShardSink for FailingSink {
+        fn begin(&mut self, _: &OutShard) -> Result<()> {
+            Ok(())
+        }
+        fn write(&mut self, _: &[u8]) -> Result<()> {
+            self.writes += 1;
+            if self.writes > self.ok + 1 {
+                self.after_failure += 1;
+            }
+            if self.writes > self.ok {
+                return Err(Error::io(
+                    "memory",
+                    "writing",
+                    std::io::Error::other("sink full"),
+                ));
+            }
+            Ok(())
+        }
+        fn finish(&mut self, _: &OutShard) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Pair {
+        _dir: tempfile::TempDir,
+        /// `[sft, aligned]`.
+        models: Vec<Model>,
+        plan: Plan,
+        alpha: f32,
+    }
+
+    /// A Llama-shaped pair (BF16 aligned, F32 SFT, specials, an integer buffer), planned into
+    /// several shards.
+    fn pair() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shape = Preset::TinyLlama.shape();
+        shape.layers = 2;
+        let spec = PairSpec {
+            shape,
+            dtype: Dtype::BF16,
+            sft_dtype: Some(Dtype::F32),
+            seed: 7,
+            sft_shards: 2,
+            aligned_shards: 3,
+            specials: true,
+            int_buffer: true,
+        };
+        write_pair(dir.path(), &spec).unwrap();
+        let models = vec![
+            Model::open(&dir.path().join("sft")).unwrap(),
+            Model::open(&dir.path().join("aligned")).unwrap(),
+        ];
+        let recipe = crate::method::Recipe {
+            method: crate::method::Method::Expo { alpha: 0.3 },
+            models: vec![0, 1],
+            policy: Default::default(),
+        };
+        let plan = Plan::build(&recipe, &models, 60_000).unwrap();
+        assert!(plan.shards.len() >= 3, "{} shards", plan.shards.len());
+        Pair {
+            _dir: dir,
+            models,
+            plan,
+            alpha: 0.3,
+        }
+    }
+
+    fn settings(threads: usize, chunk_bytes: usize) -> Settings {
+        Settings {
+            threads,
+            chunk_bytes,
+            slots: 2 * threads + 2,
+            isa: Isa::select().unwrap(),
+        }
+    }
+
+    /// A tensor's bytes, read straight from its file.
+    fn tensor_bytes(model: &Model, name: &str) -> Vec<u8> {
+        let (loc, t) = model.get(name).unwrap();
+        let shard = &model.shards[loc.shard];
+        let header = shard.header.as_ref().unwrap();
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        shard
+            .file
+            .read_exact_at(&mut buf, header.data_start() + t.start)
+            .unwrap();
+        buf
+    }
+
+    fn to_f32(dtype: Dtype, b: &[u8]) -> f32 {
+        match dtype {
+            Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+
+    fn from_f32(dtype: Dtype, v: f32) -> Vec<u8> {
+        match dtype {
+            Dtype::BF16 if v.is_nan() => 0x7FC0u16.to_le_bytes().to_vec(),
+            Dtype::F16 if v.is_nan() => 0x7E00u16.to_le_bytes().to_vec(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            _ if v.is_nan() => 0x7FC0_0000u32.to_le_bytes().to_vec(),
+            _ => v.to_le_bytes().to_vec(),
+        }
+    }
+
+    /// Every shard of `plan` as it should come out: header prefix, then each tensor, merged
+    /// element by element (`a + alpha * (a - s)` in f32) or copied.
+    fn expected(p: &Pair) -> Vec<(String, Vec<u8>)> {
+        p.plan
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut bytes = shard.prefix.clone();
+                for t in &p.plan.tensors[shard.tensors.clone()] {
+                    let (sft, aligned) = (&p.models[0], &p.models[1]);
+                    let a = tensor_bytes(aligned, &t.name);
+                    if t.dtype.mergeable().is_none() {
+                        bytes.extend_from_slice(&a);
+                        continue;
+                    }
+                    let s = tensor_bytes(sft, &t.name);
+                    let s_dtype = sft.get(&t.name).unwrap().1.dtype;
+                    let (wa, ws) = (t.dtype.size(), s_dtype.size());
+                    for (ae, se) in a.chunks_exact(wa).zip(s.chunks_exact(ws)) {
+                        let (av, sv) = (to_f32(t.dtype, ae), to_f32(s_dtype, se));
+                        let d = av - sv;
+                        let scaled = p.alpha * d;
+                        bytes.extend_from_slice(&from_f32(t.dtype, av + scaled));
+                    }
+                }
+                (shard.name.clone(), bytes)
+            })
+            .collect()
+    }
+
+    /// Runs `p`'s plan for `shards` into `sink`.
+    fn run_with(
+        p: &Pair,
+        shards: &[usize],
+        settings: &Settings,
+        sink: &mut dyn ShardSink,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let mut outputs = [Output {
+            plan: &p.plan,
+            shards,
+            sink,
+        }];
+        run(
+            &p.models,
+            &mut outputs,
+            settings,
+            &(),
+            cancel,
+            &Busy::default(),
+        )
+    }
+
+    fn run_into(p: &Pair, shards: &[usize], settings: &Settings) -> Result<MemorySink> {
+        let mut sink = MemorySink::default();
+        run_with(p, shards, settings, &mut sink, &Cancel::default())?;
+        assert!(!sink.open, "a shard was left open");
+        Ok(sink)
+    }
+
+    #[test]
+    fn the_sink_receives_every_shard_in_order_matching_the_reference() {
+        let p = pair();
+        let all: Vec<usize> = (0..p.plan.shards.len()).collect();
+        let want = expected(&p);
+        for (threads, chunk) in [(1, 8), (2, 4096), (3, 520), (4, 256 << 10)] {
+            let got = run_into(&p, &all, &settings(threads, chunk)).unwrap();
+            assert!(
+                got.shards == want,
+                "{threads} threads, {chunk}-byte chunks: output differs from the reference"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_selected_shards_are_written() {
+        let p = pair();
+        let want = expected(&p);
+        let last = p.plan.shards.len() - 1;
+        let got = run_into(&p, &[1, last], &settings(2, 1024)).unwrap();
+        assert!(got.shards == [want[1].clone(), want[last].clone()]);
+        assert!(run_into(&p, &[], &settings(2, 1024))
+            .unwrap()
+            .shards
+            .is_empty());
+    }
+
+    #[test]
+    fn a_sink_error_stops_the_run_and_is_the_error_reported() {
+        let p = pair();
+        let all: Vec<usize> = (0..p.plan.shards.len()).collect();
+        for ok in [0, 3, 40] {
+            let mut sink = FailingSink {
+                ok,
+                writes: 0,
+                after_failure: 0,
+            };
+            let err =
+                run_with(&p, &all, &settings(2, 64), &mut sink, &Cancel::default()).unwrap_err();
+            assert!(
+                matches!(&err, Error::Io { what: "writing", source, .. } if source.to_string() == "sink full"),
+                "{err:?}"
+            );
+            assert_eq!(sink.after_failure, 0, "writes after the sink failed");
+        }
+    }
+
+    #[test]
+    fn a_signal_interrupts_the_run() {
+        let p = pair();
+        let cancel = Cancel::default();
+        cancel.signal.store(15, Ordering::Relaxed);
+        let mut sink = MemorySink::default();
+        let err = run_with(&p, &[0], &settings(2, 64), &mut sink, &cancel).unwrap_err();
+        assert!(matches!(err, Error::Interrupted { signal: 15 }), "{err:?}");
+    }
 }

@@ -27,14 +27,18 @@ pub const MANIFEST_FILE: &str = "checksums.b3";
 /// One output shard: its name, its tensors (a range of [`Plan::tensors`]) and its header bytes.
 #[derive(Debug, Clone)]
 pub struct OutShard {
+    /// File name, e.g. `model-00001-of-00003.safetensors`.
     pub name: String,
+    /// Its tensors: a range of [`Plan::tensors`], in data order.
     pub tensors: std::ops::Range<usize>,
     /// Length prefix, header JSON and padding: everything before the data section.
     pub prefix: Vec<u8>,
+    /// Bytes of the data section.
     pub data_len: u64,
 }
 
 impl OutShard {
+    /// The whole file's length.
     pub fn file_len(&self) -> u64 {
         self.prefix.len() as u64 + self.data_len
     }
@@ -43,15 +47,20 @@ impl OutShard {
 /// A non-weight file of the aligned model (config, tokenizer, …) copied to the output.
 #[derive(Debug, Clone)]
 pub struct ExtraFile {
+    /// File name, the same in the output.
     pub name: String,
+    /// Where it is copied from.
     pub source: PathBuf,
+    /// Its length when planned.
     pub size: u64,
 }
 
 /// One of `count` partitions of a run: `--part index/count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
+    /// Which part, from 0.
     pub index: u32,
+    /// Of how many.
     pub count: u32,
 }
 
@@ -92,8 +101,11 @@ pub struct Plan {
     pub recipe: Recipe,
     /// What the plan resolved on its own (buffers left out or copied, extra vocabulary rows).
     pub notes: Vec<Note>,
+    /// Every output tensor, in output order.
     pub tensors: Vec<PlannedTensor>,
+    /// The output shards, in order.
     pub shards: Vec<OutShard>,
+    /// Non-weight files copied from the aligned model.
     pub extra_files: Vec<ExtraFile>,
     /// Files of the aligned model directory that are not copied, with why.
     pub skipped_files: Vec<(String, &'static str)>,
@@ -262,7 +274,7 @@ fn lay_out(
 }
 
 /// `model.safetensors`, or `model-00001-of-00003.safetensors`.
-pub fn shard_name(k: usize, count: usize) -> String {
+pub(crate) fn shard_name(k: usize, count: usize) -> String {
     if count == 1 {
         crate::model::SINGLE_FILE.into()
     } else {

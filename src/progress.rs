@@ -7,7 +7,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte-counting progress bar, or nothing.
-pub struct Bar(Option<ProgressBar>);
+pub(crate) struct Bar(Option<ProgressBar>);
 
 impl Bar {
     /// A bar over `total` bytes, shown only if `visible` and stderr is a terminal.
@@ -27,6 +27,7 @@ impl Bar {
         Bar(Some(bar))
     }
 
+    /// Clears the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.0 {
             bar.finish_and_clear();

@@ -18,44 +18,98 @@ use crate::format::Dtype;
 /// Dimensions of a decoder-only transformer in the Llama family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
+    /// Hidden size (embedding width).
     pub hidden: u64,
+    /// MLP width.
     pub intermediate: u64,
+    /// Vocabulary size.
     pub vocab: u64,
     /// Width of the k and v projections (kv heads × head dim).
     pub kv: u64,
+    /// Transformer layers.
     pub layers: u64,
 }
 
-/// Named shapes: real models' widths, and tiny ones for tests.
-pub fn preset(name: &str) -> Option<Shape> {
-    let s = |hidden, intermediate, vocab, kv, layers| Shape {
-        hidden,
-        intermediate,
-        vocab,
-        kv,
-        layers,
-    };
-    Some(match name {
-        "tiny-llama" => s(64, 176, 320, 32, 2),
-        "tiny-mistral" => s(96, 256, 250, 48, 3),
-        "llama3-8b" => s(4096, 14336, 128256, 1024, 32),
-        "mistral-7b" => s(4096, 14336, 32000, 1024, 32),
-        "llama3-70b" => s(8192, 28672, 128256, 1024, 80),
-        _ => return None,
-    })
+/// The named shapes `synth` makes: real models' widths, and tiny ones for tests. The one table
+/// of presets: the command line's `--preset` (a bad name is refused while parsing), the tests
+/// and the benchmarks all read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum Preset {
+    /// 64 wide, 2 layers: a Llama-shaped model of a few hundred KB, for tests.
+    #[value(name = "tiny-llama")]
+    TinyLlama,
+    /// 96 wide, 3 layers: Mistral-shaped, for tests.
+    #[value(name = "tiny-mistral")]
+    TinyMistral,
+    /// Llama-3-8B's widths (4096 hidden, 128256 vocab), 32 layers.
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+    /// Mistral-7B's widths (4096 hidden, 32000 vocab), 32 layers.
+    #[value(name = "mistral-7b")]
+    Mistral7b,
+    /// Llama-3-70B's widths (8192 hidden, 128256 vocab), 80 layers.
+    #[value(name = "llama3-70b")]
+    Llama3_70b,
 }
 
-pub const PRESETS: &str = "tiny-llama, tiny-mistral, llama3-8b, mistral-7b, llama3-70b";
+impl Preset {
+    /// The preset's dimensions.
+    pub const fn shape(self) -> Shape {
+        // hidden, intermediate, vocab, kv width, layers
+        let [hidden, intermediate, vocab, kv, layers] = match self {
+            Preset::TinyLlama => [64, 176, 320, 32, 2],
+            Preset::TinyMistral => [96, 256, 250, 48, 3],
+            Preset::Llama3_8b => [4096, 14336, 128256, 1024, 32],
+            Preset::Mistral7b => [4096, 14336, 32000, 1024, 32],
+            Preset::Llama3_70b => [8192, 28672, 128256, 1024, 80],
+        };
+        Shape {
+            hidden,
+            intermediate,
+            vocab,
+            kv,
+            layers,
+        }
+    }
+
+    /// The name `--preset` takes, e.g. `"mistral-7b"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::TinyLlama => "tiny-llama",
+            Preset::TinyMistral => "tiny-mistral",
+            Preset::Llama3_8b => "llama3-8b",
+            Preset::Mistral7b => "mistral-7b",
+            Preset::Llama3_70b => "llama3-70b",
+        }
+    }
+
+    /// Every preset.
+    pub fn all() -> &'static [Preset] {
+        <Preset as clap::ValueEnum>::value_variants()
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// How to make a pair.
 #[derive(Debug, Clone)]
 pub struct PairSpec {
+    /// The model's dimensions.
     pub shape: Shape,
+    /// The float type of both models' weights (the aligned model's, with `sft_dtype`).
     pub dtype: Dtype,
     /// The SFT model's float type, when it differs from the aligned model's.
     pub sft_dtype: Option<Dtype>,
+    /// Seed of the values.
     pub seed: u64,
+    /// Shards of the SFT model.
     pub sft_shards: usize,
+    /// Shards of the aligned model.
     pub aligned_shards: usize,
     /// Sprinkle NaN, ±Inf, ±0, subnormals and extremes into both models.
     pub specials: bool,
@@ -355,5 +409,22 @@ impl Rng {
         self.0 = self.0.wrapping_add(0xA076_1D64_78BD_642F);
         let t = (self.0 as u128) * ((self.0 ^ 0xE703_7ED1_A0B4_28DB) as u128);
         ((t >> 64) ^ t) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    /// The names clap parses are the names the table gives, and every preset has one.
+    #[test]
+    fn preset_names_round_trip_through_clap() {
+        for &p in Preset::all() {
+            assert_eq!(Preset::from_str(p.name(), false), Ok(p));
+            assert_eq!(p.to_possible_value().unwrap().get_name(), p.name());
+        }
+        assert_eq!(Preset::all().len(), 5);
+        assert!(Preset::from_str("llama3-9b", false).is_err());
     }
 }

@@ -7,7 +7,7 @@
 //! `O_DIRECT`: the page cache is bypassed (buffered writes plus fsync run at a fraction of the
 //! disk's speed, and fill memory with dirty pages). The tail is padded to the alignment and the
 //! file truncated to its true length at the end. Buffered I/O is the fallback, with the same
-//! bytes. The file lives under a temporary name until [`StreamFile::persist`] syncs it and
+//! bytes. The file lives under a temporary name until `StreamFile::persist` syncs it and
 //! renames it into place; dropped before that, it is removed. This module knows nothing of
 //! safetensors or merging.
 
@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 
 /// How output files are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IoMode {
     /// Direct I/O where the filesystem supports it, buffered elsewhere.
     Auto,
@@ -37,6 +38,7 @@ pub enum IoMode {
 }
 
 impl IoMode {
+    /// Parses `auto`, `direct` or `buffered`.
     pub fn parse(text: &str) -> std::result::Result<IoMode, String> {
         match text {
             "auto" => Ok(IoMode::Auto),
@@ -49,13 +51,23 @@ impl IoMode {
     }
 }
 
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoMode::Auto => "auto",
+            IoMode::Direct => "direct",
+            IoMode::Buffered => "buffered",
+        })
+    }
+}
+
 /// Direct I/O alignment of buffers, offsets and lengths (a page; covers 512 and 4096 sectors).
-pub const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 /// Size of one staging buffer: large direct writes (8 MiB measured ~8% faster than 4 MiB, and
 /// 1 MiB ~50% slower, on this machine's virtio disk).
-pub const STAGE_BYTES: usize = 8 << 20;
+pub(crate) const STAGE_BYTES: usize = 8 << 20;
 /// Staging buffers per file: one filling, the others with the hasher and I/O threads.
-pub const STAGES: usize = 4;
+pub(crate) const STAGES: usize = 4;
 
 /// A 4096-aligned buffer, made without `unsafe` by over-allocating and slicing.
 struct Stage {
@@ -211,7 +223,7 @@ fn drop_direct_io(file: &File) -> bool {
 }
 
 /// An output file being written under a temporary name.
-pub struct StreamFile {
+pub(crate) struct StreamFile {
     final_path: PathBuf,
     temp: NamedTempFile<Arc<File>>,
     direct: bool,
@@ -227,9 +239,10 @@ pub struct StreamFile {
 
 /// What a finished file is.
 #[derive(Debug, Clone)]
-pub struct Written {
-    pub path: PathBuf,
+pub(crate) struct Written {
+    /// Its length.
     pub size: u64,
+    /// blake3 of its bytes, computed as they were written.
     pub blake3: blake3::Hash,
 }
 
@@ -360,10 +373,6 @@ impl StreamFile {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(dir, "syncing directory", e))?;
-        Ok(Written {
-            path: self.final_path,
-            size,
-            blake3,
-        })
+        Ok(Written { size, blake3 })
     }
 }

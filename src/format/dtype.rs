@@ -2,32 +2,60 @@
 
 use crate::kernel::FloatDtype;
 
-/// A safetensors dtype. Sub-byte types (F4, F6) are not supported and fail to parse.
+/// A safetensors dtype: every one of the format's types whose elements are whole bytes. The
+/// sub-byte types (F4, F6) are not supported and fail to parse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Dtype {
+    /// `BOOL`, one byte.
     Bool,
+    /// `U8`.
     U8,
+    /// `I8`.
     I8,
+    /// `F8_E5M2`.
     F8E5M2,
+    /// `F8_E4M3`.
     F8E4M3,
+    /// `F8_E8M0` (a scale type: exponent only).
+    F8E8M0,
+    /// `F8_E4M3FNUZ`.
+    F8E4M3Fnuz,
+    /// `F8_E5M2FNUZ`.
+    F8E5M2Fnuz,
+    /// `I16`.
     I16,
+    /// `U16`.
     U16,
+    /// `F16` (IEEE half).
     F16,
+    /// `BF16` (bfloat16).
     BF16,
+    /// `I32`.
     I32,
+    /// `U32`.
     U32,
+    /// `F32`.
     F32,
+    /// `C64` (complex: two F32).
+    C64,
+    /// `F64`.
     F64,
+    /// `I64`.
     I64,
+    /// `U64`.
     U64,
 }
 
-const ALL: [Dtype; 15] = [
+const ALL: [Dtype; 19] = [
     Dtype::Bool,
     Dtype::U8,
     Dtype::I8,
     Dtype::F8E5M2,
     Dtype::F8E4M3,
+    Dtype::F8E8M0,
+    Dtype::F8E4M3Fnuz,
+    Dtype::F8E5M2Fnuz,
     Dtype::I16,
     Dtype::U16,
     Dtype::F16,
@@ -35,6 +63,7 @@ const ALL: [Dtype; 15] = [
     Dtype::I32,
     Dtype::U32,
     Dtype::F32,
+    Dtype::C64,
     Dtype::F64,
     Dtype::I64,
     Dtype::U64,
@@ -54,6 +83,9 @@ impl Dtype {
             Dtype::I8 => "I8",
             Dtype::F8E5M2 => "F8_E5M2",
             Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E8M0 => "F8_E8M0",
+            Dtype::F8E4M3Fnuz => "F8_E4M3FNUZ",
+            Dtype::F8E5M2Fnuz => "F8_E5M2FNUZ",
             Dtype::I16 => "I16",
             Dtype::U16 => "U16",
             Dtype::F16 => "F16",
@@ -61,6 +93,7 @@ impl Dtype {
             Dtype::I32 => "I32",
             Dtype::U32 => "U32",
             Dtype::F32 => "F32",
+            Dtype::C64 => "C64",
             Dtype::F64 => "F64",
             Dtype::I64 => "I64",
             Dtype::U64 => "U64",
@@ -70,10 +103,17 @@ impl Dtype {
     /// Bytes per element.
     pub const fn size(self) -> usize {
         match self {
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 => 1,
+            Dtype::Bool
+            | Dtype::U8
+            | Dtype::I8
+            | Dtype::F8E5M2
+            | Dtype::F8E4M3
+            | Dtype::F8E8M0
+            | Dtype::F8E4M3Fnuz
+            | Dtype::F8E5M2Fnuz => 1,
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
-            Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
+            Dtype::C64 | Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
         }
     }
 
@@ -121,5 +161,6 @@ mod tests {
         }
         assert_eq!(Dtype::parse("bf16"), None);
         assert_eq!(Dtype::parse("F4"), None);
+        assert_eq!(Dtype::parse("F8_E5M2FNUZ").map(Dtype::size), Some(1));
     }
 }

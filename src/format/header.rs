@@ -20,7 +20,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Error, HeaderError, Result};
 
 /// The largest header accepted, as in the safetensors crate.
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -32,15 +32,20 @@ pub const DATA_ALIGN: u64 = 4096;
 /// One tensor's entry in a header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The tensor's name.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions (empty for a scalar).
     pub shape: Vec<u64>,
-    /// Byte range within the data section, `[start, end)`.
+    /// Start of its byte range within the data section, `[start, end)`.
     pub start: u64,
+    /// End of its byte range.
     pub end: u64,
 }
 
 impl TensorInfo {
+    /// Bytes of data (`end - start`, which validation made dtype × shape).
     pub fn nbytes(&self) -> u64 {
         self.end - self.start
     }
@@ -98,111 +103,118 @@ fn read_with(
     mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
 ) -> Result<Header> {
     if file_len < 8 {
-        return Err(Error::format(
-            path,
-            None,
-            format!(
-                "file is {file_len} bytes long, too short to be safetensors (needs at least 8)"
-            ),
-        ));
+        return Err(Error::header(path, HeaderError::TooShort { len: file_len }));
     }
     let mut len_bytes = [0u8; 8];
     read_at(&mut len_bytes, 0).map_err(|e| Error::io(path, "reading header length", e))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
-        return Err(Error::format(
+        return Err(Error::header(
             path,
-            None,
-            format!("header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes"),
+            HeaderError::TooLarge { len: header_len },
         ));
     }
     if header_len > file_len - 8 {
-        return Err(Error::format(
+        return Err(Error::header(
             path,
-            None,
-            format!("header length {header_len} runs past the end of the file ({file_len} bytes)"),
+            HeaderError::PastEndOfFile {
+                len: header_len,
+                file_len,
+            },
         ));
     }
     let mut json = vec![0u8; header_len as usize];
     read_at(&mut json, 8).map_err(|e| Error::io(path, "reading header", e))?;
-    parse(path, &json, file_len - 8 - header_len)
+    parse(&json, file_len - 8 - header_len).map_err(|kind| Error::header(path, kind))
 }
 
-/// Validates the JSON header `json` of a file whose data section is `data_len` bytes long.
-pub fn parse(path: &Path, json: &[u8], data_len: u64) -> Result<Header> {
-    let bad = |tensor: Option<&str>, reason: String| Error::format(path, tensor, reason);
-    let text = std::str::from_utf8(json).map_err(|e| {
-        bad(
-            None,
-            format!("header is not valid UTF-8 (at byte {})", e.valid_up_to()),
-        )
+/// Validates the JSON header `json` of a file whose data section is `data_len` bytes long. The
+/// error says what is wrong; the caller knows which file it is ([`read`] attaches the path).
+pub fn parse(json: &[u8], data_len: u64) -> std::result::Result<Header, HeaderError> {
+    let text = std::str::from_utf8(json).map_err(|e| HeaderError::NotUtf8 {
+        valid_up_to: e.valid_up_to(),
     })?;
-    if !text.starts_with('{') {
-        return Err(bad(None, "header is not a JSON object".into()));
+    // JSON allows whitespace before the object, and the reference reads such headers.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(HeaderError::NotObject);
     }
-    let entries: Entries = serde_json::from_str(text)
-        .map_err(|e| bad(None, format!("header is not valid JSON: {e}")))?;
+    let entries: Entries =
+        serde_json::from_str(text).map_err(|json| HeaderError::NotJson { json })?;
 
+    // Names first: a name given twice is reported as such, whatever its entries hold.
     let mut seen = HashSet::new();
+    if let Some((name, _)) = entries
+        .0
+        .iter()
+        .find(|(name, _)| !seen.insert(name.as_str()))
+    {
+        return Err(HeaderError::DuplicateTensor {
+            tensor: name.clone(),
+        });
+    }
     let mut metadata = Vec::new();
     let mut tensors = Vec::with_capacity(entries.0.len());
     for (name, value) in entries.0 {
-        if !seen.insert(name.clone()) {
-            return Err(bad(Some(&name), "appears twice in the header".into()));
-        }
-        let Field::Object(fields) = value else {
-            return Err(bad(Some(&name), "entry is not a JSON object".into()));
-        };
         if name == "__metadata__" {
+            let fields = match value {
+                Field::Object(fields) => fields,
+                // `null` means no metadata, as the safetensors crate reads it.
+                Field::Value(Value::Null) => continue,
+                Field::Value(_) => return Err(HeaderError::MetadataNotObject),
+            };
             for (key, value) in fields.0 {
                 match value {
                     Field::Value(Value::String(s)) => metadata.push((key, s)),
-                    _ => {
-                        return Err(bad(
-                            None,
-                            format!("__metadata__ value of '{key}' is not a string"),
-                        ))
-                    }
+                    _ => return Err(HeaderError::MetadataNotString { key }),
                 }
             }
             continue;
         }
-        tensors.push(parse_tensor(&name, fields).map_err(|reason| bad(Some(&name), reason))?);
+        let Field::Object(fields) = value else {
+            return Err(HeaderError::EntryNotObject { tensor: name });
+        };
+        tensors.push(parse_tensor(name, fields)?);
     }
 
     tensors.sort_by_key(|t| (t.start, t.end));
     let mut at = 0u64;
     for t in &tensors {
         if t.start < at {
-            return Err(bad(
-                Some(&t.name),
-                format!(
-                    "data_offsets [{}, {}] overlap the previous tensor (which ends at {at})",
-                    t.start, t.end
-                ),
-            ));
+            return Err(HeaderError::Overlap {
+                tensor: t.name.clone(),
+                start: t.start,
+                end: t.end,
+                previous_end: at,
+            });
         }
         if t.start > at {
-            return Err(bad(
-                Some(&t.name),
-                format!(
-                    "data_offsets [{}, {}] leave a gap of {} bytes after the previous tensor",
-                    t.start,
-                    t.end,
-                    t.start - at
-                ),
-            ));
+            return Err(HeaderError::Gap {
+                tensor: t.name.clone(),
+                start: t.start,
+                end: t.end,
+                previous_end: at,
+            });
         }
         at = t.end;
     }
     if at != data_len {
-        let last = tensors.last().map(|t| t.name.as_str());
-        let reason = if at > data_len {
-            format!("data_offsets end at {at}, past the end of the data section ({data_len} bytes; file truncated?)")
+        let tensor = tensors.last().map(|t| t.name.clone());
+        return Err(if at > data_len {
+            HeaderError::PastEndOfData {
+                tensor,
+                end: at,
+                data_len,
+            }
         } else {
-            format!("tensors cover {at} bytes but the data section is {data_len} bytes (trailing bytes not indexed)")
-        };
-        return Err(bad(last, reason));
+            HeaderError::TrailingBytes {
+                tensor,
+                covered: at,
+                data_len,
+            }
+        });
     }
     Ok(Header {
         header_len: json.len() as u64,
@@ -213,78 +225,122 @@ pub fn parse(path: &Path, json: &[u8], data_len: u64) -> Result<Header> {
     })
 }
 
-fn parse_tensor(name: &str, fields: Entries) -> std::result::Result<TensorInfo, String> {
+/// One tensor's entry. Keys other than the three the format defines are ignored, as the
+/// safetensors crate ignores them; each of the three must appear once.
+fn parse_tensor(name: String, fields: Entries) -> std::result::Result<TensorInfo, HeaderError> {
     let (mut dtype, mut shape, mut offsets) = (None, None, None);
     for (key, value) in fields.0 {
-        let value = match value {
-            Field::Value(v) => v,
-            Field::Object(_) => return Err(format!("field '{key}' must not be an object")),
+        let (slot, field) = match key.as_str() {
+            "dtype" => (&mut dtype, "dtype"),
+            "shape" => (&mut shape, "shape"),
+            "data_offsets" => (&mut offsets, "data_offsets"),
+            _ => continue,
         };
-        match key.as_str() {
-            "dtype" => dtype = Some(value),
-            "shape" => shape = Some(value),
-            "data_offsets" => offsets = Some(value),
-            _ => return Err(format!("unknown field '{key}'")),
+        if slot.replace(value.into_value()).is_some() {
+            return Err(HeaderError::DuplicateField {
+                tensor: name,
+                field,
+            });
         }
     }
-    let dtype = match dtype.ok_or("missing field 'dtype'")? {
-        Value::String(s) => Dtype::parse(&s).ok_or_else(|| format!("unknown dtype '{s}'"))?,
-        other => return Err(format!("dtype {other} is not a string")),
+    let missing = |field| HeaderError::MissingField {
+        tensor: name.clone(),
+        field,
     };
-    let Value::Array(dims) = shape.ok_or("missing field 'shape'")? else {
-        return Err("shape is not an array".into());
+    let dtype = match dtype.ok_or_else(|| missing("dtype"))? {
+        Value::String(s) => match Dtype::parse(&s) {
+            Some(d) => d,
+            None if SUB_BYTE_DTYPES.contains(&s.as_str()) => {
+                return Err(HeaderError::UnsupportedDtype {
+                    tensor: name,
+                    dtype: s,
+                })
+            }
+            None => {
+                return Err(HeaderError::UnknownDtype {
+                    tensor: name,
+                    dtype: s,
+                })
+            }
+        },
+        other => {
+            return Err(HeaderError::DtypeNotString {
+                tensor: name,
+                value: other.to_string(),
+            })
+        }
     };
+    let Value::Array(dims) = shape.ok_or_else(|| missing("shape"))? else {
+        return Err(HeaderError::ShapeNotArray { tensor: name });
+    };
+    let offsets = offsets.ok_or_else(|| missing("data_offsets"))?;
     let mut shape = Vec::with_capacity(dims.len());
     let mut numel: u64 = 1;
     for d in &dims {
-        let d = d
-            .as_u64()
-            .ok_or_else(|| format!("shape dimension {d} is not a non-negative integer"))?;
-        numel = numel.checked_mul(d).ok_or_else(|| {
-            format!(
-                "shape {} has more elements than fit in 64 bits",
-                json_list(&dims)
-            )
-        })?;
+        let Some(d) = d.as_u64() else {
+            return Err(HeaderError::BadDimension {
+                tensor: name,
+                value: d.to_string(),
+            });
+        };
+        let Some(n) = numel.checked_mul(d) else {
+            return Err(HeaderError::TooManyElements {
+                tensor: name,
+                shape: json_list(&dims),
+            });
+        };
+        numel = n;
         shape.push(d);
     }
-    let nbytes = numel
-        .checked_mul(dtype.size() as u64)
-        .ok_or_else(|| format!("shape {shape:?} of {dtype} is larger than 2^64 bytes"))?;
-    let Value::Array(offsets) = offsets.ok_or("missing field 'data_offsets'")? else {
-        return Err("data_offsets is not an array".into());
+    let Some(nbytes) = numel.checked_mul(dtype.size() as u64) else {
+        return Err(HeaderError::TooManyBytes {
+            tensor: name,
+            dtype,
+            shape,
+        });
     };
-    let offsets: Vec<u64> = offsets
-        .iter()
-        .map(|o| o.as_u64())
-        .collect::<Option<_>>()
-        .filter(|o: &Vec<u64>| o.len() == 2)
-        .ok_or_else(|| {
-            format!(
-                "data_offsets {} is not two non-negative integers",
-                json_list(&offsets)
-            )
-        })?;
-    let (start, end) = (offsets[0], offsets[1]);
+    let pair = match &offsets {
+        Value::Array(items) if items.len() == 2 => items[0].as_u64().zip(items[1].as_u64()),
+        _ => None,
+    };
+    let Some((start, end)) = pair else {
+        let value = match &offsets {
+            Value::Array(items) => json_list(items),
+            other => other.to_string(),
+        };
+        return Err(HeaderError::OffsetsNotPair {
+            tensor: name,
+            value,
+        });
+    };
     if end < start {
-        return Err(format!(
-            "data_offsets [{start}, {end}] end before they start"
-        ));
+        return Err(HeaderError::OffsetsReversed {
+            tensor: name,
+            start,
+            end,
+        });
     }
     if end - start != nbytes {
-        return Err(format!(
-            "data_offsets [{start}, {end}] span {} bytes but {dtype} {shape:?} needs {nbytes}",
-            end - start
-        ));
+        return Err(HeaderError::WrongLength {
+            tensor: name,
+            start,
+            end,
+            dtype,
+            shape,
+            needed: nbytes,
+        });
     }
     Ok(TensorInfo {
-        name: name.to_owned(),
+        name,
         dtype,
         shape,
         start,
         end,
     })
 }
+
+/// Dtypes of the format whose elements take less than a byte; refused with their own message.
+const SUB_BYTE_DTYPES: [&str; 3] = ["F4", "F6_E2M3", "F6_E3M2"];
 
 /// Encodes a header for `tensors` (already laid out back to back from offset 0) with
 /// `metadata`, returning the whole file prefix: length, JSON, and space padding so that the data
@@ -346,6 +402,22 @@ struct Entries(Vec<(String, Field)>);
 enum Field {
     Object(Entries),
     Value(Value),
+}
+
+impl Field {
+    /// The field as a plain JSON value (an object's duplicate keys collapse).
+    fn into_value(self) -> Value {
+        match self {
+            Field::Value(v) => v,
+            Field::Object(entries) => Value::Object(
+                entries
+                    .0
+                    .into_iter()
+                    .map(|(k, f)| (k, f.into_value()))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Entries {
@@ -423,8 +495,8 @@ impl<'de> Deserialize<'de> for Field {
 mod tests {
     use super::*;
 
-    fn p(json: &str, data_len: u64) -> Result<Header> {
-        parse(Path::new("x.safetensors"), json.as_bytes(), data_len)
+    fn p(json: &str, data_len: u64) -> std::result::Result<Header, HeaderError> {
+        parse(json.as_bytes(), data_len)
     }
 
     #[test]
@@ -439,60 +511,158 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
     }
 
+    /// What the Python `safetensors` package (and the Rust crate it is built on) loads.
     #[test]
-    fn rejects_duplicates_gaps_overlaps_and_bad_lengths() {
-        let cases = [
+    fn accepts_what_the_reference_accepts() {
+        // `__metadata__: null` is no metadata.
+        let h = p(
+            r#"{"__metadata__":null,"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+            1,
+        )
+        .unwrap();
+        assert!(h.metadata.is_empty());
+        // Unknown keys inside a tensor's entry, of any JSON type, are ignored.
+        let h = p(
+            r#"{"a":{"dtype":"U8","note":{"x":[1]},"shape":[1],"data_offsets":[0,1],"n":null}}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!((h.tensors[0].dtype, h.tensors[0].nbytes()), (Dtype::U8, 1));
+        // Whitespace before the object.
+        assert!(p("\n\t {}", 0).is_ok());
+        // Byte-sized dtypes the format added: parsed (then refused as unmergeable by a plan).
+        let h = p(
+            r#"{"c":{"dtype":"C64","shape":[1],"data_offsets":[0,8]},"f":{"dtype":"F8_E8M0","shape":[2],"data_offsets":[8,10]}}"#,
+            10,
+        )
+        .unwrap();
+        assert_eq!(h.tensors[0].dtype, Dtype::C64);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_broken_header() {
+        use HeaderError as H;
+        let one = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        type Expect = fn(&HeaderError) -> bool;
+        let cases: Vec<(String, u64, Expect)> = vec![
             (
-                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#.into(),
                 2,
-                "twice",
+                |e| matches!(e, H::DuplicateTensor { tensor } if tensor == "a"),
             ),
+            // A name given twice is the problem reported, even when its first entry is broken.
             (
-                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
-                2,
-                "gap",
-            ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
-                2,
-                "overlap",
-            ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,2]}}"#,
-                2,
-                "needs 3",
-            ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#.into(),
                 1,
-                "past the end",
+                |e| matches!(e, H::DuplicateTensor { tensor } if tensor == "a"),
             ),
             (
-                r#"{"a":{"dtype":"X9","shape":[2],"data_offsets":[0,2]}}"#,
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#.into(),
                 2,
-                "unknown dtype",
+                |e| matches!(e, H::Gap { start: 1, end: 2, previous_end: 0, .. }),
             ),
             (
-                r#"{"a":{"dtype":"U8","shape":[-2],"data_offsets":[0,2]}}"#,
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#.into(),
                 2,
-                "non-negative",
+                |e| matches!(e, H::Overlap { tensor, previous_end: 2, .. } if tensor == "b"),
             ),
             (
-                r#"{"a":{"dtype":"U8","shape":[1.5],"data_offsets":[0,2]}}"#,
-                2,
-                "non-negative",
+                one.replace("[1]", "[3]"),
+                1,
+                |e| matches!(e, H::WrongLength { needed: 3, start: 0, end: 1, .. }),
             ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,2]}}"#,
-                2,
-                "64 bits",
-            ),
-            (r#"[1,2]"#, 0, "not a JSON object"),
+            (one.into(), 0, |e| {
+                matches!(e, H::PastEndOfData { end: 1, data_len: 0, .. })
+            }),
+            (one.into(), 3, |e| {
+                matches!(e, H::TrailingBytes { covered: 1, data_len: 3, .. })
+            }),
+            (one.replace("U8", "X9"), 1, |e| {
+                matches!(e, H::UnknownDtype { dtype, .. } if dtype == "X9")
+            }),
+            (one.replace("U8", "F4"), 1, |e| {
+                matches!(e, H::UnsupportedDtype { dtype, .. } if dtype == "F4")
+            }),
+            (one.replace("\"U8\"", "8"), 1, |e| {
+                matches!(e, H::DtypeNotString { value, .. } if value == "8")
+            }),
+            (one.replace("[1]", "[-2]"), 1, |e| {
+                matches!(e, H::BadDimension { value, .. } if value == "-2")
+            }),
+            (one.replace("[1]", "[1.5]"), 1, |e| {
+                matches!(e, H::BadDimension { value, .. } if value == "1.5")
+            }),
+            (one.replace("[1]", "[4294967296,4294967296]"), 1, |e| {
+                matches!(e, H::TooManyElements { .. })
+            }),
+            (one.replace("[1]", "[4294967296,4294967295]").replace("U8", "I64"), 1, |e| {
+                matches!(e, H::TooManyBytes { dtype: Dtype::I64, .. })
+            }),
+            (one.replace("[0,1]", "[1,0]"), 1, |e| {
+                matches!(e, H::OffsetsReversed { start: 1, end: 0, .. })
+            }),
+            (one.replace("[0,1]", "[0,1,2]"), 1, |e| {
+                matches!(e, H::OffsetsNotPair { value, .. } if value == "[0, 1, 2]")
+            }),
+            (one.replace("[0,1]", "{\"a\":1}"), 1, |e| {
+                matches!(e, H::OffsetsNotPair { .. })
+            }),
+            (one.replace("\"shape\":[1]", "\"shape\":1"), 1, |e| {
+                matches!(e, H::ShapeNotArray { .. })
+            }),
+            (one.replace("\"dtype\":\"U8\",", ""), 1, |e| {
+                matches!(e, H::MissingField { field: "dtype", .. })
+            }),
+            (one.replace("\"shape\"", "\"shape\":[1],\"shape\""), 1, |e| {
+                matches!(e, H::DuplicateField { field: "shape", .. })
+            }),
+            ("[1,2]".into(), 0, |e| matches!(e, H::NotObject)),
+            ("{\"a\":".into(), 0, |e| matches!(e, H::NotJson { .. })),
+            (r#"{"a":3}"#.into(), 0, |e| {
+                matches!(e, H::EntryNotObject { tensor } if tensor == "a")
+            }),
+            (r#"{"__metadata__":[]}"#.into(), 0, |e| {
+                matches!(e, H::MetadataNotObject)
+            }),
+            (r#"{"__metadata__":{"k":1}}"#.into(), 0, |e| {
+                matches!(e, H::MetadataNotString { key } if key == "k")
+            }),
         ];
-        for (json, len, expect) in cases {
-            let err = p(json, len).unwrap_err().to_string();
-            assert!(err.contains(expect), "{json}: {err}");
+        for (json, len, expected) in cases {
+            match p(&json, len) {
+                Ok(_) => panic!("{json} parses"),
+                Err(e) => assert!(expected(&e), "{json}: {e:?}"),
+            }
         }
+        assert!(matches!(
+            parse(b"{\"a\xff\":1}", 0),
+            Err(H::NotUtf8 { valid_up_to: 3 })
+        ));
+    }
+
+    #[test]
+    fn read_checks_the_length_prefix() {
+        let path = Path::new("f");
+        let err = |bytes: &[u8]| match parse_file_bytes(path, bytes) {
+            Err(Error::Header { kind, .. }) => kind,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(err(b"\x05\0\0"), HeaderError::TooShort { len: 3 }));
+        let mut huge = 200_000_000u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(matches!(
+            err(&huge),
+            HeaderError::TooLarge { len: 200_000_000 }
+        ));
+        let mut past = 10u64.to_le_bytes().to_vec();
+        past.extend_from_slice(b"{}");
+        assert!(matches!(
+            err(&past),
+            HeaderError::PastEndOfFile {
+                len: 10,
+                file_len: 10
+            }
+        ));
     }
 
     #[test]
@@ -517,7 +687,7 @@ mod tests {
         let bytes = encode(&meta, &tensors);
         assert_eq!(bytes.len() as u64 % DATA_ALIGN, 0);
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-        let h = parse(Path::new("o"), &bytes[8..8 + n as usize], 16).unwrap();
+        let h = parse(&bytes[8..8 + n as usize], 16).unwrap();
         assert_eq!(h.tensors, tensors);
         assert_eq!(h.metadata, meta);
     }

@@ -6,11 +6,10 @@
 //! model loader's job, which has both in hand.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::IndexError;
 
 /// The index file's name in a model directory.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -35,53 +34,56 @@ impl Index {
     }
 }
 
-/// Parses and checks the index `bytes` read from `path`.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<Index> {
-    let bad = |tensor: Option<&str>, reason: String| Error::index(path, tensor, reason);
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        bad(
-            None,
-            format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
-        )
+/// Parses and checks index `bytes`. The error says what is wrong; the caller knows which file
+/// it is.
+pub fn parse(bytes: &[u8]) -> std::result::Result<Index, IndexError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| IndexError::NotUtf8 {
+        valid_up_to: e.valid_up_to(),
     })?;
     // Parse the weight map by hand so that a tensor listed twice is seen, not silently merged.
-    let top: Value =
-        serde_json::from_str(text).map_err(|e| bad(None, format!("not valid JSON: {e}")))?;
+    let top: Value = serde_json::from_str(text).map_err(|json| IndexError::NotJson { json })?;
     let Value::Object(top) = top else {
-        return Err(bad(None, "not a JSON object".into()));
+        return Err(IndexError::NotObject);
     };
     if !top.contains_key("weight_map") {
-        return Err(bad(None, "has no \"weight_map\"".into()));
+        return Err(IndexError::NoWeightMap);
     }
-    let raw: RawIndex = serde_json::from_str(text)
-        .map_err(|e| bad(None, format!("\"weight_map\" is malformed: {e}")))?;
+    let raw: RawIndex =
+        serde_json::from_str(text).map_err(|json| IndexError::WeightMapMalformed { json })?;
     let mut seen = HashSet::new();
     let mut weight_map = Vec::with_capacity(raw.weight_map.0.len());
     for (tensor, shard) in raw.weight_map.0 {
         if !seen.insert(tensor.clone()) {
-            return Err(bad(Some(&tensor), "listed twice in \"weight_map\"".into()));
+            return Err(IndexError::ListedTwice { tensor });
         }
         let Value::String(shard) = shard else {
-            return Err(bad(Some(&tensor), format!("shard {shard} is not a string")));
+            return Err(IndexError::ShardNotString {
+                tensor,
+                value: shard.to_string(),
+            });
         };
-        check_shard_name(&shard).map_err(|reason| bad(Some(&tensor), reason))?;
+        check_shard_name(&tensor, &shard)?;
         weight_map.push((tensor, shard));
     }
     if weight_map.is_empty() {
-        return Err(bad(None, "\"weight_map\" lists no tensors".into()));
+        return Err(IndexError::Empty);
     }
     Ok(Index { weight_map })
 }
 
-/// A shard must be a plain file name inside the model directory.
-pub fn check_shard_name(name: &str) -> std::result::Result<(), String> {
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(format!("shard name '{name}' is not a file name"));
+/// A shard (named for `tensor`) must be a plain file name inside the model directory.
+pub fn check_shard_name(tensor: &str, shard: &str) -> std::result::Result<(), IndexError> {
+    if shard.is_empty() || shard == "." || shard == ".." {
+        return Err(IndexError::ShardNotFileName {
+            tensor: tensor.to_owned(),
+            shard: shard.to_owned(),
+        });
     }
-    if name.contains('/') || name.contains('\\') || name.contains('\0') {
-        return Err(format!(
-            "shard name '{name}' is a path; shards must be plain file names in the model directory"
-        ));
+    if shard.contains('/') || shard.contains('\\') || shard.contains('\0') {
+        return Err(IndexError::ShardIsPath {
+            tensor: tensor.to_owned(),
+            shard: shard.to_owned(),
+        });
     }
     Ok(())
 }
@@ -133,8 +135,8 @@ impl<'de> serde::Deserialize<'de> for OrderedMap {
 mod tests {
     use super::*;
 
-    fn p(json: &str) -> Result<Index> {
-        parse(Path::new(INDEX_FILE), json.as_bytes())
+    fn p(json: &str) -> std::result::Result<Index, IndexError> {
+        parse(json.as_bytes())
     }
 
     #[test]
@@ -146,20 +148,45 @@ mod tests {
 
     #[test]
     fn refuses_duplicates_and_paths() {
-        for (json, expect) in [
-            (r#"{"weight_map":{"a":"s","a":"s"}}"#, "twice"),
-            (r#"{"weight_map":{"a":"../s"}}"#, "path"),
-            (r#"{"weight_map":{"a":"/etc/passwd"}}"#, "path"),
-            (r#"{"weight_map":{"a":".."}}"#, "not a file name"),
-            (r#"{"weight_map":{"a":3}}"#, "not a string"),
-            (r#"{"weight_map":{}}"#, "no tensors"),
-            (r#"{"metadata":{}}"#, "no \"weight_map\""),
-            (r#"[]"#, "not a JSON object"),
-            (r#"{"weight_map":"#, "not valid JSON"),
-        ] {
-            let err = p(json).unwrap_err().to_string();
-            assert!(err.contains(expect), "{json}: {err}");
+        use IndexError as I;
+        type Expect = fn(&IndexError) -> bool;
+        let cases: [(&str, Expect); 10] = [
+            (
+                r#"{"weight_map":{"a":"s","a":"s"}}"#,
+                |e| matches!(e, I::ListedTwice { tensor } if tensor == "a"),
+            ),
+            (
+                r#"{"weight_map":{"a":"../s"}}"#,
+                |e| matches!(e, I::ShardIsPath { shard, .. } if shard == "../s"),
+            ),
+            (r#"{"weight_map":{"a":"/etc/passwd"}}"#, |e| {
+                matches!(e, I::ShardIsPath { .. })
+            }),
+            (r#"{"weight_map":{"a":".."}}"#, |e| {
+                matches!(e, I::ShardNotFileName { .. })
+            }),
+            (
+                r#"{"weight_map":{"a":3}}"#,
+                |e| matches!(e, I::ShardNotString { value, .. } if value == "3"),
+            ),
+            (r#"{"weight_map":{}}"#, |e| matches!(e, I::Empty)),
+            (r#"{"metadata":{}}"#, |e| matches!(e, I::NoWeightMap)),
+            (r#"{"weight_map":[]}"#, |e| {
+                matches!(e, I::WeightMapMalformed { .. })
+            }),
+            (r#"[]"#, |e| matches!(e, I::NotObject)),
+            (r#"{"weight_map":"#, |e| matches!(e, I::NotJson { .. })),
+        ];
+        for (json, expected) in cases {
+            match p(json) {
+                Ok(_) => panic!("{json} parses"),
+                Err(e) => assert!(expected(&e), "{json}: {e:?}"),
+            }
         }
+        assert!(matches!(
+            parse(b"{\"a\xff\":1}"),
+            Err(I::NotUtf8 { valid_up_to: 3 })
+        ));
     }
 
     #[test]

@@ -576,10 +576,10 @@ mod mixed_tests {
     #[test]
     fn mixed_equals_one_type_path_when_types_agree() {
         let a: Vec<u8> = (0..4096u32)
-            .flat_map(|i| ((i * 2654435761) as u16).to_le_bytes())
+            .flat_map(|i| (i.wrapping_mul(2654435761) as u16).to_le_bytes())
             .collect();
         let s: Vec<u8> = (0..4096u32)
-            .flat_map(|i| ((i * 40503) as u16).to_le_bytes())
+            .flat_map(|i| (i.wrapping_mul(40503) as u16).to_le_bytes())
             .collect();
         for dtype in [FloatDtype::BF16, FloatDtype::F16] {
             let (mut one, mut mixed) = (vec![0u8; a.len()], vec![0u8; a.len()]);

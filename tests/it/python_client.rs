@@ -1,9 +1,7 @@
 //! The output as a real client sees it: the Python `safetensors` package loads every shard
 //! through the index, and numpy computes the ExPO reference independently.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -119,5 +117,42 @@ fn python_safetensors_loads_the_output_and_numpy_agrees() {
             String::from_utf8_lossy(&check.stderr)
         );
         eprintln!("{}", String::from_utf8_lossy(&check.stdout).trim());
+    }
+}
+
+/// The differential fuzz target compares mergestream with the `safetensors` Rust crate; users
+/// load files with the Python package. The two must agree on every differential seed (valid,
+/// broken and differing alike), so that "what the reference accepts" means the same for both.
+#[test]
+fn the_python_package_agrees_with_the_reference_crate_on_every_differential_seed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/differential");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() > 40, "{} seeds", files.len());
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/check_reference.py"
+    );
+    let out = Command::new(python())
+        .arg(script)
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts = String::from_utf8(out.stdout).unwrap();
+    let verdicts: Vec<&str> = verdicts.lines().collect();
+    assert_eq!(verdicts.len(), files.len());
+    for (file, python) in files.iter().zip(verdicts) {
+        let crate_reads =
+            safetensors::SafeTensors::read_metadata(&std::fs::read(file).unwrap()).is_ok();
+        let python_reads = python == "ACCEPT";
+        assert_eq!(python_reads, crate_reads, "{}", file.display());
     }
 }

@@ -2,9 +2,7 @@
 //! once; inputs changed underneath; SIGINT and SIGTERM. Killing and pausing at exact points uses
 //! the failpoints in `src/failpoint.rs`: the process really gets SIGKILL.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -328,38 +326,15 @@ fn an_input_truncated_or_rewritten_during_the_run_is_an_error() {
     }
 }
 
-/// A small tmpfs, unmounted on drop. None when this machine does not allow mounting.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, options: &str) -> Option<Mount> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            Some(Mount(at.to_path_buf()))
-        } else if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI runs as root and must be able to mount a tmpfs");
-        } else {
-            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
-            None
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
+/// A small tmpfs at `at` with mount `options`, or `None` where mounting is not allowed.
+fn tmpfs(at: &Path, options: &str) -> Option<Mount> {
+    Mount::new(at, &["-t", "tmpfs", "-o", options, "tmpfs"])
 }
 
 #[test]
 fn a_full_disk_is_a_clear_error_and_leaves_no_temporaries() {
     let f = Fixture::new();
-    let Some(mount) = Mount::tmpfs(&f.path("small"), "size=160k") else {
+    let Some(mount) = tmpfs(&f.path("small"), "size=160k") else {
         return;
     };
     let out = mount.0.join("out");
@@ -375,7 +350,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_no_temporaries() {
 #[test]
 fn an_unwritable_output_is_refused_before_any_work() {
     let f = Fixture::new();
-    let Some(mount) = Mount::tmpfs(&f.path("ro"), "ro,size=64k") else {
+    let Some(mount) = tmpfs(&f.path("ro"), "ro,size=64k") else {
         return;
     };
     // The SFT path is bad too: the output is checked first, so that is the error reported.

@@ -2,9 +2,7 @@
 //! reference; determinism across threads and chunk sizes; every mismatch class of the plan;
 //! checksums and `verify`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 fn merge_and_check(synth_args: &[&str], alpha: &str, extra: &[&str]) -> tempfile::TempDir {

@@ -1,12 +1,14 @@
 //! Replays the fuzz seed corpus and the crash reproducers through the fuzz targets' own bodies
-//! (`mergestream::fuzzing`), so they run under plain `cargo test` on stable, without cargo-fuzz.
+//! (`mergestream::fuzzing`), so they run under `cargo test --features fuzzing` on stable,
+//! without cargo-fuzz (`scripts/test.sh` runs them).
 
 use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("header", mergestream::fuzzing::header),
+    ("differential", mergestream::fuzzing::differential),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
 ];
@@ -67,4 +69,50 @@ fn header_seeds_are_what_their_names_say() {
             assert!(parsed.is_err(), "{name} parses");
         }
     }
+}
+
+/// The differential seeds are named for what they are: `valid-*` both mergestream and the
+/// `safetensors` crate read, `broken-*` both refuse, `differs-*` mergestream refuses for one of
+/// the documented differences while the crate reads it.
+#[test]
+fn differential_seeds_are_what_their_names_say() {
+    let mut differs = std::collections::BTreeSet::new();
+    for file in inputs("differential") {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let data = std::fs::read(&file).unwrap();
+        let ours = mergestream::format::header::parse_file_bytes(&file, &data);
+        let theirs = safetensors::SafeTensors::read_metadata(&data).map(|_| ());
+        if name.starts_with("valid-") {
+            assert!(
+                ours.is_ok() && theirs.is_ok(),
+                "{name}: {ours:?} / {theirs:?}"
+            );
+        } else if name.starts_with("broken-") {
+            assert!(
+                ours.is_err() && theirs.is_err(),
+                "{name}: {ours:?} / {theirs:?}"
+            );
+        } else if name.starts_with("differs-") {
+            assert!(
+                theirs.is_ok(),
+                "{name}: the reference refuses it: {theirs:?}"
+            );
+            let e = ours.expect_err(&name);
+            let d = mergestream::fuzzing::difference(&e)
+                .unwrap_or_else(|| panic!("{name}: not a documented difference: {e}"));
+            differs.insert(format!("{d:?}"));
+        } else {
+            panic!("{name}: seeds are named valid-*, broken-* or differs-*");
+        }
+    }
+    // Every documented difference has a seed.
+    assert_eq!(
+        differs.into_iter().collect::<Vec<_>>(),
+        [
+            "DtypeIsObject",
+            "DuplicateTensor",
+            "EntryIsArray",
+            "SubByteDtype"
+        ]
+    );
 }

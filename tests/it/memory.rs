@@ -2,9 +2,7 @@
 //! Llama-3-70B at full width (8192 hidden, vocab 128256: embed_tokens and lm_head are 2.1 GB
 //! each) keeps the process's peak RSS, measured by the OS, within the budget.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn peak_rss_is_bounded_by_the_budget_not_by_2gb_tensors() {

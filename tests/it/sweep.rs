@@ -2,11 +2,11 @@
 //! must be byte for byte the directory a single run with that alpha writes — whole, partitioned
 //! and finalized, resumed after a kill, and whatever the thread count and chunk size.
 
-mod common;
+
 
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const ALPHAS: [&str; 5] = ["0.1", "0.2", "0.3", "0.4", "0.5"];
 const SHARD: &str = "100KB";

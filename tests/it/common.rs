@@ -1,7 +1,6 @@
 //! Shared helpers for the end-to-end tests: run the binary, make inputs, read outputs with an
 //! independent reader (the `safetensors` crate), and compute the ExPO reference independently of
 //! the tool's kernel (with the `half` crate's conversions).
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -127,13 +126,9 @@ pub fn load_model(dir: &Path) -> BTreeMap<String, Tensor> {
     out
 }
 
-/// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN.
-pub fn expo_element(dtype: safetensors::Dtype, alpha: f32, a: &[u8], s: &[u8]) -> Vec<u8> {
-    expo_element_mixed(dtype, dtype, alpha, a, s)
-}
-
-/// The reference when the SFT side is stored as `sft_dtype`: both widen exactly to f32, the
-/// result takes the aligned dtype.
+/// One element of the ExPO reference: f32, unfused, round to nearest even, canonical NaN. The
+/// SFT side may be stored as another float type (`sft_dtype`): both widen exactly to f32 and
+/// the result takes the aligned dtype.
 pub fn expo_element_mixed(
     dtype: safetensors::Dtype,
     sft_dtype: safetensors::Dtype,
@@ -177,7 +172,7 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
         let (a, s) = (&aligned[name], &sft[name]);
         assert_eq!(m.dtype, a.dtype, "{name}: dtype");
         assert_eq!(m.shape, a.shape, "{name}: shape");
-        let size = m.dtype.size();
+        let size = m.dtype.bitsize() / 8;
         let float = matches!(
             m.dtype,
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
@@ -194,7 +189,7 @@ pub fn assert_matches_reference(pair: &Path, out: &Path, alpha: f32) -> usize {
             .data
             .chunks_exact(size)
             .zip(a.data.chunks_exact(size))
-            .zip(s.data.chunks_exact(s.dtype.size()))
+            .zip(s.data.chunks_exact(s.dtype.bitsize() / 8))
             .enumerate()
         {
             let want = expo_element_mixed(m.dtype, s.dtype, alpha, ao, so);
@@ -261,4 +256,52 @@ pub fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64, 
         usage.ru_maxrss as u64 * 1024,
         err,
     )
+}
+
+/// Copies every file of `dir` into a Hugging-Face-cache layout
+/// (`hub/blobs/<blake3>` and `hub/snapshots/rev/<name> -> ../../blobs/<blake3>`), returning the
+/// snapshot directory.
+pub fn as_hf_cache(dir: &Path, hub: &Path) -> PathBuf {
+    let snapshot = hub.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(hub.join("blobs")).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        std::fs::write(hub.join("blobs").join(&hash), &bytes).unwrap();
+        let name = path.file_name().unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snapshot.join(name)).unwrap();
+    }
+    snapshot
+}
+
+/// Something mounted at a directory for a test (`mount ARGS… AT`), unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts, or returns `None` (after saying SKIPPED) where this machine does not allow it
+    /// (not root); under `CI=true`, where the suite runs as root, that is a failure.
+    pub fn new(at: &Path, args: &[&str]) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(args)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Mount(at.to_path_buf()))
+        } else if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI runs as root and must be able to mount ({args:?})");
+        } else {
+            eprintln!("SKIPPED: cannot mount {args:?} here (not root?)");
+            None
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -208,7 +208,7 @@ fn make_job(
                 (name.to_string(), view)
             })
             .collect();
-        safetensors::tensor::serialize_to_file(views, &None, path).unwrap();
+        safetensors::tensor::serialize_to_file(views, None, path).unwrap();
     }
     Job {
         method,

@@ -6,15 +6,13 @@
 //! the test then says SKIPPED loudly and passes — unless `CI=true`, where that is a failure.
 //! The cluster is always taken down again (a `Drop` guard), whatever happens.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const ALPHA: &str = "0.3";
 const PARTS: u32 = 4;

@@ -2,12 +2,10 @@
 //! the directory a single `expo` gives, byte for byte; `finalize` must refuse (exit 1, naming
 //! the part) whenever the parts do not add up to one run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::*;
+use crate::common::*;
 
 const ALPHA: &str = "0.3";
 /// Small enough that the tiny pair makes 5 shards: with 7 parts, two parts get none.
@@ -508,6 +506,7 @@ fn same_part_twice_at_once_is_refused_by_the_lock() {
     .unwrap();
     let held = mergestream::output::OutputDir::open(
         &out,
+        &[&pair.join("sft"), &pair.join("aligned")],
         &plan,
         mergestream::plan::Part::parse("1/2").unwrap(),
         mergestream::output::Existing::Resume,
