@@ -144,7 +144,7 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         #[source]
-        source: crate::spec::SpecError,
+        source: Box<crate::spec::SpecError>,
     },
     /// A tensor's merge cannot be set up or run with the parameters it resolved to.
     #[error("tensor '{tensor}': {source}")]
@@ -787,7 +787,7 @@ pub enum MethodFailure {
     Combine(#[from] crate::kernel::linear::CombineError),
     /// A parameter could not be resolved for the tensor.
     #[error(transparent)]
-    Parameter(#[from] crate::spec::SpecError),
+    Parameter(Box<crate::spec::SpecError>),
     /// The method works on more elements at a time than a chunk holds.
     #[error("its merge method works on {granule} elements at a time ({bytes} bytes), more than a chunk holds ({chunk} bytes): raise --memory")]
     ChunkTooSmall {
@@ -798,6 +798,12 @@ pub enum MethodFailure {
         /// Bytes of a chunk.
         chunk: u64,
     },
+}
+
+impl From<crate::spec::SpecError> for MethodFailure {
+    fn from(e: crate::spec::SpecError) -> MethodFailure {
+        MethodFailure::Parameter(Box::new(e))
+    }
 }
 
 /// How an input file changed while a run read it.

@@ -48,8 +48,8 @@ use std::time::Instant;
 
 use error::UsageError;
 pub use error::{Error, Result};
-use method::{Method, Note, Policy, Recipe};
 use kernel::Isa;
+use method::{Method, Note, Policy, Recipe};
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};

@@ -86,7 +86,12 @@ struct ModelPair {
     aligned: PathBuf,
     /// Extrapolation strength (ExPO papers use 0.1 to 0.5); several, comma-separated, write a
     /// sweep (OUT/alpha-0.1/, OUT/alpha-0.2/, …) from one read of the inputs.
-    #[arg(long, allow_negative_numbers = true, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_delimiter = ',',
+        required = true
+    )]
     alpha: Vec<f32>,
     #[command(flatten)]
     layout: LayoutArgs,
@@ -449,10 +454,11 @@ fn expo(args: ExpoArgs) -> Result<(), Failure> {
 /// directory, as mergekit reads them).
 fn read_config(path: &std::path::Path) -> Result<spec::MergeSpec> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading config", e))?;
-    let cwd = std::env::current_dir().map_err(|e| Error::io(".", "finding the working directory", e))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| Error::io(".", "finding the working directory", e))?;
     spec::parse_config(&text, &cwd, &spec::HfCache::from_env()).map_err(|source| Error::Config {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -467,7 +473,6 @@ fn merge(args: MergeArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
-
 
 /// The end-of-run summary: a line (and where the time went) on stderr, or JSON on stdout.
 fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Result<(), Failure> {
@@ -607,7 +612,9 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             .to_merge_job()?]
         }
         _ => {
-            return Err(Error::internal("clap requires a config or --sft, --aligned and --alpha").into())
+            return Err(
+                Error::internal("clap requires a config or --sft, --aligned and --alpha").into(),
+            )
         }
     };
     let mut out = stdout();

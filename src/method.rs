@@ -694,12 +694,10 @@ fn plan_config(
         });
         let out = spec.out_dtype.unwrap_or(compute);
         let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
-        let resolved = spec
-            .resolve(&t.name, layer_t)
-            .map_err(|e| Error::Method {
-                tensor: t.name.clone(),
-                source: e.into(),
-            })?;
+        let resolved = spec.resolve(&t.name, layer_t).map_err(|e| Error::Method {
+            tensor: t.name.clone(),
+            source: e.into(),
+        })?;
         let linear = match spec.method {
             spec::Method::Linear => Some(linear::Method::Linear),
             spec::Method::TaskArithmetic => Some(linear::Method::TaskArithmetic),

@@ -160,7 +160,7 @@ enum Kernel {
         aligned: kernel::FloatDtype,
         sft: kernel::FloatDtype,
     },
-    Method(RwLock<methods::Op>),
+    Method(Box<RwLock<methods::Op>>),
     Combine(Arc<kernel::linear::Combine>),
 }
 
@@ -177,7 +177,7 @@ impl Kernel {
                 aligned,
                 sft,
             },
-            Op::Method(op) => Kernel::Method(RwLock::new((**op).clone())),
+            Op::Method(op) => Kernel::Method(Box::new(RwLock::new((**op).clone()))),
             Op::Combine(c) => Kernel::Combine(Arc::clone(c)),
         }
     }
@@ -692,7 +692,9 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
 
 fn method_error(run: &Run, step: &Step, e: methods::MethodError) -> Error {
     Error::Method {
-        tensor: run.plans[step.work[0].output].tensors[step.tensor].name.clone(),
+        tensor: run.plans[step.work[0].output].tensors[step.tensor]
+            .name
+            .clone(),
         source: e.into(),
     }
 }

@@ -5,8 +5,6 @@
 //! model's extra ones). Inputs are written here with the `safetensors` crate; outputs are read
 //! back with it and checked against the independent reference in `common`.
 
-
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -172,7 +170,8 @@ fn buffers_and_integer_tensors_in_one_model_need_no_flag() {
     for name in ["lm_head.weight", "model.embed_tokens.weight"] {
         let (m, av, sv) = (&merged[name].data, &a[name].2, &s[name].2);
         for i in (0..m.len()).step_by(2) {
-            let want = expo_element_mixed(Dtype::BF16, Dtype::BF16, 0.3, &av[i..i + 2], &sv[i..i + 2]);
+            let want =
+                expo_element_mixed(Dtype::BF16, Dtype::BF16, 0.3, &av[i..i + 2], &sv[i..i + 2]);
             assert_eq!(&m[i..i + 2], &want[..], "{name} byte {i}");
         }
     }
@@ -291,7 +290,8 @@ fn vocabularies_32000_and_32002_merge_shared_rows_and_copy_the_extra_ones() {
             assert_eq!(m.shape, vec![32002, 8]);
             let shared = 32000 * 8 * 2;
             for i in (0..shared).step_by(2) {
-                let want = expo_element_mixed(Dtype::BF16, Dtype::BF16, 0.3, &av[i..i + 2], &sv[i..i + 2]);
+                let want =
+                    expo_element_mixed(Dtype::BF16, Dtype::BF16, 0.3, &av[i..i + 2], &sv[i..i + 2]);
                 assert_eq!(&m.data[i..i + 2], &want[..], "{name} byte {i}");
             }
             assert_eq!(

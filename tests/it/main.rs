@@ -25,8 +25,8 @@ mod faults;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
 mod malformed;
-mod mergekit_ref;
 mod memory;
+mod mergekit_ref;
 mod overlap;
 mod parts;
 mod pipes;

@@ -812,7 +812,7 @@ fn all_mismatches_are_listed_in_one_error() {
                 sft: Dtype::I16,
             },
         ),
-        mismatch("only.aligned", MismatchKind::MissingFromSft),
+        mismatch("only.aligned", MismatchKind::OnlyInAligned),
         mismatch("only.sft", MismatchKind::MissingFromAligned),
         mismatch(
             "shape",

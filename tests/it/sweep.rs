@@ -2,8 +2,6 @@
 //! must be byte for byte the directory a single run with that alpha writes — whole, partitioned
 //! and finalized, resumed after a kill, and whatever the thread count and chunk size.
 
-
-
 use std::path::Path;
 
 use crate::common::*;
