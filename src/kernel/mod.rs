@@ -36,15 +36,18 @@
 
 use std::fmt;
 
-pub(crate) mod detmath;
+#[allow(missing_docs)] // being documented: see the `docs` branch
+pub mod detmath;
 pub mod exec;
 #[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod linear;
 #[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod methods;
-pub(crate) mod rng;
+#[allow(missing_docs)] // being documented: see the `docs` branch
+pub mod rng;
 pub(crate) mod scalar;
-pub(crate) mod stats;
+#[allow(missing_docs)] // being documented: see the `docs` branch
+pub mod stats;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
