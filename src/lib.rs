@@ -187,6 +187,9 @@ pub struct Summary {
     /// How shards were written: [`IoMode::Direct`], or [`IoMode::Buffered`] when the output
     /// filesystem refused direct I/O (or it was asked for).
     pub io: IoMode,
+    /// How inputs were read: [`IoMode::Direct`] when every shard was read around the page
+    /// cache, else [`IoMode::Buffered`].
+    pub reads: IoMode,
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
     /// Files of the aligned model directory not copied to the output, with why.
@@ -379,7 +382,12 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .ok_or(UsageError::MemoryBelowReserve {
             reserve: MEMORY_RESERVE,
         })?;
-    let (models, plans) = plan_job(job)?;
+    let (mut models, plans) = plan_job(job)?;
+    if opts.io != IoMode::Buffered {
+        for model in &mut models {
+            model.use_direct_reads(opts.io == IoMode::Direct)?;
+        }
+    }
     let part = opts.part.unwrap_or(Part::WHOLE);
     if let Some(root) = &job.root {
         std::fs::create_dir_all(root)
@@ -503,6 +511,11 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             IoMode::Buffered
         } else {
             IoMode::Direct
+        },
+        reads: if models.iter().all(Model::reads_direct) {
+            IoMode::Direct
+        } else {
+            IoMode::Buffered
         },
         finalized: finalize,
         skipped_files,
