@@ -767,8 +767,7 @@ fn read_pieces(
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().expect("readers do not panic"))
-            .collect::<Res<()>>()
+            .try_for_each(|w| w.join().expect("readers do not panic"))
     })
 }
 

@@ -198,18 +198,21 @@ pub struct Summary {
     pub notes: Vec<Note>,
     /// Compute workers.
     pub threads: usize,
+    /// Reader threads.
+    pub readers: usize,
     /// Working time of each stage (see [`busy::Busy`]).
     pub busy: Vec<(busy::Stage, std::time::Duration)>,
 }
 
 impl Summary {
-    /// How busy `stage` was over the run, as a fraction of the wall time of one of its threads
-    /// (compute has `threads` of them; hashing and disk writes one per output).
+    /// How busy `stage` was over the run, as a fraction of the wall time of its threads
+    /// (reading has `readers` of them, compute `threads`, hashing and disk writes one per output).
     pub fn busy_fraction(&self, stage: busy::Stage) -> f64 {
         let threads = match stage {
             busy::Stage::Compute => self.threads,
+            busy::Stage::Read => self.readers,
             busy::Stage::Hash | busy::Stage::Io => self.outputs,
-            busy::Stage::Read | busy::Stage::Write => 1,
+            busy::Stage::Write => 1,
         };
         let spent = self
             .busy
@@ -526,6 +529,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             notes
         },
         threads: opts.threads.max(1),
+        readers: Settings::READERS,
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
     })
 }

@@ -505,6 +505,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "io": summary.io.to_string(),
             "reads": summary.reads.to_string(),
             "threads": summary.threads,
+            "readers": summary.readers,
             "busy": busy,
             "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
@@ -562,6 +563,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         .iter()
         .map(|&stage| {
             let of = match stage {
+                Stage::Read if summary.readers > 1 => format!(" of {} threads", summary.readers),
                 Stage::Compute if summary.threads > 1 => {
                     format!(" of {} threads", summary.threads)
                 }

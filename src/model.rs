@@ -130,8 +130,9 @@ impl Shard {
     }
 
     /// Reads `len` bytes of the data space at `offset` into `buf`: with direct I/O where it is
-    /// on (the whole pages around the chunk, bypassing the page cache), through the page cache
-    /// otherwise. A filesystem that refuses a direct read turns direct reads off for the shard.
+    /// on (the whole pages around the chunk, bypassing the page cache) unless the page cache
+    /// holds the chunk already, through the page cache otherwise. A filesystem that refuses a
+    /// direct read turns direct reads off for the shard.
     pub fn read_chunk(&self, offset: u64, len: usize, buf: &mut ChunkBuf) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         assert!(len <= buf.capacity(), "a chunk larger than its buffer");
