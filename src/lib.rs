@@ -36,7 +36,6 @@ pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
-#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod spec;
 pub mod synth;
 pub mod units;

@@ -59,10 +59,7 @@ pub use crate::kernel::FloatDtype;
 pub use config::parse_config;
 pub use error::{Location, RefProblem, SearchOutcome, Searched, SpecError};
 pub use hf::{download_command, is_commit_hash, is_repo_id, HfCache, Snapshot};
-pub use methods::{
-    BaseRule, Method, MethodSpec, Param, ParamDefault, ParamKind, ParamSpec, Scope,
-    MERGEKIT_ONLY_METHODS,
-};
+pub use methods::{BaseRule, Method, MethodSpec, Param, ParamDefault, ParamKind, ParamSpec, Scope};
 pub use params::{
     gradient_t, layer_index, Given, Params, Resolved, Rule, RuleValue, Setting, Value,
 };
@@ -80,6 +77,7 @@ pub struct OutputSpec {
     /// The document's `name:` (mergekit-multimerge), or `alpha-…` in an `expo` sweep; `None`
     /// for a single unnamed output. Checked to be usable as a directory name.
     pub name: Option<String>,
+    /// `merge_method:` (`expo` for a request built from flags).
     pub method: Method,
     /// The inputs in mergekit's order: `models:` as written, then the base model if it is not
     /// among them (mergekit appends it; for `linear` it is then an ordinary input with a weight).
@@ -97,7 +95,10 @@ pub struct OutputSpec {
     /// `out_dtype:`: the merged tensor is converted to it when saved; `None` keeps the compute
     /// result's dtype.
     pub out_dtype: Option<FloatDtype>,
+    /// `tokenizer_source:`: whose tokenizer the output gets. [`crate::config_runs`] refuses
+    /// anything but [`TokenizerSource::Default`] so far.
     pub tokenizer_source: TokenizerSource,
+    /// `chat_template:`, if given ([`crate::config_runs`] refuses it so far).
     pub chat_template: Option<ChatTemplate>,
     /// The document as written (for a config), or an equivalent `expo` document (for flags):
     /// what to store as the output's `mergekit_config.yml`.
@@ -107,6 +108,7 @@ pub struct OutputSpec {
 /// One input model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
+    /// The model, resolved.
     pub model: ModelRef,
     /// Its `parameters:` (empty for a base model that mergekit adds as an input).
     pub params: Params,
@@ -119,6 +121,7 @@ pub struct ModelEntry {
 pub struct ModelRef {
     /// As written in the config (`org/name@rev`, `./m`, `other-doc`).
     pub written: String,
+    /// Where it resolved to.
     pub location: ModelLocation,
 }
 
@@ -129,6 +132,7 @@ pub enum ModelLocation {
     Local(PathBuf),
     /// A Hugging Face model found in the local cache.
     Hub {
+        /// The repository id (`org/name`), without the revision.
         repo: String,
         /// As written after `@` (`None`: `main`).
         revision: Option<String>,
@@ -139,7 +143,12 @@ pub enum ModelLocation {
     },
     /// The output of another document of the same config (its index in
     /// [`MergeSpec::outputs`]); it must be merged first.
-    Output { index: usize, name: String },
+    Output {
+        /// The document's index in [`MergeSpec::outputs`].
+        index: usize,
+        /// The document's `name:`.
+        name: String,
+    },
 }
 
 impl ModelRef {
