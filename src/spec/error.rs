@@ -72,7 +72,8 @@ pub struct Searched {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SearchOutcome {
-    /// As a local path (relative paths are relative to the working directory, as in mergekit).
+    /// Nothing at the local path (a relative reference is joined to the caller's base
+    /// directory; the command line passes the working directory, as mergekit resolves it).
     NoSuchPath,
     /// The Hugging Face cache has no folder for the repository. `cache` says how the cache
     /// directory was chosen (`HF_HUB_CACHE`, `HF_HOME`, …).

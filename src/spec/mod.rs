@@ -3,7 +3,8 @@
 //!
 //! Two front-ends build one: [`parse_config`] reads a mergekit YAML config (single or
 //! multi-document, see [`config`]), [`expo_spec`] turns `mergestream expo --sft --aligned
-//! --alpha a,b,c` into the same thing. Every error about the request is raised here, before any
+//! --alpha a,b,c` into the same thing. (The `expo` command does not go through [`expo_spec`]
+//! yet: [`crate::ExpoJob`] builds its run from the flags directly, taking them as paths.) Every error about the request is raised here, before any
 //! weight is read: unknown keys and methods, parameters a method does not take, values of the
 //! wrong kind, missing base models, models absent from disk and from the Hugging Face cache
 //! ([`SpecError`], each with its key path and line). The spec reads no tensor and does no
@@ -213,7 +214,8 @@ impl OutputSpec {
     }
 
     /// A method-level parameter (`normalize`, `lambda`, `t`, …) for `tensor` at gradient
-    /// position `t` ([`gradient_t`]).
+    /// position `t` ([`gradient_t`]): the top-level setting, else the method's default.
+    /// [`SpecError::Unresolved`] when neither applies (or the method does not take `param`).
     pub fn global(&self, param: Param, tensor: &str, t: f64) -> Result<Value, SpecError> {
         params::resolve_one(
             self.method,
@@ -225,8 +227,10 @@ impl OutputSpec {
         )
     }
 
-    /// A per-model parameter (`weight`, `density`, …) of input `input` for `tensor`; `None` if
-    /// the parameter does not apply to that input (the base model's `weight` in TIES).
+    /// A per-model parameter (`weight`, `density`, …) of input `input` for `tensor`: the
+    /// model's setting, else the top-level one, else the default; `None` if the parameter does
+    /// not apply to that input (the base model's `weight` in TIES) or `input` is out of range.
+    /// [`SpecError::Unresolved`] when no setting applies and there is no default.
     pub fn for_model(
         &self,
         input: usize,
@@ -254,7 +258,8 @@ impl OutputSpec {
         .map(Some)
     }
 
-    /// Every parameter of the method for `tensor` at gradient position `t`.
+    /// Every parameter of the method for `tensor` at gradient position `t`, as mergekit 0.1.5
+    /// resolves them ([`params`]); the first [`SpecError::Unresolved`] if one cannot be.
     pub fn resolve(&self, tensor: &str, t: f64) -> Result<Resolved, SpecError> {
         let mut out = Resolved {
             per_model: vec![Default::default(); self.models.len()],
