@@ -32,11 +32,10 @@
 //! Whole-tensor sums and rank thresholds come from the crate's streamed statistics (fixed
 //! association, tie rule: lower index first); randomness from a counter-based generator
 //! (Philox4x32-10 keyed by the seed and the tensor name); SLERP's `acos`/`sin` from plain IEEE
-//! f64 arithmetic, so every machine computes the same bits. All three are specified in
-//! `docs/mergekit-methods.md`.
+//! f64 arithmetic, so every machine computes the same bits.
 //!
-//! Pass structure per method, the streaming design and the agreement figures with mergekit:
-//! `docs/mergekit-methods.md`.
+//! Also in `docs/mergekit-methods.md`: the exact construction of the three above, the pass
+//! structure per method, the streaming design and the agreement figures with mergekit.
 //!
 //! What this module deliberately does not do: no I/O, no threads (see [`super::exec`] for a
 //! reference driver), no config parsing (callers hand in resolved per-tensor values), no SIMD
