@@ -436,13 +436,46 @@ fn cancel_on_signals() -> Result<Cancel> {
     Ok(cancel)
 }
 
+/// `--sft` and `--aligned` as paths: as given when they exist, else looked up as Hugging Face
+/// ids (`org/name[@revision]`) in the local cache, as configs' models are.
+fn model_paths(sft: PathBuf, aligned: PathBuf, alphas: &[f32]) -> Result<(PathBuf, PathBuf)> {
+    if sft.exists() && aligned.exists() {
+        return Ok((sft, aligned));
+    }
+    let cwd =
+        std::env::current_dir().map_err(|e| Error::io(".", "finding the working directory", e))?;
+    let spec = spec::expo_spec(
+        &sft.to_string_lossy(),
+        &aligned.to_string_lossy(),
+        alphas,
+        &cwd,
+        &spec::HfCache::from_env(),
+    )
+    .map_err(|e| Error::ModelReference(Box::new(e)))?;
+    let doc = &spec.outputs[0];
+    let base = doc.base.unwrap_or(1);
+    let dir = |i: usize| doc.models[i].model.dir().map(std::path::Path::to_path_buf);
+    let aligned_at = (0..doc.models.len()).find(|&i| i != base).unwrap_or(0);
+    match (dir(base), dir(aligned_at)) {
+        (Some(s), Some(a)) => Ok((s, a)),
+        _ => Err(Error::internal(
+            "an expo spec whose models have no directory",
+        )),
+    }
+}
+
 fn expo(args: ExpoArgs) -> Result<(), Failure> {
     let cancel = cancel_on_signals()?;
+    let (sft, aligned) = model_paths(
+        args.pair.sft.clone(),
+        args.pair.aligned.clone(),
+        &args.pair.alpha,
+    )?;
     let job = ExpoJob {
         policy: args.pair.policy(),
         options: args.run.options(&args.pair.layout),
-        sft: args.pair.sft,
-        aligned: args.pair.aligned,
+        sft,
+        aligned,
         out: args.run.out.clone(),
         alphas: args.pair.alpha,
     };
