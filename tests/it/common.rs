@@ -233,29 +233,42 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     );
 }
 
-/// Runs `mergestream ARGS` to completion and returns its exit status and its peak resident
-/// memory in bytes, as the kernel accounts it for the child (`wait4`'s `ru_maxrss`).
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which std cannot do
+/// Runs `mergestream ARGS` to completion and returns its exit status, its peak resident memory
+/// in bytes and its stderr.
+///
+/// The peak is the kernel's high-water mark of the child's own address space (`VmHWM` in
+/// `/proc/PID/status`), sampled every 2 ms until the child exits. `wait4`'s `ru_maxrss` would be
+/// simpler but is wrong here: the child is spawned with `CLONE_VM`, and at `exec` the kernel
+/// folds the high-water mark of the address space it leaves, this test process's, into the
+/// child's `ru_maxrss`; with other tests running in parallel that is whatever they hold.
 pub fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64, String) {
-    use std::os::unix::process::ExitStatusExt;
     let mut child = Command::new(bin())
         .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the mergestream binary runs");
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: the pid is our own un-reaped child; `status` and `usage` are valid for writes.
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
-    (
-        std::process::ExitStatus::from_raw(status),
-        usage.ru_maxrss as u64 * 1024,
-        err,
-    )
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut { stderr }, &mut err).unwrap();
+        err
+    });
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let status = loop {
+        // Read before try_wait: once the child has exited its status has no VmHWM line.
+        if let Some(hwm) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        }) {
+            peak = peak.max(hwm * 1024);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    (status, peak, reader.join().unwrap())
 }
 
 /// Copies every file of `dir` into a Hugging-Face-cache layout

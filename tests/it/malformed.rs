@@ -766,13 +766,31 @@ fn shard_without_read_permission() {
 fn missing_model_path() {
     let case = Case::new();
     let missing = case.path("nowhere");
-    fails(
-        &missing,
-        &case.good(),
-        2,
-        &[missing.to_str().unwrap()],
-        io("opening model", not_found),
-    );
+    // The library, given a path, cannot open it.
+    let error = mergestream::plan_expo(&missing, &case.good(), 0.5, 5_000_000_000).unwrap_err();
+    assert!(io("opening model", not_found)(&error), "{error:?}");
+    assert_eq!(error.exit_code(), 2);
+    // The command line first resolves --sft as a model reference (a path or a Hugging Face id)
+    // and says where it looked.
+    let out = case.path("out");
+    let result = run(&[
+        "expo",
+        "--sft",
+        missing.to_str().unwrap(),
+        "--aligned",
+        case.good().to_str().unwrap(),
+        "--alpha",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let err = stderr(&result);
+    assert_eq!(result.status.code(), Some(2), "{err}");
+    assert!(err.contains("--sft"), "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    assert!(!out.exists(), "--out was created");
 }
 
 // ---- two models that do not match ----
