@@ -70,6 +70,15 @@ pub enum Error {
     /// The command line asks for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+    /// A PyTorch checkpoint is malformed, unsupported or malicious.
+    #[error(transparent)]
+    Torch(Box<crate::format::torch::TorchError>),
+}
+
+impl From<crate::format::torch::TorchError> for Error {
+    fn from(e: crate::format::torch::TorchError) -> Error {
+        Error::Torch(Box::new(e))
+    }
 }
 
 /// One way in which two models disagree.
