@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 5] = [
     ("header", mergestream::fuzzing::header),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
+    ("pickle", mergestream::fuzzing::pickle),
+    ("torch", mergestream::fuzzing::torch),
 ];
 
 fn fuzz_dir() -> PathBuf {

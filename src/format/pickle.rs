@@ -364,102 +364,33 @@ enum Resolved {
     Unsupported,
 }
 
+use Dtype as D;
+use Global as G;
 use Resolved::{Allowed, Unsupported};
 
 /// The allow-list: `(module, name)` → tag. Anything absent is refused.
+#[rustfmt::skip]
 const ALLOWED: &[(&str, &str, Resolved)] = &[
-    ("collections", "OrderedDict", Allowed(Global::OrderedDict)),
-    (
-        "torch._utils",
-        "_rebuild_tensor_v2",
-        Allowed(Global::RebuildTensorV2),
-    ),
-    (
-        "torch._utils",
-        "_rebuild_tensor_v3",
-        Allowed(Global::RebuildTensorV3),
-    ),
-    (
-        "torch._utils",
-        "_rebuild_tensor",
-        Allowed(Global::RebuildTensor),
-    ),
-    (
-        "torch._utils",
-        "_rebuild_parameter",
-        Allowed(Global::RebuildParameter),
-    ),
-    (
-        "torch._utils",
-        "_rebuild_parameter_with_state",
-        Allowed(Global::RebuildParameterWithState),
-    ),
-    (
-        "torch._tensor",
-        "_rebuild_from_type_v2",
-        Allowed(Global::RebuildFromTypeV2),
-    ),
-    ("torch", "Tensor", Allowed(Global::TensorClass)),
-    (
-        "torch.nn.parameter",
-        "Parameter",
-        Allowed(Global::ParameterClass),
-    ),
-    (
-        "torch.storage",
-        "UntypedStorage",
-        Allowed(Global::Storage(None)),
-    ),
-    (
-        "torch",
-        "BFloat16Storage",
-        Allowed(Global::Storage(Some(Dtype::BF16))),
-    ),
-    (
-        "torch",
-        "HalfStorage",
-        Allowed(Global::Storage(Some(Dtype::F16))),
-    ),
-    (
-        "torch",
-        "FloatStorage",
-        Allowed(Global::Storage(Some(Dtype::F32))),
-    ),
-    (
-        "torch",
-        "DoubleStorage",
-        Allowed(Global::Storage(Some(Dtype::F64))),
-    ),
-    (
-        "torch",
-        "LongStorage",
-        Allowed(Global::Storage(Some(Dtype::I64))),
-    ),
-    (
-        "torch",
-        "IntStorage",
-        Allowed(Global::Storage(Some(Dtype::I32))),
-    ),
-    (
-        "torch",
-        "ShortStorage",
-        Allowed(Global::Storage(Some(Dtype::I16))),
-    ),
-    (
-        "torch",
-        "CharStorage",
-        Allowed(Global::Storage(Some(Dtype::I8))),
-    ),
-    (
-        "torch",
-        "ByteStorage",
-        Allowed(Global::Storage(Some(Dtype::U8))),
-    ),
-    (
-        "torch",
-        "BoolStorage",
-        Allowed(Global::Storage(Some(Dtype::Bool))),
-    ),
+    ("collections", "OrderedDict", Allowed(G::OrderedDict)),
+    ("torch._utils", "_rebuild_tensor_v2", Allowed(G::RebuildTensorV2)),
+    ("torch._utils", "_rebuild_tensor_v3", Allowed(G::RebuildTensorV3)),
+    ("torch._utils", "_rebuild_tensor", Allowed(G::RebuildTensor)),
+    ("torch._utils", "_rebuild_parameter", Allowed(G::RebuildParameter)),
+    ("torch._utils", "_rebuild_parameter_with_state", Allowed(G::RebuildParameterWithState)),
+    ("torch._tensor", "_rebuild_from_type_v2", Allowed(G::RebuildFromTypeV2)),
+    ("torch", "Tensor", Allowed(G::TensorClass)),
+    ("torch.nn.parameter", "Parameter", Allowed(G::ParameterClass)),
+    ("torch.storage", "UntypedStorage", Allowed(G::Storage(None))),
+    ("torch", "BFloat16Storage", Allowed(G::Storage(Some(D::BF16)))),
+    ("torch", "HalfStorage", Allowed(G::Storage(Some(D::F16)))),
+    ("torch", "FloatStorage", Allowed(G::Storage(Some(D::F32)))),
+    ("torch", "DoubleStorage", Allowed(G::Storage(Some(D::F64)))),
+    ("torch", "LongStorage", Allowed(G::Storage(Some(D::I64)))),
+    ("torch", "IntStorage", Allowed(G::Storage(Some(D::I32)))),
+    ("torch", "ShortStorage", Allowed(G::Storage(Some(D::I16)))),
+    ("torch", "CharStorage", Allowed(G::Storage(Some(D::I8)))),
+    ("torch", "ByteStorage", Allowed(G::Storage(Some(D::U8)))),
+    ("torch", "BoolStorage", Allowed(G::Storage(Some(D::Bool)))),
     ("torch", "ComplexFloatStorage", Unsupported),
     ("torch", "ComplexDoubleStorage", Unsupported),
     ("torch", "QInt8Storage", Unsupported),
@@ -467,35 +398,27 @@ const ALLOWED: &[(&str, &str, Resolved)] = &[
     ("torch", "QUInt8Storage", Unsupported),
     ("torch", "QUInt4x2Storage", Unsupported),
     ("torch", "QUInt2x4Storage", Unsupported),
-    ("torch", "bfloat16", Allowed(Global::Dtype(Dtype::BF16))),
-    ("torch", "float16", Allowed(Global::Dtype(Dtype::F16))),
-    ("torch", "half", Allowed(Global::Dtype(Dtype::F16))),
-    ("torch", "float32", Allowed(Global::Dtype(Dtype::F32))),
-    ("torch", "float", Allowed(Global::Dtype(Dtype::F32))),
-    ("torch", "float64", Allowed(Global::Dtype(Dtype::F64))),
-    ("torch", "double", Allowed(Global::Dtype(Dtype::F64))),
-    ("torch", "int64", Allowed(Global::Dtype(Dtype::I64))),
-    ("torch", "long", Allowed(Global::Dtype(Dtype::I64))),
-    ("torch", "int32", Allowed(Global::Dtype(Dtype::I32))),
-    ("torch", "int", Allowed(Global::Dtype(Dtype::I32))),
-    ("torch", "int16", Allowed(Global::Dtype(Dtype::I16))),
-    ("torch", "short", Allowed(Global::Dtype(Dtype::I16))),
-    ("torch", "int8", Allowed(Global::Dtype(Dtype::I8))),
-    ("torch", "uint8", Allowed(Global::Dtype(Dtype::U8))),
-    ("torch", "bool", Allowed(Global::Dtype(Dtype::Bool))),
-    ("torch", "uint16", Allowed(Global::Dtype(Dtype::U16))),
-    ("torch", "uint32", Allowed(Global::Dtype(Dtype::U32))),
-    ("torch", "uint64", Allowed(Global::Dtype(Dtype::U64))),
-    (
-        "torch",
-        "float8_e5m2",
-        Allowed(Global::Dtype(Dtype::F8E5M2)),
-    ),
-    (
-        "torch",
-        "float8_e4m3fn",
-        Allowed(Global::Dtype(Dtype::F8E4M3)),
-    ),
+    ("torch", "bfloat16", Allowed(G::Dtype(D::BF16))),
+    ("torch", "float16", Allowed(G::Dtype(D::F16))),
+    ("torch", "half", Allowed(G::Dtype(D::F16))),
+    ("torch", "float32", Allowed(G::Dtype(D::F32))),
+    ("torch", "float", Allowed(G::Dtype(D::F32))),
+    ("torch", "float64", Allowed(G::Dtype(D::F64))),
+    ("torch", "double", Allowed(G::Dtype(D::F64))),
+    ("torch", "int64", Allowed(G::Dtype(D::I64))),
+    ("torch", "long", Allowed(G::Dtype(D::I64))),
+    ("torch", "int32", Allowed(G::Dtype(D::I32))),
+    ("torch", "int", Allowed(G::Dtype(D::I32))),
+    ("torch", "int16", Allowed(G::Dtype(D::I16))),
+    ("torch", "short", Allowed(G::Dtype(D::I16))),
+    ("torch", "int8", Allowed(G::Dtype(D::I8))),
+    ("torch", "uint8", Allowed(G::Dtype(D::U8))),
+    ("torch", "bool", Allowed(G::Dtype(D::Bool))),
+    ("torch", "uint16", Allowed(G::Dtype(D::U16))),
+    ("torch", "uint32", Allowed(G::Dtype(D::U32))),
+    ("torch", "uint64", Allowed(G::Dtype(D::U64))),
+    ("torch", "float8_e5m2", Allowed(G::Dtype(D::F8E5M2))),
+    ("torch", "float8_e4m3fn", Allowed(G::Dtype(D::F8E4M3))),
     ("torch", "float8_e5m2fnuz", Unsupported),
     ("torch", "float8_e4m3fnuz", Unsupported),
     ("torch", "float8_e8m0fnu", Unsupported),
@@ -1365,4 +1288,363 @@ fn check_tensor(name: &str, t: &Tensor) -> Result<PickledTensor> {
         start,
         end,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pickle from raw opcode bytes, after `PROTO 2`.
+    fn p(body: &[u8]) -> Vec<u8> {
+        [&[op::PROTO, 2][..], body].concat()
+    }
+
+    fn global(module: &str, name: &str) -> Vec<u8> {
+        format!("c{module}\n{name}\n").into_bytes()
+    }
+
+    fn s(text: &str) -> Vec<u8> {
+        let mut v = vec![op::BINUNICODE];
+        v.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        v.extend_from_slice(text.as_bytes());
+        v
+    }
+
+    /// `{name: _rebuild_tensor_v2(('storage', FloatStorage, key, 'cpu', numel), 0, (n,), (1,),
+    /// False, OrderedDict())}`, with `extra` spliced in before the final `SETITEMS STOP`.
+    fn one_tensor(name: &str, key: &str, n: u8, extra: &[u8]) -> Vec<u8> {
+        p(&[
+            b"}(".as_slice(),
+            &s(name),
+            &global("torch._utils", "_rebuild_tensor_v2"),
+            b"((",
+            &s("storage"),
+            &global("torch", "FloatStorage"),
+            &s(key),
+            &s("cpu"),
+            &[op::BININT1, n, op::TUPLE, op::BINPERSID, op::BININT1, 0],
+            &[
+                op::BININT1,
+                n,
+                op::TUPLE1,
+                op::BININT1,
+                1,
+                op::TUPLE1,
+                op::NEWFALSE,
+            ],
+            &global("collections", "OrderedDict"),
+            b")RtR",
+            extra,
+            b"u.",
+        ]
+        .concat())
+    }
+
+    fn err(data: &[u8]) -> PickleError {
+        parse(data).expect_err("refused")
+    }
+
+    #[test]
+    fn reads_a_minimal_state_dict() {
+        let sd = parse(&one_tensor("w", "0", 3, b"")).unwrap();
+        assert_eq!(
+            sd.tensors,
+            [PickledTensor {
+                name: "w".into(),
+                dtype: Dtype::F32,
+                shape: vec![3],
+                strides: vec![1],
+                storage: "0".into(),
+                storage_offset: 0,
+                start: 0,
+                end: 12,
+            }]
+        );
+        assert_eq!(
+            sd.storages,
+            [PickledStorage {
+                key: "0".into(),
+                nbytes: 12
+            }]
+        );
+    }
+
+    #[test]
+    fn refuses_globals_off_the_list_when_read() {
+        for (module, name) in [
+            ("os", "system"),
+            ("posix", "system"),
+            ("builtins", "eval"),
+            ("__builtin__", "exec"),
+            ("subprocess", "Popen"),
+            ("torch", "load"),
+            ("torch.cuda", "FloatStorage"),
+            ("collections", "OrderedDictX"),
+            ("torch._utils ", "_rebuild_tensor_v2"),
+        ] {
+            // Just naming it is refused, even if it is never called.
+            let e = err(&p(&[global(module, name), b".".to_vec()].concat()));
+            assert!(
+                matches!(&e, PickleError::ForbiddenGlobal { offset: 2, global } if *global == format!("{module}.{name}")),
+                "{module}.{name}: {e}"
+            );
+        }
+        // STACK_GLOBAL the same way.
+        let e = err(&p(
+            &[s("os"), s("system"), vec![op::STACK_GLOBAL, b'.']].concat()
+        ));
+        assert!(matches!(e, PickleError::ForbiddenGlobal { global, .. } if global == "os.system"));
+        let e = err(&p(&[global("torch", "complex64"), b".".to_vec()].concat()));
+        assert!(matches!(e, PickleError::UnsupportedType { .. }));
+    }
+
+    #[test]
+    fn refuses_opcodes_that_can_call_anything() {
+        // INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4 — and the ones torch.save does not write.
+        for opcode in [
+            b'i', b'o', 0x81, 0x92, 0x82, 0x83, 0x84, b'a', b']', b'G', b'S', 0xff,
+        ] {
+            let e = err(&p(&[opcode, b'.']));
+            assert!(
+                matches!(e, PickleError::UnsupportedOpcode { offset: 2, opcode: o } if o == opcode),
+                "{opcode:#x}"
+            );
+        }
+        assert!(err(&p(b"i")).to_string().contains("(INST)"));
+    }
+
+    #[test]
+    fn refuses_calls_of_allowed_non_functions() {
+        // A dtype or a storage type is allowed as a value, not as a callable.
+        let e = err(&p(&[global("torch", "bfloat16"), b")R.".to_vec()].concat()));
+        assert!(matches!(e, PickleError::NotCallable { what, .. } if what == "torch.bfloat16"));
+        let e = err(&p(b"K\x01)R."));
+        assert!(matches!(e, PickleError::NotCallable { .. }));
+        let e = err(&p(&[
+            global("collections", "OrderedDict"),
+            b"K\x01\x85R.".to_vec(),
+        ]
+        .concat()));
+        assert!(matches!(
+            e,
+            PickleError::BadArguments {
+                function: "collections.OrderedDict",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn stack_discipline() {
+        assert!(matches!(err(&p(b"t.")), PickleError::NoMark { .. }));
+        assert!(matches!(
+            err(&p(b"(\x85.")),
+            PickleError::StackUnderflow { .. }
+        ));
+        assert!(matches!(err(&p(b"R.")), PickleError::StackUnderflow { .. }));
+        assert!(matches!(
+            err(&p(b"h\x05.")),
+            PickleError::MemoMissing { index: 5, .. }
+        ));
+        assert!(matches!(
+            err(&p(b"NN.")),
+            PickleError::UnbalancedStop {
+                values: 2,
+                marks: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&p(b"}(.")),
+            PickleError::UnbalancedStop { marks: 1, .. }
+        ));
+        assert!(matches!(
+            err(&p(b"}.N")),
+            PickleError::TrailingBytes { len: 1, .. }
+        ));
+        assert!(matches!(
+            err(b"\x80\x06}."),
+            PickleError::UnsupportedProtocol { protocol: 6, .. }
+        ));
+        assert!(matches!(err(&p(b"N")), PickleError::Truncated { .. }));
+        assert!(matches!(
+            err(&p(b"X\xff\xff\xff\xff")),
+            PickleError::Truncated { .. }
+        ));
+        assert!(matches!(
+            err(&p(b"X\x01\x00\x00\x00\xff.")),
+            PickleError::BadString { .. }
+        ));
+        assert!(matches!(
+            err(&p(b"\x8a\x09123456789.")),
+            PickleError::IntegerTooLarge { .. }
+        ));
+        assert!(matches!(
+            err(&p(b"N}s.")),
+            PickleError::StackUnderflow { .. }
+        ));
+        assert!(matches!(
+            err(&p(b"NNNs.")),
+            PickleError::NotADictTarget { found: "None", .. }
+        ));
+        assert!(matches!(
+            err(&p(b"}}b.")),
+            PickleError::BadBuild { found: "dict", .. }
+        ));
+        assert!(matches!(
+            err(&p(b"N.")),
+            PickleError::NotADict { found: "None" }
+        ));
+        assert!(matches!(
+            err(&p(b"}(K\x01Nu.")),
+            PickleError::KeyNotString {
+                index: 0,
+                found: "int"
+            }
+        ));
+    }
+
+    #[test]
+    fn longs_are_sign_extended() {
+        // A 3-byte LONG1 of -2 as a storage offset, caught as negative.
+        let pkl = one_tensor("w", "0", 1, b"");
+        let at = pkl
+            .windows(3)
+            .position(|w| w == [op::BINPERSID, op::BININT1, 0])
+            .unwrap();
+        let pkl = [
+            &pkl[..at + 1],
+            &[op::LONG1, 3, 0xFE, 0xFF, 0xFF],
+            &pkl[at + 3..],
+        ]
+        .concat();
+        assert!(matches!(
+            err(&pkl),
+            PickleError::BadStorageOffset { offset: -2, .. }
+        ));
+    }
+
+    #[test]
+    fn state_dict_entries_must_be_unique_tensors() {
+        // The same tensor under the same name twice.
+        let extra = [s("w"), vec![op::BINGET, 9]].concat();
+        let pkl = one_tensor("w", "0", 2, b"");
+        let memo = [&pkl[..pkl.len() - 2], b"q\x09", &extra, b"u."].concat();
+        assert!(matches!(err(&memo), PickleError::DuplicateKey { name } if name == "w"));
+        let pkl = one_tensor("w", "0", 2, &[s("n"), vec![op::NONE]].concat());
+        assert!(matches!(
+            err(&pkl),
+            PickleError::NotATensor { name, found: "None" } if name == "n"
+        ));
+    }
+
+    #[test]
+    fn storages_must_be_consistent() {
+        // Storage '0' named again with another size.
+        let second = [
+            s("v"),
+            global("torch._utils", "_rebuild_tensor_v2"),
+            b"((".to_vec(),
+            s("storage"),
+            global("torch", "FloatStorage"),
+            s("0"),
+            s("cpu"),
+            vec![op::BININT1, 9, op::TUPLE, op::BINPERSID],
+        ]
+        .concat();
+        assert!(matches!(
+            err(&one_tensor("w", "0", 2, &second)),
+            PickleError::StorageConflict { storage, .. } if storage == "0"
+        ));
+        for key in ["../0", "", "a/b", "0 "] {
+            assert!(
+                matches!(
+                    err(&one_tensor("w", key, 2, b"")),
+                    PickleError::BadPersistentId { .. }
+                ),
+                "{key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn conjugate_or_negative_bits_are_refused() {
+        let pkl = one_tensor("w", "0", 2, b"");
+        // Add a metadata dict {'neg': True} as the 7th argument of _rebuild_tensor_v2.
+        let at = pkl.windows(4).position(|w| w == b")RtR").unwrap() + 2;
+        let meta = [vec![b'}'], s("neg"), vec![op::NEWTRUE, op::SETITEM]].concat();
+        let flagged = [&pkl[..at], &meta, &pkl[at..]].concat();
+        assert!(matches!(err(&flagged), PickleError::TensorFlags { .. }));
+        let meta = [vec![b'}'], s("neg"), vec![op::NEWFALSE, op::SETITEM]].concat();
+        assert!(parse(&[&pkl[..at], &meta, &pkl[at..]].concat()).is_ok());
+    }
+
+    #[test]
+    fn bounds_hold() {
+        // Marks.
+        let marks = p(&[vec![b'('; MAX_MARKS + 1], vec![b'.']].concat());
+        assert!(matches!(
+            err(&marks),
+            PickleError::StackTooDeep { max: MAX_MARKS, .. }
+        ));
+        // Stack.
+        let stack = p(&[vec![b'N'; MAX_STACK + 1], vec![b'.']].concat());
+        assert!(matches!(
+            err(&stack),
+            PickleError::StackTooDeep { max: MAX_STACK, .. }
+        ));
+        // Nesting: TUPLE1 over and over.
+        let nest = p(&[
+            vec![b'N'],
+            vec![op::TUPLE1; MAX_NESTING as usize + 1],
+            vec![b'.'],
+        ]
+        .concat());
+        assert!(matches!(err(&nest), PickleError::NestingTooDeep { .. }));
+        // Memo: distinct LONG_BINPUT indices.
+        let mut memo = vec![b'N'];
+        for i in 0..=MAX_MEMO as u32 {
+            memo.push(op::LONG_BINPUT);
+            memo.extend_from_slice(&i.to_le_bytes());
+        }
+        assert!(matches!(err(&p(&memo)), PickleError::MemoTooLarge { .. }));
+        // Values: the same memoized None, in tuples of MAX_STACK / 2 items, stored in a dict.
+        let tuples = MAX_VALUES / (MAX_STACK / 2) + 1;
+        let mut values = vec![b'N', op::BINPUT, 0, b'}'];
+        for _ in 0..tuples {
+            values.extend_from_slice(&[op::BINGET, 0, b'(']);
+            for _ in 0..MAX_STACK / 2 {
+                values.extend_from_slice(&[op::BINGET, 0]);
+            }
+            values.extend_from_slice(&[op::TUPLE, op::SETITEM]);
+        }
+        assert!(matches!(
+            err(&p(&values)),
+            PickleError::TooManyValues { .. }
+        ));
+    }
+
+    #[test]
+    fn tensor_count_is_bounded() {
+        // One tensor built again and again from memoized arguments into one dict.
+        // `{_rebuild_tensor_v2: args}` puts the function and its arguments in the memo.
+        let mut body = vec![b'}'];
+        body.extend(global("torch._utils", "_rebuild_tensor_v2"));
+        body.extend_from_slice(&[op::BINPUT, 0]);
+        body.extend_from_slice(b"((");
+        body.extend(s("storage"));
+        body.extend(global("torch", "FloatStorage"));
+        body.extend(s("0"));
+        body.extend(s("cpu"));
+        body.extend_from_slice(&[op::BININT1, 1, op::TUPLE, op::BINPERSID, op::BININT1, 0]);
+        body.extend_from_slice(&[op::BININT1, 1, op::TUPLE1, op::BININT1, 1, op::TUPLE1]);
+        body.push(op::NEWFALSE);
+        body.push(b'}');
+        body.extend_from_slice(&[op::TUPLE, op::BINPUT, 1, op::SETITEM]);
+        for _ in 0..=MAX_TENSORS {
+            body.extend_from_slice(&[op::NONE, op::BINGET, 0, op::BINGET, 1, b'R', op::SETITEM]);
+        }
+        body.push(b'.');
+        assert!(matches!(err(&p(&body)), PickleError::TooManyTensors { .. }));
+    }
 }

@@ -82,6 +82,9 @@ pub enum TorchError {
     /// No `<archive>/data.pkl`.
     #[error("{}: the archive has no data.pkl, so it is not a torch.save checkpoint", path.display())]
     NoDataPkl { path: PathBuf },
+    /// The first member is not inside a directory, so the archive has none.
+    #[error("{}: member '{member}' is not inside a directory; torch.save puts every record under '<archive>/'", path.display())]
+    NoArchiveDirectory { path: PathBuf, member: String },
     /// Members in more than one top-level directory (`torch.load` refuses this too).
     #[error("{}: member '{member}' is outside the archive's directory '{archive}/'", path.display())]
     MemberOutsideArchive {
@@ -203,12 +206,19 @@ pub fn read_with(
 
     // torch.load takes the archive's directory from the first member and requires every
     // member to be inside it.
-    let prefix = archive
+    let first = archive
         .members
         .first()
-        .and_then(|m| m.name.split_once('/'))
-        .map(|(dir, _)| dir.to_owned())
         .ok_or_else(|| TorchError::NoDataPkl { path: path.into() })?;
+    let prefix = match first.name.split_once('/') {
+        Some((dir, _)) => dir.to_owned(),
+        None => {
+            return Err(TorchError::NoArchiveDirectory {
+                path: path.into(),
+                member: first.name.clone(),
+            })
+        }
+    };
     for m in &archive.members {
         if !m.name.starts_with(&prefix) || m.name.as_bytes().get(prefix.len()) != Some(&b'/') {
             return Err(TorchError::MemberOutsideArchive {
@@ -318,7 +328,9 @@ pub fn read_with(
         .tensors
         .iter()
         .map(|t| {
-            let m = members[t.storage.as_str()];
+            let m = members
+                .get(t.storage.as_str())
+                .expect("every storage a tensor uses was checked above");
             // In bounds: the pickle checked `t.end` ≤ the storage's size, which is `m.len`.
             TorchTensor {
                 info: TensorInfo {
