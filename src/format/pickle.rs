@@ -1370,6 +1370,29 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_old_rebuild_function_and_untyped_storages() {
+        // `_rebuild_tensor(storage, offset, size, stride)`, over a storage of 6 bytes as U8.
+        let pkl = p(&[
+            b"}(".as_slice(),
+            &s("old"),
+            &global("torch._utils", "_rebuild_tensor"),
+            b"((",
+            &s("storage"),
+            &global("torch.storage", "UntypedStorage"),
+            &s("k"),
+            &s("cpu"),
+            &[op::BININT1, 6, op::TUPLE, op::BINPERSID, op::BININT1, 2],
+            &[op::BININT1, 4, op::TUPLE1, op::BININT1, 1, op::TUPLE1, op::TUPLE, b'R'],
+            b"u.",
+        ]
+        .concat());
+        let sd = parse(&pkl).unwrap();
+        let t = &sd.tensors[0];
+        assert_eq!((t.dtype, &t.shape[..], t.start, t.end), (Dtype::U8, &[4u64][..], 2, 6));
+        assert_eq!(sd.storages[0].nbytes, 6);
+    }
+
+    #[test]
     fn refuses_globals_off_the_list_when_read() {
         for (module, name) in [
             ("os", "system"),
