@@ -47,11 +47,14 @@ pub const MAX_MARKS: usize = 64;
 pub const MAX_NESTING: u32 = 32;
 /// Most memo entries.
 pub const MAX_MEMO: usize = 1 << 20;
-/// Most values held in tuples, dicts and the memo together (about 20 per tensor); with the
-/// other bounds this caps the reader's memory at about 200 MB for a hostile pickle.
-pub const MAX_VALUES: usize = 1 << 22;
+/// Most values held in tuples, dicts and the memo together. `torch.save` uses about 28 per
+/// tensor, so this allows some 70 000 tensors in one file (a 405B model has about 1 100 in all);
+/// with the other bounds it keeps the memory a hostile pickle can make the reader use to about
+/// 160 MB (at most 40 bytes per value, the pickle's 32 MiB, as much again in strings, and the
+/// tensor handles).
+pub const MAX_VALUES: usize = 1 << 21;
 /// Most tensors in one state dict.
-pub const MAX_TENSORS: usize = 1 << 18;
+pub const MAX_TENSORS: usize = 1 << 17;
 /// Most dimensions of a tensor.
 pub const MAX_DIMS: usize = 32;
 /// Longest module or name in a `GLOBAL`.
@@ -506,14 +509,32 @@ impl Storage {
 }
 
 /// A tensor as rebuilt, not yet checked (that needs its name, known only once it is a value in
-/// the state dict).
+/// the state dict). Size and stride stay the pickle's tuples of ints, shared, so that a tensor
+/// rebuilt again and again from memoized arguments costs no more than the handle.
 #[derive(Debug)]
 struct Tensor {
     storage: Rc<Storage>,
     dtype: Dtype,
     offset: i64,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
+    size: Rc<Tuple>,
+    stride: Rc<Tuple>,
+}
+
+impl Tuple {
+    /// The items as integers (checked to be ints when the tensor was rebuilt).
+    fn ints(&self) -> Vec<i64> {
+        self.items
+            .iter()
+            .map(|v| match v {
+                Value::Int(i) => *i,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    fn all_ints(&self) -> bool {
+        self.items.iter().all(|v| matches!(v, Value::Int(_)))
+    }
 }
 
 impl Value {
@@ -1135,19 +1156,10 @@ impl<'a> Machine<'a> {
             }
             Some(_) => return Err(bad()),
         }
-        let ints = |t: &Tuple| -> Option<Vec<i64>> {
-            t.items
-                .iter()
-                .map(|v| match v {
-                    Value::Int(i) => Some(*i),
-                    _ => None,
-                })
-                .collect()
-        };
-        let (Some(shape), Some(strides)) = (ints(size), ints(stride)) else {
+        if !size.all_ints() || !stride.all_ints() {
             return Err(bad());
-        };
-        let dims = shape.len().max(strides.len());
+        }
+        let dims = size.items.len().max(stride.items.len());
         if dims > MAX_DIMS {
             return Err(PickleError::TooManyDims {
                 offset: self.at,
@@ -1166,8 +1178,8 @@ impl<'a> Machine<'a> {
             storage: storage.clone(),
             dtype,
             offset: *offset,
-            shape,
-            strides,
+            size: size.clone(),
+            stride: stride.clone(),
         })))
     }
 
@@ -1214,17 +1226,18 @@ impl<'a> Machine<'a> {
 /// Checks a rebuilt tensor: a C-contiguous run inside its storage.
 fn check_tensor(name: &str, t: &Tensor) -> Result<PickledTensor> {
     let tensor = || name.to_owned();
-    if t.shape.iter().any(|&d| d < 0) {
+    let (raw_shape, raw_strides) = (t.size.ints(), t.stride.ints());
+    if raw_shape.iter().any(|&d| d < 0) {
         return Err(PickleError::BadShape {
             tensor: tensor(),
-            shape: t.shape.clone(),
+            shape: raw_shape,
         });
     }
-    if t.strides.len() != t.shape.len() || t.strides.iter().any(|&s| s < 0) {
+    if raw_strides.len() != raw_shape.len() || raw_strides.iter().any(|&s| s < 0) {
         return Err(PickleError::BadStrides {
             tensor: tensor(),
-            shape: t.shape.clone(),
-            strides: t.strides.clone(),
+            shape: raw_shape,
+            strides: raw_strides,
         });
     }
     let Ok(offset) = u64::try_from(t.offset) else {
@@ -1233,12 +1246,12 @@ fn check_tensor(name: &str, t: &Tensor) -> Result<PickledTensor> {
             offset: t.offset,
         });
     };
-    let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
-    let strides: Vec<u64> = t.strides.iter().map(|&s| s as u64).collect();
+    let shape: Vec<u64> = raw_shape.iter().map(|&d| d as u64).collect();
+    let strides: Vec<u64> = raw_strides.iter().map(|&s| s as u64).collect();
     let size = t.dtype.size() as u64;
     let overflow = || PickleError::SizeOverflow {
         tensor: tensor(),
-        shape: t.shape.clone(),
+        shape: raw_shape.clone(),
         offset: t.offset,
     };
     let numel = shape
@@ -1382,13 +1395,25 @@ mod tests {
             &s("k"),
             &s("cpu"),
             &[op::BININT1, 6, op::TUPLE, op::BINPERSID, op::BININT1, 2],
-            &[op::BININT1, 4, op::TUPLE1, op::BININT1, 1, op::TUPLE1, op::TUPLE, b'R'],
+            &[
+                op::BININT1,
+                4,
+                op::TUPLE1,
+                op::BININT1,
+                1,
+                op::TUPLE1,
+                op::TUPLE,
+                b'R',
+            ],
             b"u.",
         ]
         .concat());
         let sd = parse(&pkl).unwrap();
         let t = &sd.tensors[0];
-        assert_eq!((t.dtype, &t.shape[..], t.start, t.end), (Dtype::U8, &[4u64][..], 2, 6));
+        assert_eq!(
+            (t.dtype, &t.shape[..], t.start, t.end),
+            (Dtype::U8, &[4u64][..], 2, 6)
+        );
         assert_eq!(sd.storages[0].nbytes, 6);
     }
 
