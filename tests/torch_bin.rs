@@ -5,6 +5,15 @@
 //! Refused, malicious and malformed files must fail with their specific error variant; malicious
 //! pickles must never run (their marker files never appear), while Python's own `pickle.load`
 //! does run them.
+//!
+//! Why committed fixtures rather than torch in the test venv: torch from PyPI is a 5.3 GB install
+//! with its CUDA wheels (73 s here on a fast mirror with `--no-cache-dir`, minutes elsewhere),
+//! for 1.8 MB of files whose bytes would only differ by a random serialization id. The
+//! generator and the versions it ran with are recorded (MANIFEST.json, checked below), every
+//! file was verified by the generator with `torch.load`, and the malicious ones are re-checked
+//! here with plain Python on every run. Regenerate with
+//! `/tmp/mkvenv/bin/python tests/python/make_torch_fixtures.py` (any Python with torch,
+//! safetensors and huggingface_hub).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
