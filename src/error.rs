@@ -171,6 +171,16 @@ pub enum Error {
         /// Which invariant broke.
         what: String,
     },
+    /// A PyTorch checkpoint (`.bin`) is malformed, unsupported or malicious; the error names
+    /// the file (and the member, tensor or pickle global where there is one).
+    #[error(transparent)]
+    Torch(Box<crate::format::torch::TorchError>),
+}
+
+impl From<crate::format::torch::TorchError> for Error {
+    fn from(e: crate::format::torch::TorchError) -> Error {
+        Error::Torch(Box::new(e))
+    }
 }
 
 /// Shorthand for results whose error is [`Error`].
