@@ -62,117 +62,315 @@ const MAX_GLOBAL_PART: usize = 256;
 /// Longest storage key (`torch.save` writes decimal numbers).
 const MAX_STORAGE_KEY: usize = 64;
 
-/// Everything that can be wrong with a state dict pickle.
+/// Everything that can be wrong with a state dict pickle. `offset` is always a byte position in
+/// the pickle (`data.pkl`), pointing at the opcode concerned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PickleError {
+    /// The pickle is larger than [`MAX_PICKLE_LEN`].
     #[error("the pickle is {len} bytes; the limit is {max}")]
-    TooLarge { len: u64, max: u64 },
+    TooLarge {
+        /// Its length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The pickle ends inside an opcode or its argument, or before `STOP`.
     #[error("the pickle ends inside the opcode at byte {offset}; is it truncated?")]
-    Truncated { offset: usize },
-    #[error("byte {offset}: pickle protocol {protocol} is not supported (2 to 5 are)")]
-    UnsupportedProtocol { offset: usize, protocol: u8 },
-    #[error("byte {offset}: opcode {} is not one torch.save writes for a state dict", opcode_label(*opcode))]
-    UnsupportedOpcode { offset: usize, opcode: u8 },
-    #[error("byte {offset}: refusing global '{global}': a state dict may only name torch's tensor-rebuilding functions, storage types and dtypes, and collections.OrderedDict; torch.load(weights_only=False) would import and call it")]
-    ForbiddenGlobal { offset: usize, global: String },
-    #[error("byte {offset}: '{global}' is a torch type with no safetensors dtype (complex, quantized or sub-byte tensors are not supported)")]
-    UnsupportedType { offset: usize, global: String },
-    #[error("byte {offset}: a GLOBAL module or name is not UTF-8 text of at most {MAX_GLOBAL_PART} bytes")]
-    BadGlobalName { offset: usize },
-    #[error("byte {offset}: a string is not valid UTF-8")]
-    BadString { offset: usize },
-    #[error("byte {offset}: an integer does not fit in 64 bits")]
-    IntegerTooLarge { offset: usize },
-    #[error("byte {offset}: opcode {} needs more values than the stack holds", opcode_label(*opcode))]
-    StackUnderflow { offset: usize, opcode: u8 },
-    #[error("byte {offset}: opcode {} needs a MARK and there is none", opcode_label(*opcode))]
-    NoMark { offset: usize, opcode: u8 },
-    #[error("byte {offset}: more than {max} values or marks on the stack")]
-    StackTooDeep { offset: usize, max: usize },
-    #[error("byte {offset}: tuples nest more than {max} deep")]
-    NestingTooDeep { offset: usize, max: u32 },
-    #[error("byte {offset}: the memo holds more than {max} entries")]
-    MemoTooLarge { offset: usize, max: usize },
-    #[error("byte {offset}: memo entry {index} was never stored")]
-    MemoMissing { offset: usize, index: u32 },
-    #[error("byte {offset}: the pickle builds more than {max} values")]
-    TooManyValues { offset: usize, max: usize },
-    #[error("byte {offset}: more than {max} tensors")]
-    TooManyTensors { offset: usize, max: usize },
-    #[error("byte {offset}: a tensor has {dims} dimensions; the limit is {max}")]
-    TooManyDims {
+    Truncated {
+        /// Where the unfinished opcode starts.
         offset: usize,
-        dims: usize,
+    },
+    /// A `PROTO` opcode names a protocol other than 2 to 5.
+    #[error("byte {offset}: pickle protocol {protocol} is not supported (2 to 5 are)")]
+    UnsupportedProtocol {
+        /// Where the `PROTO` opcode is.
+        offset: usize,
+        /// The protocol it names.
+        protocol: u8,
+    },
+    /// An opcode `torch.save` does not write for a state dict (`INST`, `OBJ`, `NEWOBJ`, lists,
+    /// floats, …), or a byte that is no opcode at all.
+    #[error("byte {offset}: opcode {} is not one torch.save writes for a state dict", opcode_label(*opcode))]
+    UnsupportedOpcode {
+        /// Where it is.
+        offset: usize,
+        /// The opcode byte.
+        opcode: u8,
+    },
+    /// A `GLOBAL` / `STACK_GLOBAL` names something outside the allow-list (`os.system`,
+    /// `builtins.eval`, …): refused when it is read, before anything could call it.
+    #[error("byte {offset}: refusing global '{global}': a state dict may only name torch's tensor-rebuilding functions, storage types and dtypes, and collections.OrderedDict; torch.load(weights_only=False) would import and call it")]
+    ForbiddenGlobal {
+        /// Where the `GLOBAL` / `STACK_GLOBAL` opcode is.
+        offset: usize,
+        /// The name, `module.name`.
+        global: String,
+    },
+    /// A torch type that has no safetensors dtype (complex, quantized, sub-byte storages).
+    #[error("byte {offset}: '{global}' is a torch type with no safetensors dtype (complex, quantized or sub-byte tensors are not supported)")]
+    UnsupportedType {
+        /// Where the `GLOBAL` / `STACK_GLOBAL` opcode is.
+        offset: usize,
+        /// The type, `module.name`.
+        global: String,
+    },
+    /// A `GLOBAL`'s module or name is not short UTF-8 text.
+    #[error("byte {offset}: a GLOBAL module or name is not UTF-8 text of at most {MAX_GLOBAL_PART} bytes")]
+    BadGlobalName {
+        /// Where the opcode is.
+        offset: usize,
+    },
+    /// A string is not valid UTF-8.
+    #[error("byte {offset}: a string is not valid UTF-8")]
+    BadString {
+        /// Where the opcode is.
+        offset: usize,
+    },
+    /// A `LONG1` integer does not fit in 64 bits.
+    #[error("byte {offset}: an integer does not fit in 64 bits")]
+    IntegerTooLarge {
+        /// Where the opcode is.
+        offset: usize,
+    },
+    /// An opcode needs more values than the stack holds above the last mark.
+    #[error("byte {offset}: opcode {} needs more values than the stack holds", opcode_label(*opcode))]
+    StackUnderflow {
+        /// Where the opcode is.
+        offset: usize,
+        /// The opcode byte.
+        opcode: u8,
+    },
+    /// An opcode that works on the values above a `MARK` finds none.
+    #[error("byte {offset}: opcode {} needs a MARK and there is none", opcode_label(*opcode))]
+    NoMark {
+        /// Where the opcode is.
+        offset: usize,
+        /// The opcode byte.
+        opcode: u8,
+    },
+    /// More than [`MAX_STACK`] values or [`MAX_MARKS`] marks at once.
+    #[error("byte {offset}: more than {max} values or marks on the stack")]
+    StackTooDeep {
+        /// Where the limit was passed.
+        offset: usize,
+        /// The limit passed.
         max: usize,
     },
+    /// Tuples nested deeper than [`MAX_NESTING`].
+    #[error("byte {offset}: tuples nest more than {max} deep")]
+    NestingTooDeep {
+        /// Where the limit was passed.
+        offset: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// More than [`MAX_MEMO`] memo entries.
+    #[error("byte {offset}: the memo holds more than {max} entries")]
+    MemoTooLarge {
+        /// Where the limit was passed.
+        offset: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A memo `GET` of an entry never `PUT`.
+    #[error("byte {offset}: memo entry {index} was never stored")]
+    MemoMissing {
+        /// Where the `GET` is.
+        offset: usize,
+        /// The memo index it asks for.
+        index: u32,
+    },
+    /// More than [`MAX_VALUES`] values built in all.
+    #[error("byte {offset}: the pickle builds more than {max} values")]
+    TooManyValues {
+        /// Where the limit was passed.
+        offset: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More than [`MAX_TENSORS`] tensors.
+    #[error("byte {offset}: more than {max} tensors")]
+    TooManyTensors {
+        /// Where the limit was passed.
+        offset: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A tensor with more than [`MAX_DIMS`] dimensions.
+    #[error("byte {offset}: a tensor has {dims} dimensions; the limit is {max}")]
+    TooManyDims {
+        /// Where the tensor is rebuilt.
+        offset: usize,
+        /// Its number of dimensions.
+        dims: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `REDUCE` applied to something that is not an allowed function (a dtype, a storage type,
+    /// a plain value).
     #[error("byte {offset}: REDUCE calls {what}, which torch.save does not call")]
-    NotCallable { offset: usize, what: String },
+    NotCallable {
+        /// Where the `REDUCE` is.
+        offset: usize,
+        /// What it would call.
+        what: String,
+    },
+    /// An allowed function is called with arguments of the wrong number or kind.
     #[error("byte {offset}: {function} is called with wrong arguments (expected {expected})")]
     BadArguments {
+        /// Where the `REDUCE` is.
         offset: usize,
+        /// The function.
         function: &'static str,
+        /// What it takes.
         expected: &'static str,
     },
+    /// A persistent id that is not a storage reference as `torch.save` writes it.
     #[error("byte {offset}: a persistent id is not ('storage', storage type, key, location, size) with a plain key")]
-    BadPersistentId { offset: usize },
+    BadPersistentId {
+        /// Where the `BINPERSID` is.
+        offset: usize,
+    },
+    /// One storage key named with different types or sizes.
     #[error("byte {offset}: storage '{storage}' is named with different types or sizes")]
-    StorageConflict { offset: usize, storage: String },
+    StorageConflict {
+        /// Where the second, different reference is.
+        offset: usize,
+        /// The storage key.
+        storage: String,
+    },
+    /// A tensor with its conjugate or negative bit set (its bytes are not its values).
     #[error("byte {offset}: a tensor has its conjugate or negative bit set, so its stored bytes are not its values")]
-    TensorFlags { offset: usize },
+    TensorFlags {
+        /// Where the tensor is rebuilt.
+        offset: usize,
+    },
+    /// `SETITEM(S)` applied to something that is not a dict.
     #[error("byte {offset}: opcode {} applies to a {found}, not a dict", opcode_label(*opcode))]
     NotADictTarget {
+        /// Where the opcode is.
         offset: usize,
+        /// The opcode byte.
         opcode: u8,
+        /// What it applies to.
         found: &'static str,
     },
+    /// `BUILD` on anything but an `OrderedDict`, or with a state that is not a dict (an
+    /// `OrderedDict`'s state, a state dict's `_metadata`, is read and dropped).
     #[error("byte {offset}: BUILD sets the state of a {found}; only an OrderedDict's is accepted")]
-    BadBuild { offset: usize, found: &'static str },
+    BadBuild {
+        /// Where the `BUILD` is.
+        offset: usize,
+        /// What it applies to.
+        found: &'static str,
+    },
+    /// `STOP` with anything but one value on the stack.
     #[error("byte {offset}: STOP leaves {values} values and {marks} marks on the stack; expected one value")]
     UnbalancedStop {
+        /// Where the `STOP` is.
         offset: usize,
+        /// Values left.
         values: usize,
+        /// Marks left.
         marks: usize,
     },
+    /// Bytes after `STOP`.
     #[error("{len} bytes follow the STOP opcode at byte {offset}")]
-    TrailingBytes { offset: usize, len: usize },
+    TrailingBytes {
+        /// Where the `STOP` is.
+        offset: usize,
+        /// How many bytes follow it.
+        len: usize,
+    },
+    /// The pickle's value is not a dict.
     #[error("the pickle holds a {found}, not a state dict (a dict of tensors)")]
-    NotADict { found: &'static str },
+    NotADict {
+        /// What it holds.
+        found: &'static str,
+    },
+    /// A state dict key that is not a string.
     #[error("key {index} of the state dict is a {found}, not a string")]
-    KeyNotString { index: usize, found: &'static str },
+    KeyNotString {
+        /// The key's position in the dict, from 0.
+        index: usize,
+        /// What it is.
+        found: &'static str,
+    },
+    /// A name given twice in the state dict.
     #[error("tensor '{name}' appears twice in the state dict")]
-    DuplicateKey { name: String },
+    DuplicateKey {
+        /// The name.
+        name: String,
+    },
+    /// A state dict entry that is not a tensor (a nested dict, a number, …).
     #[error("state dict entry '{name}' is a {found}, not a tensor (only flat state dicts of tensors are read)")]
-    NotATensor { name: String, found: &'static str },
+    NotATensor {
+        /// The entry's name.
+        name: String,
+        /// What it is.
+        found: &'static str,
+    },
+    /// A shape with a negative dimension.
     #[error("tensor '{tensor}': shape {shape:?} has a negative dimension")]
-    BadShape { tensor: String, shape: Vec<i64> },
+    BadShape {
+        /// The tensor.
+        tensor: String,
+        /// Its shape, as pickled.
+        shape: Vec<i64>,
+    },
+    /// Strides of another length than the shape, or negative.
     #[error("tensor '{tensor}': strides {strides:?} do not fit shape {shape:?}")]
     BadStrides {
+        /// The tensor.
         tensor: String,
+        /// Its shape, as pickled.
         shape: Vec<i64>,
+        /// Its strides, as pickled.
         strides: Vec<i64>,
     },
+    /// A negative storage offset.
     #[error("tensor '{tensor}': storage offset {offset} is negative")]
-    BadStorageOffset { tensor: String, offset: i64 },
-    #[error("tensor '{tensor}': shape {shape:?} at storage offset {offset} is too large (its byte size overflows)")]
-    SizeOverflow {
+    BadStorageOffset {
+        /// The tensor.
         tensor: String,
-        shape: Vec<i64>,
+        /// The offset, in elements.
         offset: i64,
     },
+    /// A tensor whose byte size or end overflows 64 bits.
+    #[error("tensor '{tensor}': shape {shape:?} at storage offset {offset} is too large (its byte size overflows)")]
+    SizeOverflow {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// Its storage offset, in elements.
+        offset: i64,
+    },
+    /// A tensor that is not C-contiguous (a transposed or strided view).
     #[error("tensor '{tensor}' is not contiguous (shape {shape:?}, strides {strides:?}; C order needs strides {expected:?}); save it with .contiguous()")]
     NotContiguous {
+        /// The tensor.
         tensor: String,
+        /// Its shape.
         shape: Vec<u64>,
+        /// Its strides, in elements.
         strides: Vec<u64>,
+        /// The strides C order needs.
         expected: Vec<u64>,
     },
+    /// A tensor whose bytes run past the end of its storage.
     #[error("tensor '{tensor}': bytes {start}..{end} of storage '{storage}' run past its end ({storage_len} bytes)")]
     OutOfStorage {
+        /// The tensor.
         tensor: String,
+        /// Its storage's key.
         storage: String,
+        /// First byte of the tensor in the storage.
         start: u64,
+        /// One past its last byte.
         end: u64,
+        /// The storage's size in bytes.
         storage_len: u64,
     },
 }
@@ -191,6 +389,7 @@ pub struct StateDict {
 /// A storage (one archive member, `data/<key>`) as the pickle describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PickledStorage {
+    /// Its key, the member name under `data/` (`torch.save` numbers them from 0).
     pub key: String,
     /// Bytes the member must hold: elements × element size (bytes, for an untyped storage).
     pub nbytes: u64,
@@ -199,8 +398,11 @@ pub struct PickledStorage {
 /// A tensor: a C-contiguous run of bytes in one storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PickledTensor {
+    /// Its name in the state dict.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its shape.
     pub shape: Vec<u64>,
     /// Strides in elements, as pickled (checked to describe a C-contiguous layout).
     pub strides: Vec<u64>,
@@ -210,6 +412,7 @@ pub struct PickledTensor {
     pub storage_offset: u64,
     /// Byte range within the storage, `[start, end)`; `end - start` = numel × dtype size.
     pub start: u64,
+    /// One past the last byte within the storage.
     pub end: u64,
 }
 

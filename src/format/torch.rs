@@ -53,92 +53,154 @@ pub enum TorchError {
     /// A read failed.
     #[error("{}: {what}: {source}", path.display())]
     Io {
+        /// The checkpoint file.
         path: PathBuf,
+        /// What was being read.
         what: &'static str,
+        /// What the OS said.
         #[source]
         source: io::Error,
     },
     /// Saved in the legacy (pre-1.6, non-zip) format.
     #[error("{}: saved in PyTorch's legacy format (torch.save(..., _use_new_zipfile_serialization=False), the default before PyTorch 1.6), which is not supported; re-save it with a current torch.save or convert it to safetensors", path.display())]
-    LegacyFormat { path: PathBuf },
+    LegacyFormat {
+        /// The checkpoint file.
+        path: PathBuf,
+    },
     /// Neither a zip archive nor the legacy format.
     #[error("{}: not a PyTorch checkpoint (it does not start like a ZIP archive: first bytes {magic:02x?})", path.display())]
-    NotAZip { path: PathBuf, magic: Vec<u8> },
+    NotAZip {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Its first bytes (up to four).
+        magic: Vec<u8>,
+    },
     /// The archive's structure is broken.
     #[error("{}: {source}", path.display())]
     Zip {
+        /// The checkpoint file.
         path: PathBuf,
+        /// What is wrong with it.
         #[source]
         source: ZipError,
     },
     /// The state dict pickle is refused.
     #[error("{}: {member}: {source}", path.display())]
     Pickle {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The pickle member (`<archive>/data.pkl`).
         member: String,
+        /// Why it is refused.
         #[source]
         source: Box<PickleError>,
     },
     /// No `<archive>/data.pkl`.
     #[error("{}: the archive has no data.pkl, so it is not a torch.save checkpoint", path.display())]
-    NoDataPkl { path: PathBuf },
+    NoDataPkl {
+        /// The checkpoint file.
+        path: PathBuf,
+    },
     /// The first member is not inside a directory, so the archive has none.
     #[error("{}: member '{member}' is not inside a directory; torch.save puts every record under '<archive>/'", path.display())]
-    NoArchiveDirectory { path: PathBuf, member: String },
+    NoArchiveDirectory {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The first member.
+        member: String,
+    },
     /// Members in more than one top-level directory (`torch.load` refuses this too).
     #[error("{}: member '{member}' is outside the archive's directory '{archive}/'", path.display())]
     MemberOutsideArchive {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The member outside it.
         member: String,
+        /// The archive's directory (every member's first path component).
         archive: String,
     },
     /// No `version` record (`torch.load` refuses this too).
     #[error("{}: the archive has no version record ('{archive}/version' or '{archive}/.data/version')", path.display())]
-    NoVersion { path: PathBuf, archive: String },
+    NoVersion {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The archive's directory (every member's first path component).
+        archive: String,
+    },
     /// A `version` record torch cannot read.
     #[error("{}: archive format version '{found}' is not one torch.load reads (1 to 10)", path.display())]
-    UnsupportedVersion { path: PathBuf, found: String },
+    UnsupportedVersion {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the `version` record says.
+        found: String,
+    },
     /// Tensors saved big-endian.
     #[error("{}: the tensors were saved big-endian (byteorder 'big'); only little-endian checkpoints are read: load and re-save it on a little-endian machine, or convert it to safetensors", path.display())]
-    BigEndian { path: PathBuf },
+    BigEndian {
+        /// The checkpoint file.
+        path: PathBuf,
+    },
     /// A `byteorder` record that is neither `little` nor `big`.
     #[error("{}: the byteorder record says '{found}', neither 'little' nor 'big'", path.display())]
-    BadByteorder { path: PathBuf, found: String },
+    BadByteorder {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the `byteorder` record says.
+        found: String,
+    },
     /// `data.pkl`, `version` or `byteorder` is compressed.
     #[error("{}: record '{member}' is compressed (ZIP method {method}); torch.save stores records uncompressed", path.display())]
     CompressedRecord {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The archive member.
         member: String,
+        /// Its ZIP compression method.
         method: u16,
     },
     /// A tensor storage is compressed.
     #[error("{}: tensor storage '{member}' is compressed (ZIP method {method}); torch.save stores storages uncompressed and mergestream streams them from disk as they are: re-save the checkpoint with torch.save (or convert it to safetensors)", path.display())]
     CompressedStorage {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The archive member.
         member: String,
+        /// Its ZIP compression method.
         method: u16,
     },
     /// `data.pkl` is larger than [`MAX_PICKLE_LEN`].
     #[error("{}: {member} is {len} bytes; the limit is {max}", path.display())]
     PickleTooLarge {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The archive member.
         member: String,
+        /// Its length in bytes.
         len: u64,
+        /// The limit.
         max: u64,
     },
     /// A tensor's storage member is missing.
     #[error("{}: tensor '{tensor}': its storage member '{member}' is not in the archive", path.display())]
     StorageMissing {
+        /// The checkpoint file.
         path: PathBuf,
+        /// A tensor that uses it.
         tensor: String,
+        /// The member it would be.
         member: String,
     },
     /// A storage member's size differs from what the pickle declares.
     #[error("{}: storage member '{member}' is {actual} bytes; data.pkl declares {expected}", path.display())]
     StorageSizeMismatch {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The archive member.
         member: String,
+        /// What `data.pkl` declares.
         expected: u64,
+        /// The member's size.
         actual: u64,
     },
 }

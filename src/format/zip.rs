@@ -73,19 +73,32 @@ pub enum ZipError {
     /// A read failed.
     #[error("reading the {what}: {source}")]
     Io {
+        /// Which structure.
         what: &'static str,
+        /// What the OS said.
         #[source]
         source: io::Error,
     },
     /// The file is too short to hold an end-of-central-directory record.
     #[error("not a ZIP archive: {len} bytes is too short for one")]
-    TooShort { len: u64 },
+    TooShort {
+        /// The file's length.
+        len: u64,
+    },
     /// No end-of-central-directory record ends the file (not a ZIP archive, or a truncated one).
     #[error("not a complete ZIP archive: no end-of-central-directory record ends the file (searched its last {searched} bytes); is it truncated?")]
-    NoEndOfCentralDirectory { searched: u64 },
+    NoEndOfCentralDirectory {
+        /// How many bytes at the end of the file were searched.
+        searched: u64,
+    },
     /// A structure does not start with its signature.
     #[error("the {what} at byte {offset} does not start with its signature")]
-    BadSignature { what: &'static str, offset: u64 },
+    BadSignature {
+        /// Which structure.
+        what: &'static str,
+        /// Its file offset.
+        offset: u64,
+    },
     /// The archive says it spans several disks.
     #[error("the archive spans several disks, which is not supported")]
     MultiDisk,
@@ -93,87 +106,171 @@ pub enum ZipError {
     #[error(
         "the ZIP64 end-of-central-directory record disagrees with the classic one on the {field}"
     )]
-    Zip64Mismatch { field: &'static str },
+    Zip64Mismatch {
+        /// The field that disagrees.
+        field: &'static str,
+    },
     /// The central directory is not where the end records say, or not adjacent to them.
     #[error("the central directory (bytes {offset}..{end}) does not end where the end-of-central-directory records begin (byte {expected})")]
     DirectoryMisplaced {
+        /// Where the directory starts, as recorded.
         offset: u64,
+        /// Where it ends, by its recorded size.
         end: u64,
+        /// Where the end records begin.
         expected: u64,
     },
     /// The central directory is larger than [`MAX_DIRECTORY_LEN`].
     #[error("the central directory is {len} bytes; the limit is {max}")]
-    DirectoryTooLarge { len: u64, max: u64 },
+    DirectoryTooLarge {
+        /// The directory's length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// More members than [`MAX_MEMBERS`], or more than the directory can hold.
     #[error("the archive declares {count} members, more than {max} (or more than its central directory can hold)")]
-    TooManyMembers { count: u64, max: u64 },
+    TooManyMembers {
+        /// The count declared.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A central directory entry runs past the end of the directory.
     #[error("central directory entry {index} runs past the end of the directory")]
-    DirectoryEntryOverrun { index: u64 },
+    DirectoryEntryOverrun {
+        /// The entry, from 0.
+        index: u64,
+    },
     /// The directory's entries do not fill it exactly.
     #[error("the central directory's {declared} entries use {used} of its {len} bytes")]
-    DirectoryLength { declared: u64, used: u64, len: u64 },
+    DirectoryLength {
+        /// Entries declared.
+        declared: u64,
+        /// Bytes the entries use.
+        used: u64,
+        /// The directory's length in bytes.
+        len: u64,
+    },
     /// An extra field block is malformed.
     #[error("member '{member}': malformed extra field in its {header} header")]
     BadExtraField {
+        /// The member.
         member: String,
+        /// Which header: local or central.
         header: &'static str,
     },
     /// A field set to its ZIP64 marker has no value in the ZIP64 extra field.
     #[error("member '{member}': the {field} needs a ZIP64 extra field, which is missing or short")]
-    Zip64FieldMissing { member: String, field: &'static str },
+    Zip64FieldMissing {
+        /// The member.
+        member: String,
+        /// The field set to its ZIP64 marker.
+        field: &'static str,
+    },
     /// A member is encrypted.
     #[error("member '{member}' is encrypted")]
-    Encrypted { member: String },
+    Encrypted {
+        /// The member.
+        member: String,
+    },
     /// A member name is not UTF-8.
     #[error("a member name is not valid UTF-8 ('{lossy}')")]
-    NameNotUtf8 { lossy: String },
+    NameNotUtf8 {
+        /// The name, with invalid bytes replaced.
+        lossy: String,
+    },
     /// A member name is empty, absolute, has `.`/`..`/empty components, backslashes or control
     /// characters.
     #[error("member name '{name}' is not a plain relative path")]
-    UnsafeName { name: String },
+    UnsafeName {
+        /// The name.
+        name: String,
+    },
     /// Two members have the same name.
     #[error("member '{name}' appears twice")]
-    DuplicateName { name: String },
+    DuplicateName {
+        /// The name.
+        name: String,
+    },
     /// A local header disagrees with the central directory.
     #[error(
         "member '{member}': its local header disagrees with the central directory on the {field}"
     )]
-    LocalHeaderMismatch { member: String, field: &'static str },
+    LocalHeaderMismatch {
+        /// The member.
+        member: String,
+        /// The field that disagrees.
+        field: &'static str,
+    },
     /// A data descriptor disagrees with the central directory.
     #[error("member '{member}': its data descriptor disagrees with the central directory")]
-    DescriptorMismatch { member: String },
+    DescriptorMismatch {
+        /// The member.
+        member: String,
+    },
     /// A stored member's two sizes differ.
     #[error("member '{member}' is stored uncompressed but its sizes differ ({compressed} and {uncompressed} bytes)")]
     StoredSizeMismatch {
+        /// The member.
         member: String,
+        /// Its compressed size.
         compressed: u64,
+        /// Its uncompressed size.
         uncompressed: u64,
     },
     /// A member's header, data or descriptor runs into the central directory.
     #[error("member '{member}' runs to byte {end}, past the start of the central directory (byte {limit})")]
     DataOutOfBounds {
+        /// The member.
         member: String,
+        /// Where it ends (file offset).
         end: u64,
+        /// Where the central directory starts.
         limit: u64,
     },
     /// Two members' headers, data or descriptors overlap.
     #[error("members '{first}' and '{second}' overlap")]
-    Overlap { first: String, second: String },
+    Overlap {
+        /// One member.
+        first: String,
+        /// The other member.
+        second: String,
+    },
     /// Bytes before the central directory that belong to no member.
     #[error("bytes {start}..{end} belong to no member")]
-    UnaccountedBytes { start: u64, end: u64 },
+    UnaccountedBytes {
+        /// First unaccounted byte.
+        start: u64,
+        /// One past the last unaccounted byte.
+        end: u64,
+    },
     /// [`Archive::read_member`] was asked for a compressed member.
     #[error("member '{member}' is compressed (method {method}); only stored members are read")]
-    Compressed { member: String, method: u16 },
+    Compressed {
+        /// The member.
+        member: String,
+        /// Its compression method.
+        method: u16,
+    },
     /// [`Archive::read_member`] was asked for a member larger than its bound.
     #[error("member '{member}' is {len} bytes; the limit for it is {max}")]
-    MemberTooLarge { member: String, len: u64, max: u64 },
+    MemberTooLarge {
+        /// The member.
+        member: String,
+        /// Its length in bytes.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A member's bytes do not match its CRC-32.
     #[error("member '{member}': CRC-32 mismatch (directory says {expected:08x}, data gives {actual:08x})")]
     Crc {
+        /// The member.
         member: String,
+        /// The CRC the directory records.
         expected: u32,
+        /// The CRC of the member's bytes.
         actual: u32,
     },
 }
@@ -183,6 +280,7 @@ type Result<T, E = ZipError> = std::result::Result<T, E>;
 /// One member of an archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// Its name, a relative path (`archive/data/0`).
     pub name: String,
     /// Compression method ([`METHOD_STORED`] for what `torch.save` writes).
     pub method: u16,
@@ -204,6 +302,7 @@ impl Member {
         self.data_start + self.len
     }
 
+    /// Whether it is stored uncompressed, as `torch.save` writes every member.
     pub fn is_stored(&self) -> bool {
         self.method == METHOD_STORED
     }
@@ -212,6 +311,7 @@ impl Member {
 /// A validated archive: its members, in central directory order.
 #[derive(Debug, Clone)]
 pub struct Archive {
+    /// Every member, in central directory order.
     pub members: Vec<Member>,
     by_name: HashMap<String, usize>,
 }

@@ -36,4 +36,5 @@ mod slurm;
 mod spec;
 mod stats_methods;
 mod sweep;
+mod torch_bin;
 mod verify;

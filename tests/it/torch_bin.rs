@@ -158,7 +158,7 @@ fn protocol_4_pickles_read_too() {
 fn sharded_checkpoint_through_its_index() {
     let dir = fixture("sharded");
     let index_path = dir.join(torch::INDEX_FILE);
-    let idx = index::parse(&index_path, &std::fs::read(&index_path).unwrap()).unwrap();
+    let idx = index::parse(&std::fs::read(&index_path).unwrap()).unwrap();
     let names = idx.shards();
     assert_eq!(
         names,
