@@ -636,13 +636,15 @@ impl IndexError {
 #[non_exhaustive]
 pub enum ModelError {
     /// The path is neither a file nor a directory.
-    #[error("is neither a safetensors file nor a model directory")]
+    #[error("is neither a weights file (safetensors or PyTorch .bin) nor a model directory")]
     NotAModel,
-    /// The directory has neither an index nor a `model.safetensors`.
+    /// The directory has no index and no single weights file, in either format.
     #[error(
-        "not a model: no {} or {} in this directory",
+        "not a model: no {}, {}, {} or {} in this directory",
         crate::format::index::INDEX_FILE,
-        crate::model::SINGLE_FILE
+        crate::model::SINGLE_FILE,
+        crate::format::torch::INDEX_FILE,
+        crate::format::torch::SINGLE_FILE
     )]
     NoWeights,
     /// A shard (or the index) is a directory.

@@ -246,10 +246,7 @@ pub fn index(data: &[u8]) {
             }
             for shard in &model.shards {
                 assert_eq!(shard.path.parent(), Some(dir), "a shard outside the model");
-                check_header(
-                    shard.header.as_ref().expect("a safetensors shard"),
-                    shard.len(),
-                );
+                check_header(shard.header().expect("a safetensors shard"), shard.len());
             }
         }
         Err(e) => check_error(&e),
