@@ -37,4 +37,5 @@ mod spec;
 mod stats_methods;
 mod sweep;
 mod torch_bin;
+mod torch_models;
 mod verify;

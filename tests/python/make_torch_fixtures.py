@@ -4,7 +4,10 @@
 Run with a Python that has torch, safetensors and huggingface_hub (the fixtures committed were
 written by the versions MANIFEST.json records):
 
-    /tmp/mkvenv/bin/python tests/python/make_torch_fixtures.py [OUT_DIR]
+    /tmp/mkvenv/bin/python tests/python/make_torch_fixtures.py [--only STEP ...] [OUT_DIR]
+
+With `--only` (steps: single, sharded, protocol4, refused, malicious, zip64, pairs) only those
+steps' directories are rewritten, then MANIFEST.json; without it OUT_DIR is rewritten whole.
 
 What it writes (OUT_DIR defaults to tests/fixtures/torch):
 
@@ -28,6 +31,14 @@ What it writes (OUT_DIR defaults to tests/fixtures/torch):
 - zip64/: a real torch.save of a 4.4 GB checkpoint (ZIP64 records and extra fields, offsets past
   4 GiB), kept as its first and last bytes: the 4.4 GB in between are the data of an all-zero
   tensor, which the tests restore as a hole in a sparse file;
+- pairs/<case>/{bin,st}/{sft,aligned}/: small Llama-shaped SFT/aligned pairs for merging, each
+  written twice from the same tensors: `bin/` by torch.save (pytorch_model.bin, or
+  pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json as huggingface_hub splits
+  them), `st/` by safetensors.torch.save_file (model.safetensors, or model-0000k-of-0000n + index).
+  Each torch.save'd file lists its tensors in the order the safetensors twin stores them, so a
+  merge of either gives the same output layout. Cases: `bf16` (single files, an I64 buffer,
+  NaN/Inf/-0/subnormal values), `f16` (both sharded, differently), `f32` (SFT sharded, aligned
+  single). The aligned directories hold the same config.json in both formats;
 - MANIFEST.json: the versions used and the SHA-256 of every file.
 """
 
@@ -49,9 +60,12 @@ import safetensors
 import safetensors.torch
 import torch
 
-OUT = os.path.abspath(
-    sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "fixtures", "torch")
-)
+ARGS = sys.argv[1:]
+ONLY = []
+while ARGS[:1] == ["--only"]:
+    ONLY.append(ARGS[1])
+    ARGS = ARGS[2:]
+OUT = os.path.abspath(ARGS[0] if ARGS else os.path.join(os.path.dirname(__file__), "..", "fixtures", "torch"))
 
 
 def path(*parts):
@@ -72,7 +86,12 @@ def check_loads(file, sd, weights_only=True):
     assert list(back) == list(sd), file
     for k, v in sd.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, (file, k)
-        assert torch.equal(back[k].view(torch.uint8) if v.dtype.itemsize == 1 else back[k], v.view(torch.uint8) if v.dtype.itemsize == 1 else v), (file, k)
+        assert torch.equal(bits(back[k]), bits(v)), (file, k)
+
+
+def bits(t):
+    """A tensor's bytes as uint8 (so NaNs compare equal to themselves, bit for bit)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 class Block(torch.nn.Module):
@@ -342,6 +361,122 @@ def zip64():
         shutil.rmtree(scratch)
 
 
+def llama_like(seed, dtype, vocab=48, hidden=16, inter=40, layers=2):
+    """A tiny Llama-shaped state dict in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = torch.randn(hidden, hidden, generator=g) / 4
+        sd[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g) / 4
+        sd[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) / 4
+        sd[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) / 4
+        sd[p + "input_layernorm.weight"] = 1 + torch.randn(hidden, generator=g) / 10
+        sd[p + "post_attention_layernorm.weight"] = 1 + torch.randn(hidden, generator=g) / 10
+    sd["model.norm.weight"] = 1 + torch.randn(hidden, generator=g) / 10
+    sd["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def aligned_of(sft, seed):
+    """The SFT weights nudged (computed in f32, stored in each tensor's dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + torch.randn(v.shape, generator=g) / 50).to(v.dtype) for k, v in sft.items()}
+
+
+def with_specials(sd):
+    """NaN, +-Inf, -0 and a subnormal in the first rows of q_proj, identical in both formats."""
+    w = sd["model.layers.0.self_attn.q_proj.weight"].clone()
+    tiny = torch.finfo(w.dtype).tiny / 4  # a subnormal of this dtype
+    w.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, tiny]).to(w.dtype)
+    return {**sd, "model.layers.0.self_attn.q_proj.weight": w}
+
+
+def safetensors_order(file):
+    """The tensor names of a safetensors file in the order of their data."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda k: header[k]["data_offsets"][0])
+
+
+def write_model(sd, bin_dir, st_dir, shards):
+    """`sd` as torch.save checkpoints in bin_dir and as safetensors in st_dir, unsharded when
+    `shards` is 1, else split the same way in both formats into about `shards` files (as
+    huggingface_hub's greedy split of total/shards bytes falls), each .bin listing its tensors in
+    the order of its safetensors twin."""
+    os.makedirs(bin_dir)
+    os.makedirs(st_dir)
+    if shards == 1:
+        files = {"model.safetensors": ("pytorch_model.bin", list(sd))}
+    else:
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        limit = total // shards + 1
+        st_split = huggingface_hub.split_torch_state_dict_into_shards(
+            sd, filename_pattern="model{suffix}.safetensors", max_shard_size=limit
+        )
+        bin_split = huggingface_hub.split_torch_state_dict_into_shards(
+            sd, filename_pattern="pytorch_model{suffix}.bin", max_shard_size=limit
+        )
+        assert st_split.is_sharded, st_split.filename_to_tensors
+        files = {}
+        for (st_name, names), (bin_name, bin_names) in zip(
+            sorted(st_split.filename_to_tensors.items()), sorted(bin_split.filename_to_tensors.items())
+        ):
+            assert names == bin_names
+            files[st_name] = (bin_name, names)
+        for d, split in ((st_dir, st_split), (bin_dir, bin_split)):
+            index_name = "model.safetensors.index.json" if d == st_dir else "pytorch_model.bin.index.json"
+            with open(os.path.join(d, index_name), "w") as f:
+                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2, sort_keys=True)
+                f.write("\n")
+    for st_name, (bin_name, names) in files.items():
+        part = {n: sd[n].contiguous().clone() for n in names}
+        st_file = os.path.join(st_dir, st_name)
+        safetensors.torch.save_file(part, st_file, metadata={"format": "pt"})
+        ordered = collections.OrderedDict((n, part[n]) for n in safetensors_order(st_file))
+        torch.save(ordered, os.path.join(bin_dir, bin_name))
+        check_loads(os.path.join(bin_dir, bin_name), ordered)
+
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 16,
+    "intermediate_size": 40,
+    "model_type": "llama",
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 48,
+}
+
+
+def pairs():
+    cases = {
+        # case: (dtype, sft shards, aligned shards, extras)
+        "bf16": (torch.bfloat16, 1, 1, True),
+        "f16": (torch.float16, 2, 3, False),
+        "f32": (torch.float32, 3, 1, False),
+    }
+    for seed, (case, (dtype, sft_shards, aligned_shards, extras)) in enumerate(cases.items()):
+        sft = llama_like(100 + seed, dtype)
+        aligned = aligned_of(sft, 200 + seed)
+        if extras:
+            sft, aligned = with_specials(sft), with_specials(aligned)
+            ids = torch.arange(48, dtype=torch.int64).unsqueeze(0)
+            sft["model.position_ids"] = ids
+            aligned["model.position_ids"] = ids.clone()
+        for role, sd, shards in (("sft", sft, sft_shards), ("aligned", aligned, aligned_shards)):
+            dirs = [os.path.join(OUT, "pairs", case, fmt, role) for fmt in ("bin", "st")]
+            write_model(sd, *dirs, shards)
+        for fmt in ("bin", "st"):
+            with open(path("pairs", case, fmt, "aligned", "config.json"), "w") as f:
+                json.dump({**CONFIG, "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+
 def manifest():
     files = {}
     for root, _, names in os.walk(OUT):
@@ -366,10 +501,22 @@ def manifest():
         f.write("\n")
 
 
+STEPS = {f.__name__: f for f in (single, sharded, protocol4, refused, malicious, zip64, pairs)}
+# The directories each step writes (zip64 also writes reference/zip64.safetensors, and the first
+# three their reference/*.safetensors: rerun those with their step).
+DIRS = {"single": ["single"], "sharded": ["sharded"], "protocol4": ["protocol4"], "refused": ["refused"],
+        "malicious": ["malicious"], "zip64": ["zip64"], "pairs": ["pairs"]}
+
 if __name__ == "__main__":
-    if os.path.isdir(OUT):
+    if ONLY:
+        for name in ONLY:
+            for d in DIRS[name]:
+                if os.path.isdir(os.path.join(OUT, d)):
+                    shutil.rmtree(os.path.join(OUT, d))
+    elif os.path.isdir(OUT):
         shutil.rmtree(OUT)
-    for step in (single, sharded, protocol4, refused, malicious, zip64, manifest):
-        print(f"{step.__name__}", file=sys.stderr)
-        step()
+    for name in ONLY or list(STEPS):
+        print(name, file=sys.stderr)
+        STEPS[name]()
+    manifest()
     print(f"wrote {OUT}", file=sys.stderr)
