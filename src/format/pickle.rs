@@ -25,42 +25,62 @@
 //! error. The result is a flat state dict: a list of tensors (name, dtype, shape, strides,
 //! storage key, offset) each checked to be C-contiguous and inside its storage; tensors sharing a
 //! storage (tied weights, views) are fine. Everything is bounded: input size, stack and mark
-//! depth, tuple nesting, memo size, values built, tensors, dimensions.
+//! depth, tuple nesting, tensors, dimensions, and the bytes of everything the machine builds
+//! (strings, tuples, dicts, the memo), counted before it is allocated, so that reading any pickle
+//! stays within [`crate::MEMORY_RESERVE`] ([`MAX_HELD_BYTES`]).
 //!
 //! What it does not do: read the archive (that is [`super::zip`]) or tensor data, check storages
 //! against the archive's members (that is [`super::torch`]), or accept nested checkpoints
 //! (`{"model": state_dict, "optimizer": …}`) and non-tensor entries, which `pytorch_model*.bin`
 //! files do not have. Byte offsets in errors are positions in the pickle.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
 
 use super::Dtype;
 
-/// Largest pickle accepted (a state dict costs about 150 bytes per tensor).
-pub const MAX_PICKLE_LEN: u64 = 32 << 20;
+/// Largest pickle accepted: `torch.save` writes about 140 bytes per tensor, so this is some
+/// 60 000 tensors, far more than [`MAX_HELD_BYTES`] lets the machine build.
+pub const MAX_PICKLE_LEN: u64 = 8 << 20;
 /// Most values on the stack at once (`torch.save` batches dict items by 1000).
 pub const MAX_STACK: usize = 1 << 16;
 /// Most open marks at once (`torch.save` nests three).
 pub const MAX_MARKS: usize = 64;
 /// Deepest tuple nesting (`torch.save` nests three).
 pub const MAX_NESTING: u32 = 32;
-/// Most memo entries.
-pub const MAX_MEMO: usize = 1 << 20;
-/// Most values held in tuples, dicts and the memo together. `torch.save` uses about 28 per
-/// tensor, so this allows some 70 000 tensors in one file (a 405B model has about 1 100 in all);
-/// with the other bounds it keeps the memory a hostile pickle can make the reader use to about
-/// 160 MB (at most 40 bytes per value, the pickle's 32 MiB, as much again in strings, and the
-/// tensor handles).
-pub const MAX_VALUES: usize = 1 << 21;
-/// Most tensors in one state dict.
-pub const MAX_TENSORS: usize = 1 << 17;
+/// Most bytes the machine may hold while it runs: every string it makes, the values held in
+/// tuples, dicts and the memo (with the spare capacity of their vectors), tensors and storages,
+/// each counted at its size in memory before it is allocated. A `torch.save` state dict costs
+/// about 1.9 KiB per tensor here (`tests::real_state_dicts_fit`), so one file may hold some
+/// 11 000 tensors; a real `.bin` shard holds hundreds, a whole unsharded model a few thousand.
+/// With the pickle's own bytes ([`MAX_PICKLE_LEN`]) and the stack ([`MAX_STACK`] values, 1.5 MiB),
+/// reading any pickle stays within [`crate::MEMORY_RESERVE`] (32 MiB), the memory `--memory`
+/// keeps aside for everything but chunk buffers (`tests/it/torch_models.rs` measures the peak on
+/// hostile pickles).
+pub const MAX_HELD_BYTES: u64 = 20 << 20;
+/// Most tensors in one state dict (tensors rebuilt from memoized arguments cost little else).
+pub const MAX_TENSORS: usize = 1 << 16;
 /// Most dimensions of a tensor.
 pub const MAX_DIMS: usize = 32;
 /// Longest module or name in a `GLOBAL`.
 const MAX_GLOBAL_PART: usize = 256;
 /// Longest storage key (`torch.save` writes decimal numbers).
 const MAX_STORAGE_KEY: usize = 64;
+
+// What each thing the machine makes costs against [`MAX_HELD_BYTES`]: its size in memory, with
+// 16 bytes for an `Rc`'s counts and 16 more for the allocator's rounding and bookkeeping.
+const RC_COST: u64 = 32;
+const VALUE_COST: u64 = std::mem::size_of::<Value>() as u64;
+const TUPLE_COST: u64 = std::mem::size_of::<Tuple>() as u64 + RC_COST;
+/// A memo entry: its key and value in a B-tree node at the least fill a node can have (half of
+/// its 11 slots, so twice their size), with the node's links.
+const MEMO_COST: u64 = 2 * std::mem::size_of::<(u32, Value)>() as u64 + 16;
+const TENSOR_COST: u64 = std::mem::size_of::<Tensor>() as u64 + RC_COST;
+/// A storage: its `Rc`, and its entry in the machine's B-tree (counted as a memo entry is).
+const STORAGE_COST: u64 = std::mem::size_of::<Storage>() as u64
+    + RC_COST
+    + 2 * std::mem::size_of::<(Rc<str>, Rc<Storage>)>() as u64
+    + 16;
 
 /// Everything that can be wrong with a state dict pickle. `offset` is always a byte position in
 /// the pickle (`data.pkl`), pointing at the opcode concerned.
@@ -165,14 +185,6 @@ pub enum PickleError {
         /// The limit.
         max: u32,
     },
-    /// More than [`MAX_MEMO`] memo entries.
-    #[error("byte {offset}: the memo holds more than {max} entries")]
-    MemoTooLarge {
-        /// Where the limit was passed.
-        offset: usize,
-        /// The limit.
-        max: usize,
-    },
     /// A memo `GET` of an entry never `PUT`.
     #[error("byte {offset}: memo entry {index} was never stored")]
     MemoMissing {
@@ -181,13 +193,13 @@ pub enum PickleError {
         /// The memo index it asks for.
         index: u32,
     },
-    /// More than [`MAX_VALUES`] values built in all.
-    #[error("byte {offset}: the pickle builds more than {max} values")]
+    /// Reading the pickle would hold more than [`MAX_HELD_BYTES`] of values.
+    #[error("byte {offset}: the pickle builds more than the {} MiB of values a state dict may (some 11 000 tensors); split the checkpoint into shards", max >> 20)]
     TooManyValues {
         /// Where the limit was passed.
         offset: usize,
-        /// The limit.
-        max: usize,
+        /// The limit, in bytes.
+        max: u64,
     },
     /// More than [`MAX_TENSORS`] tensors.
     #[error("byte {offset}: more than {max} tensors")]
@@ -772,11 +784,14 @@ struct Machine<'a> {
     stack: Vec<Value>,
     /// Stack lengths at each open MARK.
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    /// A B-tree, not a hash table: it grows a node at a time, so what it holds is what was
+    /// counted, with no doubling table to allocate beside the old one.
+    memo: BTreeMap<u32, Value>,
     dicts: Vec<Dict>,
-    values: usize,
+    /// Bytes held, against [`MAX_HELD_BYTES`].
+    held: u64,
     tensors: usize,
-    storages: HashMap<Rc<str>, Rc<Storage>>,
+    storages: BTreeMap<Rc<str>, Rc<Storage>>,
 }
 
 impl<'a> Machine<'a> {
@@ -788,11 +803,11 @@ impl<'a> Machine<'a> {
             opcode: 0,
             stack: Vec::new(),
             marks: Vec::new(),
-            memo: HashMap::new(),
+            memo: BTreeMap::new(),
             dicts: Vec::new(),
-            values: 0,
+            held: 0,
             tensors: 0,
-            storages: HashMap::new(),
+            storages: BTreeMap::new(),
         }
     }
 
@@ -840,7 +855,8 @@ impl<'a> Machine<'a> {
             .map_err(|_| PickleError::BadGlobalName { offset: self.at })
     }
 
-    fn string(&self, bytes: &[u8]) -> Result<Value> {
+    fn string(&mut self, bytes: &[u8]) -> Result<Value> {
+        self.hold(bytes.len() as u64 + RC_COST)?;
         let s =
             std::str::from_utf8(bytes).map_err(|_| PickleError::BadString { offset: self.at })?;
         Ok(Value::Str(s.into()))
@@ -898,20 +914,41 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Counts `n` more values held in containers against [`MAX_VALUES`].
-    fn hold(&mut self, n: usize) -> Result<()> {
-        self.values = self.values.saturating_add(n);
-        if self.values > MAX_VALUES {
+    /// Counts `bytes` more held against [`MAX_HELD_BYTES`].
+    fn hold(&mut self, bytes: u64) -> Result<()> {
+        self.held = self.held.saturating_add(bytes);
+        if self.held > MAX_HELD_BYTES {
             return Err(PickleError::TooManyValues {
                 offset: self.at,
-                max: MAX_VALUES,
+                max: MAX_HELD_BYTES,
             });
         }
         Ok(())
     }
 
+    /// Makes room in `v` for one more item, counting the bytes a new allocation takes before
+    /// it is made (the old one is freed after the move, and stays counted).
+    fn room<T>(held: &mut u64, at: usize, v: &mut Vec<T>) -> Result<()> {
+        if v.len() < v.capacity() {
+            return Ok(());
+        }
+        let grow = v.capacity().max(4);
+        *held = held.saturating_add(
+            (grow * std::mem::size_of::<T>()) as u64
+                + (v.capacity() * std::mem::size_of::<T>()) as u64,
+        );
+        if *held > MAX_HELD_BYTES {
+            return Err(PickleError::TooManyValues {
+                offset: at,
+                max: MAX_HELD_BYTES,
+            });
+        }
+        v.reserve_exact(grow);
+        Ok(())
+    }
+
     fn tuple(&mut self, items: Vec<Value>) -> Result<Value> {
-        self.hold(items.len())?;
+        self.hold(items.capacity() as u64 * VALUE_COST + TUPLE_COST)?;
         let depth = 1 + items.iter().map(Value::depth).max().unwrap_or(0);
         if depth > MAX_NESTING {
             return Err(PickleError::NestingTooDeep {
@@ -923,12 +960,20 @@ impl<'a> Machine<'a> {
     }
 
     fn new_dict(&mut self, ordered: bool) -> Result<Value> {
-        self.hold(1)?;
+        Machine::room(&mut self.held, self.at, &mut self.dicts)?;
         self.dicts.push(Dict {
             ordered,
             entries: Vec::new(),
         });
         Ok(Value::Dict(self.dicts.len() - 1))
+    }
+
+    /// Adds `(key, value)` to dict `id`.
+    fn set_item(&mut self, id: usize, key: Value, value: Value) -> Result<()> {
+        let entries = &mut self.dicts[id].entries;
+        Machine::room(&mut self.held, self.at, entries)?;
+        entries.push((key, value));
+        Ok(())
     }
 
     /// The dict on top of the stack, which SETITEM(S) fill.
@@ -946,13 +991,7 @@ impl<'a> Machine<'a> {
     fn memo_put(&mut self, index: u32) -> Result<()> {
         let value = self.top()?.clone();
         if !self.memo.contains_key(&index) {
-            if self.memo.len() >= MAX_MEMO {
-                return Err(PickleError::MemoTooLarge {
-                    offset: self.at,
-                    max: MAX_MEMO,
-                });
-            }
-            self.hold(1)?;
+            self.hold(MEMO_COST)?;
         }
         self.memo.insert(index, value);
         Ok(())
@@ -1132,8 +1171,7 @@ impl<'a> Machine<'a> {
                     let value = self.pop()?;
                     let key = self.pop()?;
                     let id = self.target_dict()?;
-                    self.hold(2)?;
-                    self.dicts[id].entries.push((key, value));
+                    self.set_item(id, key, value)?;
                 }
                 op::SETITEMS => {
                     let items = self.pop_mark()?;
@@ -1141,10 +1179,9 @@ impl<'a> Machine<'a> {
                     if items.len() % 2 != 0 {
                         return Err(self.underflow());
                     }
-                    self.hold(items.len())?;
                     let mut items = items.into_iter();
                     while let (Some(k), Some(v)) = (items.next(), items.next()) {
-                        self.dicts[id].entries.push((k, v));
+                        self.set_item(id, k, v)?;
                     }
                 }
                 op::BINPUT => {
@@ -1227,6 +1264,7 @@ impl<'a> Machine<'a> {
                 storage: key.to_string(),
             }),
             None => {
+                self.hold(STORAGE_COST)?;
                 let storage = Rc::new(storage);
                 self.storages.insert(key.clone(), storage.clone());
                 Ok(storage)
@@ -1377,6 +1415,7 @@ impl<'a> Machine<'a> {
                 max: MAX_TENSORS,
             });
         }
+        self.hold(TENSOR_COST)?;
         Ok(Value::Tensor(Rc::new(Tensor {
             storage: storage.clone(),
             dtype,
@@ -1852,15 +1891,18 @@ mod tests {
         ]
         .concat());
         assert!(matches!(err(&nest), PickleError::NestingTooDeep { .. }));
-        // Memo: distinct LONG_BINPUT indices.
+        // Memo: distinct LONG_BINPUT indices count against the bytes held.
         let mut memo = vec![b'N'];
-        for i in 0..=MAX_MEMO as u32 {
+        for i in 0..=(MAX_HELD_BYTES / MEMO_COST) as u32 {
             memo.push(op::LONG_BINPUT);
             memo.extend_from_slice(&i.to_le_bytes());
         }
-        assert!(matches!(err(&p(&memo)), PickleError::MemoTooLarge { .. }));
-        // Values: the same memoized None, in tuples of MAX_STACK / 2 items, stored in a dict.
-        let tuples = MAX_VALUES / (MAX_STACK / 2) + 1;
+        assert!(matches!(
+            err(&p(&memo)),
+            PickleError::TooManyValues { offset, .. } if offset > memo.len() - 10
+        ));
+        // Held bytes: the same memoized None, in tuples of MAX_STACK / 2 items, stored in a dict.
+        let tuples = MAX_HELD_BYTES as usize / (MAX_STACK / 2 * VALUE_COST as usize) + 1;
         let mut values = vec![b'N', op::BINPUT, 0, b'}'];
         for _ in 0..tuples {
             values.extend_from_slice(&[op::BINGET, 0, b'(']);
@@ -1873,6 +1915,37 @@ mod tests {
             err(&p(&values)),
             PickleError::TooManyValues { .. }
         ));
+    }
+
+    /// What the machine holds for a real `torch.save` state dict of many tensors (2 000, with
+    /// Mixtral-style expert names, `tests/fixtures/torch/many/`), per tensor: the figure behind
+    /// [`MAX_HELD_BYTES`]'s "some 11 000 tensors".
+    #[test]
+    fn real_state_dicts_fit() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/torch/many/pytorch_model.bin"
+        );
+        let file = std::fs::read(path).unwrap();
+        let archive = crate::format::zip::Archive::parse_bytes(&file).unwrap();
+        let member = archive.get("pytorch_model/data.pkl").unwrap();
+        let slice = crate::format::zip::slice_reader(&file);
+        let pkl = archive.read_member(member, MAX_PICKLE_LEN, slice).unwrap();
+        let mut m = Machine::new(&pkl);
+        let top = m.run().unwrap();
+        let tensors = m.state_dict(top).unwrap().tensors.len() as u64;
+        assert_eq!(tensors, 2000);
+        let per_tensor = m.held / tensors;
+        eprintln!(
+            "{tensors} tensors: {} bytes held, {per_tensor} per tensor; pickle {} bytes",
+            m.held,
+            pkl.len()
+        );
+        assert!(
+            (1500..1950).contains(&per_tensor),
+            "{per_tensor} bytes per tensor"
+        );
+        assert!(MAX_HELD_BYTES / per_tensor > 10_000);
     }
 
     #[test]

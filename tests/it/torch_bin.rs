@@ -463,7 +463,7 @@ fn sha256_hex(path: &Path) -> String {
 
 /// Hand-built archives and pickles for the malformed-input cases, each differing from a valid
 /// `torch.save`-shaped file in one way. [`built_checkpoints_parse`] shows the valid ones read.
-mod build {
+pub(crate) mod build {
     use mergestream::format::zip::crc32;
 
     /// A protocol 2 pickle, opcode by opcode.

@@ -504,3 +504,90 @@ fn malicious_pickles_given_as_models_are_refused_and_never_run() {
         assert_eq!(left.len(), 2, "{case}: unexpected files {left:?}");
     }
 }
+
+/// Pickles made to use as much memory as the reader allows (each within `MAX_PICKLE_LEN`, and
+/// refused once what it builds passes `MAX_HELD_BYTES`): reading each, from opening the file to
+/// the refusal, allocates at most `MEMORY_RESERVE` (32 MiB) at any one time, counted by the
+/// test binary's allocator; so does the real checkpoint of 2 000 tensors. The binary refuses each
+/// with exit 2, naming the file.
+#[test]
+fn hostile_pickles_stay_within_the_memory_reserve() {
+    use crate::alloc::peak_during;
+    use crate::torch_bin::build::{checkpoint, Pickle};
+    use mergestream::format::pickle::{MAX_HELD_BYTES, MAX_PICKLE_LEN};
+    use mergestream::format::torch;
+    let room = MAX_PICKLE_LEN as usize - 64;
+    // Short strings in tuples of 60 000.
+    let mut strings = Pickle::new();
+    while strings.0.len() + 60_000 * 9 + 2 < room {
+        strings = (0..60_000)
+            .fold(strings.op(b"("), |p, _| p.str("abcd"))
+            .op(b"t");
+    }
+    // Memo entries, one per 5-byte LONG_BINPUT.
+    let mut memo = Pickle::new().op(b"N");
+    for i in 0..(room / 5 - 2) as u32 {
+        memo = memo.op(&[&[b'r'][..], &i.to_le_bytes()].concat());
+    }
+    // Dict entries, two bytes each, by SETITEMS of 30 000 pairs.
+    let mut dict = Pickle::new().op(b"}");
+    while dict.0.len() + 60_002 < room {
+        dict = dict.op(b"(").op(&[b'N'; 60_000]).op(b"u");
+    }
+    // Tuples of one item, each in the memo and in a dict.
+    let mut tuples = Pickle::new().op(b"}");
+    for i in 0..(room / 9 - 2) as u32 {
+        tuples = tuples.op(&[&[b'N', b'N', 0x85, b'r'][..], &i.to_le_bytes(), b"s"].concat());
+    }
+    // Long strings: the whole pickle copied into strings.
+    let mut long = Pickle::new().op(b"(");
+    while long.0.len() + (1 << 20) + 8 < room {
+        long = long.str(&"x".repeat(1 << 20));
+    }
+    let tmp = tempdir();
+    let mut files = Vec::new();
+    for (name, pkl) in [
+        ("strings", strings.op(b".").0),
+        ("memo", memo.op(b".").0),
+        ("dict", dict.op(b".").0),
+        ("tuples", tuples.op(b".").0),
+        ("long-strings", long.op(b"t.").0),
+    ] {
+        assert!(
+            pkl.len() as u64 <= MAX_PICKLE_LEN,
+            "{name}: {} bytes",
+            pkl.len()
+        );
+        let file = tmp.path().join(format!("{name}.bin"));
+        std::fs::write(&file, checkpoint(&pkl, &[])).unwrap();
+        files.push((name, file, false));
+    }
+    let many =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch/many/pytorch_model.bin");
+    files.push(("many (real, 2 000 tensors)", many, true));
+    for (name, file, valid) in files {
+        let (result, peak) = peak_during(|| {
+            let f = std::fs::File::open(&file).unwrap();
+            let len = f.metadata().unwrap().len();
+            torch::read(&file, &f, len)
+        });
+        eprintln!("{name}: peak {} KiB allocated while reading", peak >> 10);
+        assert_eq!(result.is_ok(), valid, "{name}: {:?}", result.err());
+        assert!(
+            peak <= mergestream::MEMORY_RESERVE,
+            "{name}: {} KiB allocated at once",
+            peak >> 10
+        );
+        if let Err(e) = result {
+            // The ones that reach the byte budget say so.
+            let msg = e.to_string();
+            assert!(
+                name == "long-strings" || msg.contains(&format!("{} MiB", MAX_HELD_BYTES >> 20)),
+                "{name}: {msg}"
+            );
+            let r = run(&["inspect", s(&file)]);
+            assert_eq!(r.status.code(), Some(2), "{name}");
+            assert_eq!(stderr(&r), format!("mergestream: error: {msg}\n"));
+        }
+    }
+}

@@ -6,7 +6,7 @@ written by the versions MANIFEST.json records):
 
     /tmp/mkvenv/bin/python tests/python/make_torch_fixtures.py [--only STEP ...] [OUT_DIR]
 
-With `--only` (steps: single, sharded, protocol4, refused, malicious, zip64, pairs) only those
+With `--only` (steps: single, sharded, protocol4, refused, malicious, zip64, pairs, many) only those
 steps' directories are rewritten, then MANIFEST.json; without it OUT_DIR is rewritten whole.
 
 What it writes (OUT_DIR defaults to tests/fixtures/torch):
@@ -39,6 +39,8 @@ What it writes (OUT_DIR defaults to tests/fixtures/torch):
   merge of either gives the same output layout. Cases: `bf16` (single files, an I64 buffer,
   NaN/Inf/-0/subnormal values), `f16` (both sharded, differently), `f32` (SFT sharded, aligned
   single). The aligned directories hold the same config.json in both formats;
+- many/pytorch_model.bin: 2 000 one-element tensors with Mixtral-style expert names, for what
+  reading a state dict of many tensors costs (`format::pickle`'s `real_state_dicts_fit`);
 - MANIFEST.json: the versions used and the SHA-256 of every file.
 """
 
@@ -477,6 +479,15 @@ def pairs():
                 f.write("\n")
 
 
+def many():
+    sd = collections.OrderedDict()
+    for i in range(2000):
+        layer, expert, w = i // 24, (i // 3) % 8, i % 3 + 1
+        sd[f"model.layers.{layer}.block_sparse_moe.experts.{expert}.w{w}.weight"] = torch.full((1,), i, dtype=torch.bfloat16)
+    torch.save(sd, path("many", "pytorch_model.bin"))
+    check_loads(path("many", "pytorch_model.bin"), sd)
+
+
 def manifest():
     files = {}
     for root, _, names in os.walk(OUT):
@@ -501,11 +512,11 @@ def manifest():
         f.write("\n")
 
 
-STEPS = {f.__name__: f for f in (single, sharded, protocol4, refused, malicious, zip64, pairs)}
+STEPS = {f.__name__: f for f in (single, sharded, protocol4, refused, malicious, zip64, pairs, many)}
 # The directories each step writes (zip64 also writes reference/zip64.safetensors, and the first
 # three their reference/*.safetensors: rerun those with their step).
 DIRS = {"single": ["single"], "sharded": ["sharded"], "protocol4": ["protocol4"], "refused": ["refused"],
-        "malicious": ["malicious"], "zip64": ["zip64"], "pairs": ["pairs"]}
+        "malicious": ["malicious"], "zip64": ["zip64"], "pairs": ["pairs"], "many": ["many"]}
 
 if __name__ == "__main__":
     if ONLY:
