@@ -261,6 +261,7 @@ impl Error {
                 change: InputChange::EndsEarly { tensor, .. },
                 ..
             } => Some(tensor),
+            Error::Torch(e) => e.tensor(),
             _ => None,
         }
     }

@@ -387,6 +387,23 @@ pub enum PickleError {
     },
 }
 
+impl PickleError {
+    /// The tensor (state dict entry) the error is about, where there is one.
+    pub fn tensor(&self) -> Option<&str> {
+        use PickleError::*;
+        match self {
+            DuplicateKey { name } | NotATensor { name, .. } => Some(name),
+            BadShape { tensor, .. }
+            | BadStrides { tensor, .. }
+            | BadStorageOffset { tensor, .. }
+            | SizeOverflow { tensor, .. }
+            | NotContiguous { tensor, .. }
+            | OutOfStorage { tensor, .. } => Some(tensor),
+            _ => None,
+        }
+    }
+}
+
 type Result<T, E = PickleError> = std::result::Result<T, E>;
 
 /// A parsed, checked state dict.

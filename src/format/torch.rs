@@ -205,6 +205,17 @@ pub enum TorchError {
     },
 }
 
+impl TorchError {
+    /// The tensor the error is about, where there is one.
+    pub fn tensor(&self) -> Option<&str> {
+        match self {
+            TorchError::StorageMissing { tensor, .. } if !tensor.is_empty() => Some(tensor),
+            TorchError::Pickle { source, .. } => source.tensor(),
+            _ => None,
+        }
+    }
+}
+
 /// A validated checkpoint file.
 #[derive(Debug, Clone)]
 pub struct TorchShard {
