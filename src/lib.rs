@@ -9,6 +9,9 @@
 //! - [`mod@format`] parses and writes safetensors headers and shard indexes, and reads PyTorch
 //!   checkpoints' metadata;
 //! - [`model`] opens and validates input models;
+//! - [`spec`] reads a merge request (a mergekit YAML config, or `expo` flags) into a
+//!   [`spec::MergeSpec`], refusing every mistake before any weight is read ([`config_runs`]
+//!   turns one into runs);
 //! - [`plan`] decides every byte of the output from the headers and options;
 //! - [`kernel`] is the arithmetic, on slices;
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
@@ -37,7 +40,6 @@ pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
-#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod spec;
 pub mod synth;
 pub mod units;
