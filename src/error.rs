@@ -1495,6 +1495,17 @@ mod tests {
                 },
                 "--out a is the input model a; an output must never overwrite an input: choose another --out",
             ),
+            (
+                Error::from(crate::format::torch::TorchError::Pickle {
+                    path: "m/pytorch_model.bin".into(),
+                    member: "pytorch_model/data.pkl".into(),
+                    source: Box::new(crate::format::pickle::PickleError::ForbiddenGlobal {
+                        offset: 172,
+                        global: "os.system".into(),
+                    }),
+                }),
+                "m/pytorch_model.bin: pytorch_model/data.pkl: byte 172: refusing global 'os.system': a state dict may only name torch's tensor-rebuilding functions, storage types and dtypes, and collections.OrderedDict; torch.load(weights_only=False) would import and call it",
+            ),
         ];
         for (error, text) in cases {
             assert_eq!(error.to_string(), text);
@@ -1517,6 +1528,12 @@ mod tests {
             Error::header("f", HeaderError::NotObject).exit_code(),
             2,
             "a malformed input is exit 2"
+        );
+        assert_eq!(
+            Error::from(crate::format::torch::TorchError::BigEndian { path: "f".into() })
+                .exit_code(),
+            2,
+            "a refused PyTorch checkpoint is exit 2"
         );
     }
 
