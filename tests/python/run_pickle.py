@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Loads a checkpoint's data.pkl with Python's own pickle machinery, as torch.load(weights_only=False)
 would, but without torch: globals under `torch.` become inert stubs and persistent ids (storages)
-load as None; every other global is imported and called for real. Used by tests/torch_bin.rs to
+load as None; every other global is imported and called for real. Used by tests/it/torch_bin.rs to
 show that the malicious fixtures really run their payload under pickle.load (which creates a
 marker file in the current directory) while mergestream's reader refuses them. Standard library
 only.
