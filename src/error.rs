@@ -175,6 +175,16 @@ pub enum Error {
         /// Which invariant broke.
         what: String,
     },
+    /// A PyTorch checkpoint (`.bin`) is malformed, unsupported or malicious; the error names
+    /// the file (and the member, tensor or pickle global where there is one).
+    #[error(transparent)]
+    Torch(Box<crate::format::torch::TorchError>),
+}
+
+impl From<crate::format::torch::TorchError> for Error {
+    fn from(e: crate::format::torch::TorchError) -> Error {
+        Error::Torch(Box::new(e))
+    }
 }
 
 /// Shorthand for results whose error is [`Error`].
@@ -255,6 +265,7 @@ impl Error {
                 change: InputChange::EndsEarly { tensor, .. },
                 ..
             } => Some(tensor),
+            Error::Torch(e) => e.tensor(),
             _ => None,
         }
     }
@@ -630,13 +641,15 @@ impl IndexError {
 #[non_exhaustive]
 pub enum ModelError {
     /// The path is neither a file nor a directory.
-    #[error("is neither a safetensors file nor a model directory")]
+    #[error("is neither a weights file (safetensors or PyTorch .bin) nor a model directory")]
     NotAModel,
-    /// The directory has neither an index nor a `model.safetensors`.
+    /// The directory has no index and no single weights file, in either format.
     #[error(
-        "not a model: no {} or {} in this directory",
+        "not a model: no {}, {}, {} or {} in this directory",
         crate::format::index::INDEX_FILE,
-        crate::model::SINGLE_FILE
+        crate::model::SINGLE_FILE,
+        crate::format::torch::INDEX_FILE,
+        crate::format::torch::SINGLE_FILE
     )]
     NoWeights,
     /// A shard (or the index) is a directory.
@@ -1486,6 +1499,17 @@ mod tests {
                 },
                 "--out a is the input model a; an output must never overwrite an input: choose another --out",
             ),
+            (
+                Error::from(crate::format::torch::TorchError::Pickle {
+                    path: "m/pytorch_model.bin".into(),
+                    member: "pytorch_model/data.pkl".into(),
+                    source: Box::new(crate::format::pickle::PickleError::ForbiddenGlobal {
+                        offset: 172,
+                        global: "os.system".into(),
+                    }),
+                }),
+                "m/pytorch_model.bin: pytorch_model/data.pkl: byte 172: refusing global 'os.system': a state dict may only name torch's tensor-rebuilding functions, storage types and dtypes, and collections.OrderedDict; torch.load(weights_only=False) would import and call it",
+            ),
         ];
         for (error, text) in cases {
             assert_eq!(error.to_string(), text);
@@ -1508,6 +1532,12 @@ mod tests {
             Error::header("f", HeaderError::NotObject).exit_code(),
             2,
             "a malformed input is exit 2"
+        );
+        assert_eq!(
+            Error::from(crate::format::torch::TorchError::BigEndian { path: "f".into() })
+                .exit_code(),
+            2,
+            "a refused PyTorch checkpoint is exit 2"
         );
     }
 

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use crate::error::HeaderError;
 use crate::format::header::{self, Header};
 use crate::format::index::{self, INDEX_FILE};
+use crate::format::pickle::{self, StateDict};
+use crate::format::torch::{self, TorchShard};
+use crate::format::zip::Archive;
 use crate::format::Dtype;
 use crate::model::Model;
 use crate::output::Existing;
@@ -243,10 +246,7 @@ pub fn index(data: &[u8]) {
             }
             for shard in &model.shards {
                 assert_eq!(shard.path.parent(), Some(dir), "a shard outside the model");
-                check_header(
-                    shard.header.as_ref().expect("a safetensors shard"),
-                    shard.len(),
-                );
+                check_header(shard.header().expect("a safetensors shard"), shard.len());
             }
         }
         Err(e) => check_error(&e),
@@ -322,6 +322,93 @@ pub fn merge(data: &[u8]) {
                 "a failed run ({e}) left files behind"
             );
         }
+    }
+}
+
+/// `pickle`: the bytes of a `data.pkl`, run on the pickle machine that executes nothing. A state
+/// dict it accepts must hold what it promises: unique names, C-contiguous tensors whose byte
+/// ranges are numel × dtype size and lie inside storages it lists once each.
+pub fn pickle(data: &[u8]) {
+    match pickle::parse(data) {
+        Ok(sd) => check_state_dict(&sd),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// `torch`: a whole PyTorch checkpoint file, read from memory by the code that reads files. A
+/// checkpoint it accepts must have a valid archive whose stored members hold every tensor's
+/// bytes, each tensor's range being numel × dtype size.
+pub fn torch(data: &[u8]) {
+    match torch::parse_bytes(Path::new("fuzz.bin"), data) {
+        Ok(shard) => check_torch(&shard, data),
+        Err(e) => check_error(&Error::from(e)),
+    }
+}
+
+fn check_state_dict(sd: &StateDict) {
+    let mut names = HashSet::new();
+    let storages: std::collections::HashMap<&str, u64> = sd
+        .storages
+        .iter()
+        .map(|s| (s.key.as_str(), s.nbytes))
+        .collect();
+    assert_eq!(storages.len(), sd.storages.len(), "a storage listed twice");
+    for t in &sd.tensors {
+        assert!(names.insert(&t.name), "tensor '{}' twice", t.name);
+        assert!(t.shape.len() <= pickle::MAX_DIMS && t.strides.len() == t.shape.len());
+        let numel = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        let numel = numel.expect("numel fits in u64");
+        assert_eq!(
+            Some(t.end - t.start),
+            numel.checked_mul(t.dtype.size() as u64)
+        );
+        assert_eq!(
+            Some(t.start),
+            t.storage_offset.checked_mul(t.dtype.size() as u64)
+        );
+        let mut step = 1u64;
+        for (&d, &s) in t.shape.iter().zip(&t.strides).rev() {
+            assert!(
+                numel == 0 || d == 1 || s == step,
+                "tensor '{}' not contiguous",
+                t.name
+            );
+            step = step.saturating_mul(d);
+        }
+        let nbytes = storages
+            .get(t.storage.as_str())
+            .unwrap_or_else(|| panic!("tensor '{}': storage not listed", t.name));
+        assert!(
+            t.start <= t.end && t.end <= *nbytes,
+            "tensor '{}' out of its storage",
+            t.name
+        );
+    }
+}
+
+fn check_torch(shard: &TorchShard, data: &[u8]) {
+    let archive = Archive::parse_bytes(data).expect("an accepted checkpoint's archive parses");
+    let mut names = HashSet::new();
+    for t in &shard.tensors {
+        let i = &t.info;
+        assert!(names.insert(&i.name), "tensor '{}' twice", i.name);
+        let m = archive
+            .get(&t.member)
+            .unwrap_or_else(|| panic!("tensor '{}': no member '{}'", i.name, t.member));
+        assert!(m.is_stored());
+        assert!(m.data_start <= i.start && i.start <= i.end && i.end <= m.data_end());
+        let numel = i.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        assert_eq!(
+            numel.and_then(|n| n.checked_mul(i.dtype.size() as u64)),
+            Some(i.nbytes()),
+            "tensor '{}'",
+            i.name
+        );
+    }
+    let mut members: Vec<_> = archive.members.iter().collect();
+    members.sort_by_key(|m| m.data_start);
+    for w in members.windows(2) {
+        assert!(w[0].data_end() <= w[1].data_start, "members overlap");
     }
 }
 

@@ -6,7 +6,8 @@
 //! say what went wrong in fields a caller can match on. The pieces, each ignorant of the others'
 //! concerns:
 //!
-//! - [`mod@format`] parses and writes safetensors headers and shard indexes;
+//! - [`mod@format`] parses and writes safetensors headers and shard indexes, and reads PyTorch
+//!   checkpoints' metadata;
 //! - [`model`] opens and validates input models;
 //! - [`spec`] reads a merge request (a mergekit YAML config, or `expo` flags) into a
 //!   [`spec::MergeSpec`], refusing every mistake before any weight is read ([`config_runs`]
@@ -70,7 +71,8 @@ pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 /// (`OUT/alpha-0.1/`, `OUT/alpha-0.2/`, …) written from one read of the inputs.
 #[derive(Debug, Clone)]
 pub struct ExpoJob {
-    /// The SFT model: a model directory or a `.safetensors` file.
+    /// The SFT model: a model directory (safetensors or PyTorch `.bin` weights) or one weights
+    /// file.
     pub sft: PathBuf,
     /// The aligned model, whose dtypes and non-weight files the output takes.
     pub aligned: PathBuf,

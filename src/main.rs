@@ -54,7 +54,7 @@ enum Command {
     Plan(PlanArgs),
     /// List a model's tensors from its headers.
     Inspect {
-        /// Model directory or .safetensors file.
+        /// Model directory (safetensors or PyTorch .bin weights) or one weights file.
         model: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -78,7 +78,7 @@ enum Command {
 
 #[derive(Args)]
 struct ModelPair {
-    /// The SFT model (directory or .safetensors file).
+    /// The SFT model (a model directory, safetensors or PyTorch .bin, or one weights file).
     #[arg(long, value_name = "DIR")]
     sft: PathBuf,
     /// The aligned (DPO/RLHF) model, whose dtypes and non-weight files the output takes.
@@ -240,7 +240,7 @@ struct PlanArgs {
     /// A merge config to check (instead of --sft/--aligned/--alpha).
     #[arg(conflicts_with_all = ["sft", "aligned", "alpha"], required_unless_present_all = ["sft", "aligned", "alpha"])]
     config: Option<PathBuf>,
-    /// The SFT model (directory or .safetensors file).
+    /// The SFT model (a model directory, safetensors or PyTorch .bin, or one weights file).
     #[arg(long, value_name = "DIR")]
     sft: Option<PathBuf>,
     /// The aligned model.
@@ -679,7 +679,14 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         let (models, plans) = mergestream::plan_job(job)?;
         let sizes: Vec<String> = models
             .iter()
-            .map(|m| format!("{} ({})", m.path.display(), format_bytes(m.data_bytes())))
+            .map(|m| {
+                format!(
+                    "{} ({}, {})",
+                    m.path.display(),
+                    format_bytes(m.data_bytes()),
+                    m.format.name()
+                )
+            })
             .collect();
         writeln!(
             out,
@@ -687,6 +694,11 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             plans.first().map_or(0, |p| p.tensors.len()),
             sizes.join(", ")
         )?;
+        for m in &models {
+            if let Some(line) = unread_note(m) {
+                writeln!(out, "note: {line}")?;
+            }
+        }
         for (output, plan) in job.outputs.iter().zip(&plans) {
             let mine = plan.shards_of(part);
             writeln!(
@@ -745,6 +757,8 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<(), Failure> {
             .collect();
         let doc = serde_json::json!({
             "path": model.path,
+            "format": model.format.name(),
+            "unread": model.unread,
             "shards": model.file_list().into_iter().map(|(n, s)| serde_json::json!({"name": n, "size": s})).collect::<Vec<_>>(),
             "tensors": tensors,
             "tensor_count": model.tensor_count(),
@@ -786,15 +800,32 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<(), Failure> {
         .collect();
     writeln!(
         out,
-        "{} tensors in {} shard{}: {}; {} in all",
+        "{} tensors in {} shard{} ({}): {}; {} in all",
         model.tensor_count(),
         model.shards.len(),
         if model.shards.len() == 1 { "" } else { "s" },
+        model.format.name(),
         counts.join(", "),
         format_bytes(model.data_bytes())
     )?;
+    if let Some(line) = unread_note(&model) {
+        writeln!(out, "note: {line}")?;
+    }
     out.flush()?;
     Ok(())
+}
+
+/// A model directory holding weights in two formats is read in one (safetensors wins); says
+/// which files were left unread.
+fn unread_note(model: &Model) -> Option<String> {
+    (!model.unread.is_empty()).then(|| {
+        format!(
+            "{}: read the {} weights; also holds {}, not read (safetensors wins when a directory has both)",
+            model.path.display(),
+            model.format.name(),
+            model.unread.join(" and ")
+        )
+    })
 }
 
 fn synth_pair(args: SynthArgs) -> Result<()> {

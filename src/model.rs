@@ -1,11 +1,22 @@
-//! Input models: a Hugging Face model directory (sharded with an index, or one
-//! `model.safetensors`) or a single `.safetensors` file.
+//! Input models: a Hugging Face model directory (sharded with an index, or one file) or a single
+//! weights file, in safetensors or PyTorch (`torch.save` zip) format.
 //!
-//! Opening a model opens every shard, validates every header and cross-checks the index against
-//! the shards, so that a model that opens is one whose every tensor can be read at a known
-//! offset. The open file handles are kept: the run reads the very files that were validated even
-//! if their paths are replaced meanwhile, and [`Shard::check_unchanged`] tells whether one was
-//! modified underneath. This module reads no tensor data.
+//! Opening a model opens every shard, validates every header (for a PyTorch checkpoint: its
+//! archive and its pickle, read by [`crate::format::torch`], which executes nothing) and
+//! cross-checks the index against the shards, so that a model that opens is one whose every
+//! tensor can be read at a known offset. The open file handles are kept: the run reads the very
+//! files that were validated even if their paths are replaced meanwhile, and
+//! [`Shard::check_unchanged`] tells whether one was modified underneath.
+//!
+//! A directory is read as safetensors (`model.safetensors.index.json`, else `model.safetensors`)
+//! when it has safetensors weights, else as PyTorch (`pytorch_model.bin.index.json`, else
+//! `pytorch_model.bin`); [`Model::unread`] lists the weights of the other format that were
+//! left aside. A single file is read by its name: `.bin`, `.pt` and `.pth` as PyTorch, anything
+//! else as safetensors.
+//!
+//! Above this module nothing knows a shard's format: a [`Shard`] presents its tensors as byte
+//! ranges of its own *data space* and fills buffers from it ([`Shard::read_at`]). This module
+//! reads no tensor data.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -17,14 +28,63 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
 use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
+use crate::format::torch;
 
 /// The single-file name in a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// The format of a weights file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Format {
+    /// A safetensors file (`*.safetensors`).
+    Safetensors,
+    /// A PyTorch checkpoint written by `torch.save` in its zip format (`pytorch_model*.bin`).
+    Torch,
+}
+
+impl Format {
+    /// The format of a file named `name` when it is given on its own: `.bin`, `.pt` and `.pth`
+    /// are PyTorch checkpoints, anything else is read as safetensors.
+    pub fn of_file_name(name: &str) -> Format {
+        if [".bin", ".pt", ".pth"].iter().any(|s| name.ends_with(s)) {
+            Format::Torch
+        } else {
+            Format::Safetensors
+        }
+    }
+
+    /// `safetensors` or `pytorch`, for listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Torch => "pytorch",
+        }
+    }
+
+    /// The index file of a sharded model in this format.
+    pub fn index_file(self) -> &'static str {
+        match self {
+            Format::Safetensors => INDEX_FILE,
+            Format::Torch => torch::INDEX_FILE,
+        }
+    }
+
+    /// The weights file of an unsharded model in this format.
+    pub fn single_file(self) -> &'static str {
+        match self {
+            Format::Safetensors => SINGLE_FILE,
+            Format::Torch => torch::SINGLE_FILE,
+        }
+    }
+}
 
 /// One weight file of a model.
 ///
 /// Whatever its format, a shard presents its tensors as byte ranges of one *data space* and
 /// reads any range of it with [`Shard::read_at`]; nothing above this module knows the format.
+/// For a safetensors file the data space is its data section; for a PyTorch checkpoint it is the
+/// whole file (each tensor's bytes lie in one stored zip member, at absolute offsets).
 #[derive(Debug)]
 pub struct Shard {
     /// Path as the user's directory names it (symlinks not resolved, so errors read naturally).
@@ -34,13 +94,14 @@ pub struct Shard {
     /// The open file: the run reads the file that was validated, whatever its path does later.
     pub file: File,
     /// Tensors ordered by their position in the data space (`start`/`end` are offsets in it).
+    /// In a PyTorch checkpoint tensors may share bytes (tied weights, views of one storage).
     pub tensors: Vec<TensorInfo>,
     /// Length of the data space.
     pub data_len: u64,
-    /// blake3 of the shard's metadata (a safetensors header's JSON), identifying its layout.
+    /// blake3 of the shard's metadata (a safetensors header's JSON; a PyTorch checkpoint's
+    /// tensor table), identifying its layout.
     pub digest: [u8; 32],
-    /// The safetensors header, for shards that are safetensors files.
-    pub header: Option<Header>,
+    kind: Kind,
     /// File offset of the data space, for formats that store it as plain bytes.
     data_start: u64,
     /// The same open file with `O_DIRECT`, once [`Model::use_direct_reads`] made it.
@@ -48,6 +109,17 @@ pub struct Shard {
     /// Set when the filesystem refused a direct read: reads go through the page cache.
     direct_refused: AtomicBool,
     identity: Identity,
+}
+
+/// What a shard's file is, and how its data space maps onto the file. A new format is a new
+/// variant here, with its arms in [`Shard::open`] (which sets where its data space starts) and
+/// [`Shard::format`].
+#[derive(Debug)]
+enum Kind {
+    /// A safetensors file: the data space is the data section, after the header.
+    Safetensors(Header),
+    /// A PyTorch zip checkpoint: the data space is the file itself.
+    Torch,
 }
 
 /// Alignment of direct reads: a page, which covers 512- and 4096-byte sectors.
@@ -110,23 +182,65 @@ impl Identity {
 }
 
 impl Shard {
-    fn open(path: PathBuf, name: String) -> Result<Shard> {
+    fn open(path: PathBuf, name: String, format: Format) -> Result<Shard> {
         let (file, meta) = open_regular(&path, "opening shard")?;
-        let header = header::read(&path, &file, meta.len())?;
-        advise_sequential(&file);
-        Ok(Shard {
-            path,
-            name,
-            file,
-            tensors: header.tensors.clone(),
-            data_len: header.data_len,
-            digest: header.digest,
-            data_start: header.data_start(),
-            header: Some(header),
-            direct: None,
-            direct_refused: AtomicBool::new(false),
-            identity: Identity::of(&meta),
-        })
+        let shard = match format {
+            Format::Safetensors => {
+                let header = header::read(&path, &file, meta.len())?;
+                Shard {
+                    tensors: header.tensors.clone(),
+                    data_len: header.data_len,
+                    digest: header.digest,
+                    data_start: header.data_start(),
+                    kind: Kind::Safetensors(header),
+                    direct: None,
+                    direct_refused: AtomicBool::new(false),
+                    path,
+                    name,
+                    file,
+                    identity: Identity::of(&meta),
+                }
+            }
+            Format::Torch => {
+                let checkpoint = torch::read(&path, &file, meta.len())?;
+                // Storage order: front to back in the file, ties (tied weights) in state dict
+                // order, so a sequential read of the tensors reads the file front to back.
+                let mut tensors: Vec<TensorInfo> =
+                    checkpoint.tensors.into_iter().map(|t| t.info).collect();
+                tensors.sort_by_key(|t| t.start);
+                Shard {
+                    digest: table_digest(&tensors),
+                    tensors,
+                    data_len: meta.len(),
+                    kind: Kind::Torch,
+                    data_start: 0,
+                    direct: None,
+                    direct_refused: AtomicBool::new(false),
+                    path,
+                    name,
+                    file,
+                    identity: Identity::of(&meta),
+                }
+            }
+        };
+        advise_sequential(&shard.file);
+        Ok(shard)
+    }
+
+    /// The file's format.
+    pub fn format(&self) -> Format {
+        match self.kind {
+            Kind::Safetensors(_) => Format::Safetensors,
+            Kind::Torch => Format::Torch,
+        }
+    }
+
+    /// The safetensors header, for shards that are safetensors files.
+    pub fn header(&self) -> Option<&Header> {
+        match &self.kind {
+            Kind::Safetensors(h) => Some(h),
+            Kind::Torch => None,
+        }
     }
 
     /// Reads `len` bytes of the data space at `offset` into `buf`: with direct I/O where it is
@@ -173,7 +287,7 @@ impl Shard {
     /// Fills `buf` with the bytes of the data space starting at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, self.data_start + offset)
+        self.file.read_exact_at(buf, self.file_offset(offset))
     }
 
     /// Where the data space's byte `offset` is in the file, for messages.
@@ -222,7 +336,7 @@ impl Shard {
 pub struct TensorLoc {
     /// Index into the model's `shards`.
     pub shard: usize,
-    /// Index into that shard's `header.tensors`.
+    /// Index into that shard's [`Shard::tensors`].
     pub entry: usize,
 }
 
@@ -235,6 +349,11 @@ pub struct Model {
     pub dir: PathBuf,
     /// Shards in file-name order.
     pub shards: Vec<Shard>,
+    /// The format read.
+    pub format: Format,
+    /// Weights of another format that the directory also holds and that were not read (the
+    /// index or single file found): safetensors wins over PyTorch.
+    pub unread: Vec<String>,
     tensors: HashMap<String, TensorLoc>,
 }
 
@@ -244,8 +363,9 @@ impl Model {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "opening model", e))?;
         if meta.is_file() {
             let name = file_name(path);
+            let format = Format::of_file_name(&name);
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let shard = Shard::open(path.to_path_buf(), name)?;
+            let shard = Shard::open(path.to_path_buf(), name, format)?;
             return Model::from_shards(path, dir, vec![shard], None);
         }
         if !meta.is_dir() {
@@ -253,19 +373,29 @@ impl Model {
         }
         // `symlink_metadata`, so that a dangling link (an HF cache missing a blob) is reported
         // as such, not as an absent file.
-        let index_path = path.join(INDEX_FILE);
-        if std::fs::symlink_metadata(&index_path).is_ok() {
-            return Model::open_indexed(path, &index_path);
-        }
-        let single = path.join(SINGLE_FILE);
-        if std::fs::symlink_metadata(&single).is_ok() {
-            let shard = Shard::open(single, SINGLE_FILE.into())?;
-            return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
-        }
-        Err(Error::model(path, ModelError::NoWeights))
+        let present = |format: Format| -> Vec<&'static str> {
+            [format.index_file(), format.single_file()]
+                .into_iter()
+                .filter(|name| std::fs::symlink_metadata(path.join(name)).is_ok())
+                .collect()
+        };
+        let (safetensors, pytorch) = (present(Format::Safetensors), present(Format::Torch));
+        let (format, found, unread) = match (safetensors.is_empty(), pytorch.is_empty()) {
+            (false, _) => (Format::Safetensors, safetensors, pytorch),
+            (true, false) => (Format::Torch, pytorch, Vec::new()),
+            (true, true) => return Err(Error::model(path, ModelError::NoWeights)),
+        };
+        let mut model = if found[0] == format.index_file() {
+            Model::open_indexed(path, &path.join(found[0]), format)?
+        } else {
+            let shard = Shard::open(path.join(found[0]), found[0].into(), format)?;
+            Model::from_shards(path, path.to_path_buf(), vec![shard], None)?
+        };
+        model.unread = unread.into_iter().map(String::from).collect();
+        Ok(model)
     }
 
-    fn open_indexed(dir: &Path, index_path: &Path) -> Result<Model> {
+    fn open_indexed(dir: &Path, index_path: &Path, format: Format) -> Result<Model> {
         let (mut file, meta) = open_regular(index_path, "opening index")?;
         if meta.len() > MAX_INDEX_LEN {
             return Err(Error::index(
@@ -280,7 +410,7 @@ impl Model {
         let shards = index
             .shards()
             .into_iter()
-            .map(|name| Shard::open(dir.join(&name), name))
+            .map(|name| Shard::open(dir.join(&name), name, format))
             .collect::<Result<Vec<_>>>()?;
         Model::from_shards(dir, dir.to_path_buf(), shards, Some((index_path, &index)))
     }
@@ -366,10 +496,16 @@ impl Model {
         if tensors.is_empty() {
             return Err(Error::model(path, ModelError::NoTensors));
         }
+        let format = shards
+            .first()
+            .map(Shard::format)
+            .ok_or_else(|| Error::internal("a model opened with no shards"))?;
         Ok(Model {
             path: path.to_path_buf(),
             dir,
             shards,
+            format,
+            unread: Vec::new(),
             tensors,
         })
     }
@@ -397,9 +533,10 @@ impl Model {
         self.tensors.len()
     }
 
-    /// Bytes of tensor data.
+    /// Bytes of tensor data: every tensor's size, summed (tensors sharing storage in a PyTorch
+    /// checkpoint count once per name, as they would be merged).
     pub fn data_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.data_len).sum()
+        self.tensors().map(|(_, t)| t.nbytes()).sum()
     }
 
     /// `(file name, size)` of every shard, for provenance.
@@ -509,4 +646,24 @@ fn file_name(path: &Path) -> String {
 /// A hint only: failure changes nothing but speed.
 fn advise_sequential(file: &File) {
     let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+}
+
+/// blake3 over a tensor table (names, dtypes, shapes, offsets), for formats whose metadata is not
+/// one canonical byte string.
+fn table_digest(tensors: &[TensorInfo]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mergestream tensor table v1\0");
+    for t in tensors {
+        h.update(&(t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(t.dtype.name().as_bytes());
+        h.update(&[0]);
+        h.update(&(t.shape.len() as u64).to_le_bytes());
+        for d in &t.shape {
+            h.update(&d.to_le_bytes());
+        }
+        h.update(&t.start.to_le_bytes());
+        h.update(&t.end.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
 }

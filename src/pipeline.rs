@@ -1051,7 +1051,7 @@ mod tests {
     fn tensor_bytes(model: &Model, name: &str) -> Vec<u8> {
         let (loc, t) = model.get(name).unwrap();
         let shard = &model.shards[loc.shard];
-        let header = shard.header.as_ref().unwrap();
+        let header = shard.header().unwrap();
         let mut buf = vec![0u8; t.nbytes() as usize];
         shard
             .file

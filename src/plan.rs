@@ -486,6 +486,8 @@ mod tests {
         for w in [
             "model.safetensors",
             "pytorch_model-00001-of-00002.bin",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
             "model.safetensors.index.json",
             "consolidated.00.pth",
         ] {

@@ -1,4 +1,5 @@
-//! The on-disk formats: safetensors headers and the Hugging Face shard index.
+//! The on-disk formats: safetensors headers, the Hugging Face shard index, and PyTorch
+//! checkpoints (`torch`, over `zip` and `pickle`).
 //!
 //! Everything here parses, validates and writes *metadata*; no tensor data passes through this
 //! module, and it knows nothing of merging. Every rule a reader relies on later (offsets in
@@ -8,6 +9,9 @@
 pub mod dtype;
 pub mod header;
 pub mod index;
+pub mod pickle;
+pub mod torch;
+pub mod zip;
 
 pub use dtype::Dtype;
 pub use header::{Header, TensorInfo};

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 6] = [
     ("header", mergestream::fuzzing::header),
     ("differential", mergestream::fuzzing::differential),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
+    ("pickle", mergestream::fuzzing::pickle),
+    ("torch", mergestream::fuzzing::torch),
 ];
 
 fn fuzz_dir() -> PathBuf {

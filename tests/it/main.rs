@@ -3,6 +3,7 @@
 //! with independent readers (the `safetensors` crate, the `half` crate, the Python package).
 //!
 //! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
+//!   `alloc`: a counting allocator, for what one call allocates at most;
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`, `sweep`, `checkpoints`: the
 //!   command line, area by area;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
@@ -10,12 +11,14 @@
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
+//! - `torch_bin`, `torch_models`: PyTorch checkpoints, read alone and merged as models;
 //! - `fuzz_corpus`: the fuzz targets' seed corpus and reproducers.
 //!
 //! `faults` needs the `failpoints` cargo feature and `fuzz_corpus` the `fuzzing` feature (test
 //! hooks kept out of the product); `scripts/test.sh` runs them. `product` checks what a build
 //! without those features does with the hooks' environment variables.
 
+mod alloc;
 mod common;
 
 mod checkpoints;
@@ -36,4 +39,6 @@ mod slurm;
 mod spec;
 mod stats_methods;
 mod sweep;
+mod torch_bin;
+mod torch_models;
 mod verify;

@@ -4,12 +4,20 @@
 //! the offending file (and tensor); and leave no output behind — whether `--out` did not exist
 //! (the precheck creates nothing) or existed empty (plan failures come before the output
 //! directory is opened). Valid edge cases must merge and match the independent reference.
+//! PyTorch checkpoints (`.bin`, built as `torch.save` lays them out, or written by it) are given
+//! both as a model directory's `pytorch_model.bin` and as a file: truncated archives and pickles,
+//! pickles over the size limit or building more than the reader may hold, malicious pickles
+//! (refused naming the global they would import; their payload never runs), unsupported ones,
+//! missing storages, and a PyTorch index that disagrees with its shards.
 
 use std::path::{Path, PathBuf};
 
 use mergestream::error::{
     HeaderError as H, IndexError as I, Mismatch, MismatchKind, ModelError as M,
 };
+use mergestream::format::pickle::{PickleError as P, MAX_HELD_BYTES, MAX_PICKLE_LEN};
+use mergestream::format::torch::TorchError as T;
+use mergestream::format::zip::ZipError as Z;
 use mergestream::format::Dtype;
 use mergestream::Error;
 
@@ -869,6 +877,198 @@ fn unmergeable_dtype_is_a_mismatch() {
                 kind: MismatchKind::Unmergeable { dtype: Dtype::F8E4M3 },
             }])
         },
+    );
+}
+
+// ---- PyTorch checkpoints (.bin): truncated, oversized and malicious pickles ----
+
+/// A matcher for an [`Error::Torch`] whose error matches the pattern (and guard).
+macro_rules! torch {
+    ($kind:pat $(if $guard:expr)?) => {
+        |e: &Error| matches!(e, Error::Torch(t) if matches!(&**t, $kind $(if $guard)?))
+    };
+}
+
+/// A matcher for an [`Error::Torch`] refusing the pickle for a reason matching the pattern.
+macro_rules! pickle {
+    ($kind:pat $(if $guard:expr)?) => {
+        |e: &Error| matches!(
+            e,
+            Error::Torch(t) if matches!(&**t, T::Pickle { source, .. } if matches!(&**source, $kind $(if $guard)?))
+        )
+    };
+}
+
+/// A checkpoint as `torch.save` lays it out (`crate::torch_bin::build`): two F32 tensors `w`
+/// and `b`, with `pkl` as its `data.pkl` when given.
+fn bin_checkpoint(pkl: Option<Vec<u8>>) -> Vec<u8> {
+    use crate::torch_bin::build::{bytes, checkpoint, state_dict, T as Tensor};
+    let pkl = pkl.unwrap_or_else(|| {
+        state_dict(&[Tensor::f32("w", "0", &[2, 2]), Tensor::f32("b", "1", &[2])])
+    });
+    checkpoint(&pkl, &[("0", bytes(16, 1)), ("1", bytes(8, 9))])
+}
+
+/// A broken PyTorch checkpoint given as a model directory's `pytorch_model.bin` (`--aligned`)
+/// and as a file (`--sft`); both must fail alike, naming the file (and tensor).
+fn broken_bin(bytes: &[u8], tensor: Option<&str>, expected: impl Fn(&Error) -> bool) {
+    let case = Case::new();
+    let in_dir = case.file("bad/pytorch_model.bin", bytes);
+    let as_file = case.file("bad.bin", bytes);
+    for (sft, aligned, file) in [
+        (case.good(), case.path("bad"), &in_dir),
+        (as_file.clone(), case.good(), &as_file),
+    ] {
+        let mut names = vec![file.to_str().unwrap().to_owned()];
+        names.extend(tensor.map(|t| format!("tensor '{t}'")));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let e = fails(&sft, &aligned, 2, &names, &expected);
+        assert_eq!(e.tensor(), tensor);
+    }
+}
+
+#[test]
+fn bin_built_checkpoint_is_valid() {
+    // The positive control for the cases below: the same builder's file reads.
+    let case = Case::new();
+    let file = case.file("ok/pytorch_model.bin", &bin_checkpoint(None));
+    let model = mergestream::model::Model::open(&file).unwrap();
+    assert_eq!(model.tensor_count(), 2);
+}
+
+#[test]
+fn bin_truncated() {
+    let whole = bin_checkpoint(None);
+    for cut in [whole.len() / 2, whole.len() - 1] {
+        broken_bin(
+            &whole[..cut],
+            None,
+            torch!(T::Zip {
+                source: Z::NoEndOfCentralDirectory { .. },
+                ..
+            }),
+        );
+    }
+    // A real torch.save file, cut short.
+    let real = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch/pairs/f16/bin/sft/pytorch_model-00001-of-00003.bin"),
+    )
+    .unwrap();
+    broken_bin(
+        &real[..real.len() - 100],
+        None,
+        torch!(T::Zip {
+            source: Z::NoEndOfCentralDirectory { .. },
+            ..
+        }),
+    );
+    broken_bin(&real[..3], None, torch!(T::NotAZip { .. }));
+}
+
+#[test]
+fn bin_truncated_pickle() {
+    let whole =
+        crate::torch_bin::build::state_dict(&[crate::torch_bin::build::T::f32("w", "0", &[2, 2])]);
+    broken_bin(
+        &bin_checkpoint(Some(whole[..whole.len() / 2].to_vec())),
+        None,
+        pickle!(P::Truncated { .. }),
+    );
+}
+
+#[test]
+fn bin_oversized_pickle() {
+    let big = vec![b'N'; MAX_PICKLE_LEN as usize + 1];
+    broken_bin(
+        &bin_checkpoint(Some(big)),
+        None,
+        torch!(T::PickleTooLarge { len, max, .. } if *len == MAX_PICKLE_LEN + 1 && *max == MAX_PICKLE_LEN),
+    );
+}
+
+#[test]
+fn bin_pickle_building_too_much() {
+    // Within the size limit, but memoizing a value again and again until the bytes the reader
+    // would hold pass their limit.
+    let mut pkl = vec![0x80, 2, b'N'];
+    for i in 0..(MAX_PICKLE_LEN / 5 - 2) as u32 {
+        pkl.push(b'r');
+        pkl.extend_from_slice(&i.to_le_bytes());
+    }
+    pkl.push(b'.');
+    broken_bin(
+        &bin_checkpoint(Some(pkl)),
+        None,
+        pickle!(P::TooManyValues { max, .. } if *max == MAX_HELD_BYTES),
+    );
+}
+
+#[test]
+fn bin_malicious_pickle() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch/malicious");
+    for (case, global) in [
+        ("os-system", "os.system"),
+        ("builtins-eval-protocol4", "builtins.eval"),
+        ("subprocess", "subprocess.call"),
+    ] {
+        let bytes = std::fs::read(dir.join(format!("{case}.bin"))).unwrap();
+        let quoted = format!("'{global}'");
+        broken_bin(&bytes, None, |e: &Error| {
+            pickle!(P::ForbiddenGlobal { global: g, .. } if g == global)(e)
+                && e.to_string().contains(&quoted)
+        });
+        // Where the binary ran (this directory), the payload would have left its marker.
+        assert!(!Path::new(&format!("mergestream-pwned-{case}")).exists());
+    }
+}
+
+#[test]
+fn bin_tensor_without_its_storage() {
+    use crate::torch_bin::build::{bytes, checkpoint, state_dict, T as Tensor};
+    let pkl = state_dict(&[Tensor::f32("w", "0", &[2, 2]), Tensor::f32("b", "1", &[2])]);
+    broken_bin(
+        &checkpoint(&pkl, &[("0", bytes(16, 1))]),
+        Some("b"),
+        torch!(T::StorageMissing { member, .. } if member == "archive/data/1"),
+    );
+}
+
+#[test]
+fn bin_legacy_and_big_endian() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch/refused");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    broken_bin(&read("legacy.bin"), None, torch!(T::LegacyFormat { .. }));
+    broken_bin(&read("bigendian.bin"), None, torch!(T::BigEndian { .. }));
+    broken_bin(
+        &read("noncontiguous.bin"),
+        Some("transposed"),
+        pickle!(P::NotContiguous { .. }),
+    );
+}
+
+#[test]
+fn bin_index_listing_a_tensor_in_the_wrong_shard() {
+    use crate::torch_bin::build::{bytes, checkpoint, state_dict, T as Tensor};
+    let case = Case::new();
+    let one = |name: &str| {
+        checkpoint(
+            &state_dict(&[Tensor::f32(name, "0", &[2])]),
+            &[("0", bytes(8, 3))],
+        )
+    };
+    case.file("bad/s1.bin", &one("w"));
+    case.file("bad/s2.bin", &one("b"));
+    let index = case.file(
+        "bad/pytorch_model.bin.index.json",
+        br#"{"metadata":{},"weight_map":{"w":"s2.bin","b":"s2.bin","x":"s1.bin"}}"#,
+    );
+    fails(
+        &case.good(),
+        &case.path("bad"),
+        2,
+        &[index.to_str().unwrap(), "tensor 'w'"],
+        index!(I::WrongShard { listed, actual, .. } if listed == "s2.bin" && actual == "s1.bin"),
     );
 }
 
