@@ -3,7 +3,8 @@
 //!
 //! [`Card::new`] builds the card at plan time from the recipe and the input models' names: the
 //! front matter (`base_model:` the inputs, as the user named them or as their Hugging Face ids
-//! where those are known; `tags: [merge, mergestream, <method>]`; `library_name` when the layout
+//! where those are known, with `base_model_relation: merge` for the Hub's model tree;
+//! `tags: [merge, mergestream, <method>]`; `library_name` when the layout
 //! model is a `transformers` or `sentence-transformers` model), the method and its formula with
 //! its parameters, the canonical command (or config document) that makes the same bytes again,
 //! the tool's version, the notes the plan made and how to verify the directory. It depends only
@@ -257,6 +258,7 @@ fn front_matter(inputs: &[Named], method: &str, library: Option<&str>) -> String
             text.push_str(&format!("- {}\n", yaml_scalar(name)));
         }
     }
+    text.push_str("base_model_relation: merge\n");
     if let Some(library) = library {
         text.push_str(&format!("library_name: {library}\n"));
     }

@@ -36,7 +36,7 @@ impl Shape {
     /// k/v width. The query heads (`hidden / head_dim`) are then a multiple of the k/v heads
     /// (`kv / head_dim`) whenever `kv` divides `hidden`, as grouped-query attention needs.
     pub fn head_dim(&self) -> u64 {
-        let divides = |d: u64| d > 0 && self.hidden % d == 0 && self.kv % d == 0;
+        let divides = |d: u64| d > 0 && self.hidden.is_multiple_of(d) && self.kv.is_multiple_of(d);
         if divides(128) && self.hidden / 128 >= 8 {
             128
         } else if divides(16) {

@@ -188,6 +188,7 @@ fn the_card_is_the_outputs_own_and_its_command_makes_the_same_bytes() {
     assert_eq!(meta["base_model"], [sft.clone(), aligned.clone()]);
     assert_eq!(meta["tags"], ["merge", "mergestream", "expo"]);
     assert_eq!(meta["library_name"], ["transformers"]);
+    assert_eq!(meta["base_model_relation"], ["merge"]);
 
     for needle in [
         "output = aligned + alpha * (aligned - sft)        alpha = 0.3",
@@ -242,8 +243,14 @@ fn subdirectories_are_copied_listed_and_verified() {
     }
     assert!(!plan.contains(".git") && !plan.contains(".cache") && !plan.contains(".hidden"));
 
+    // A sentence-transformers folder says so.
+    std::fs::write(pair.join("aligned/modules.json"), "[]\n").unwrap();
     let o = expo(&pair, &out, "0.3", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        front_matter(&read(&out.join("README.md")))["library_name"],
+        ["sentence-transformers"]
+    );
     let names = manifest_names(&out);
     for name in [
         "1_Pooling/config.json",
