@@ -58,6 +58,9 @@ struct Named {
     written: String,
     /// Its Hugging Face id when known (a Hub reference, or a path into the Hub cache).
     hub: Option<String>,
+    /// How a command names it: as written, or `org/name@<commit>` for a snapshot of the Hub
+    /// cache (which `expo` looks up there, on any machine, at exactly that revision).
+    word: String,
 }
 
 impl Card {
@@ -89,7 +92,7 @@ impl Card {
             ));
         }
         head.push_str("\n## Reproduce\n\n");
-        head.push_str(&reproduce_text(recipe, models, options));
+        head.push_str(&reproduce_text(recipe, &inputs, options));
         let notes: Vec<String> = options
             .notes
             .iter()
@@ -120,7 +123,7 @@ impl Card {
             crate::plan::MANIFEST_FILE
         ));
         if options.hash_inputs {
-            let given: Vec<String> = inputs.iter().map(|i| shell_word(&i.written)).collect();
+            let given: Vec<String> = inputs.iter().map(|i| shell_word(&i.word)).collect();
             tail.push_str(&format!(
                 "mergestream verify . --inputs {}   # the inputs' SHA-256, file by file\n",
                 given.join(" ")
@@ -181,9 +184,13 @@ fn named_inputs(recipe: &Recipe, models: &[Model]) -> Vec<Named> {
             .zip(&recipe.models)
             .map(|(role, &m)| {
                 let written = models[m].path.display().to_string();
+                let snapshot = hub_snapshot_of_path(&models[m].path);
                 Named {
                     role,
-                    hub: hub_id_of_path(&models[m].path),
+                    word: snapshot
+                        .as_ref()
+                        .map_or_else(|| written.clone(), |(id, commit)| format!("{id}@{commit}")),
+                    hub: snapshot.map(|(id, _)| id),
                     written,
                 }
             })
@@ -194,10 +201,11 @@ fn named_inputs(recipe: &Recipe, models: &[Model]) -> Vec<Named> {
             .iter()
             .map(|entry| Named {
                 role: entry.path.clone(),
+                word: entry.model.written.clone(),
                 written: entry.model.written.clone(),
                 hub: match &entry.model.location {
                     ModelLocation::Hub { repo, .. } => Some(repo.clone()),
-                    ModelLocation::Local(p) => hub_id_of_path(p),
+                    ModelLocation::Local(p) => hub_snapshot_of_path(p).map(|(id, _)| id),
                     ModelLocation::Output { .. } => None,
                 },
             })
@@ -214,17 +222,19 @@ pub fn input_names(recipe: &Recipe, models: &[Model]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The Hugging Face id of a model in the Hub cache, from its path
-/// (`…/models--org--name/snapshots/<commit>` → `org/name`), as given or after resolving links.
-pub fn hub_id_of_path(path: &std::path::Path) -> Option<String> {
-    let from = |p: &std::path::Path| -> Option<String> {
+/// The Hugging Face id and commit of a model in the Hub cache, from its path
+/// (`…/models--org--name/snapshots/<commit>` → `("org/name", "<commit>")`), as given or after
+/// resolving links.
+pub fn hub_snapshot_of_path(path: &std::path::Path) -> Option<(String, String)> {
+    let from = |p: &std::path::Path| -> Option<(String, String)> {
         let parts: Vec<&std::ffi::OsStr> = p.iter().collect();
-        parts.windows(3).rev().find_map(|w| {
-            let folder = w[0].to_str()?.strip_prefix("models--")?;
-            (w[1] == "snapshots" && spec::is_commit_hash(w[2].to_str()?)).then_some(())?;
-            let id = folder.replacen("--", "/", 1);
-            spec::is_repo_id(&id).then_some(id)
-        })
+        // The snapshot directory itself: the last three components.
+        let w = parts.get(parts.len().checked_sub(3)?..)?;
+        let folder = w[0].to_str()?.strip_prefix("models--")?;
+        let commit = w[2].to_str()?;
+        (w[1] == "snapshots" && spec::is_commit_hash(commit)).then_some(())?;
+        let id = folder.replacen("--", "/", 1);
+        spec::is_repo_id(&id).then(|| (id, commit.to_owned()))
     };
     from(path).or_else(|| std::fs::canonicalize(path).ok().and_then(|p| from(&p)))
 }
@@ -338,7 +348,7 @@ fn method_text(recipe: &Recipe) -> String {
     }
 }
 
-fn reproduce_text(recipe: &Recipe, models: &[Model], options: &CardOptions) -> String {
+fn reproduce_text(recipe: &Recipe, inputs: &[Named], options: &CardOptions) -> String {
     let mut flags = Vec::new();
     if options.max_shard_size != crate::DEFAULT_MAX_SHARD_SIZE {
         flags.push(format!(
@@ -353,7 +363,7 @@ fn reproduce_text(recipe: &Recipe, models: &[Model], options: &CardOptions) -> S
     let mut text = String::new();
     match &recipe.method {
         Method::Expo { alpha } => {
-            let model = |i: usize| shell_word(&models[recipe.models[i]].path.display().to_string());
+            let model = |i: usize| shell_word(&inputs[i].word);
             let mut words = vec![
                 "mergestream expo --sft".to_string(),
                 model(0),
@@ -559,22 +569,21 @@ mod tests {
     #[test]
     fn hub_ids_from_cache_paths() {
         let commit = "0123456789abcdef0123456789abcdef01234567";
+        let of = |p: &str| hub_snapshot_of_path(std::path::Path::new(p));
         let p = format!("/c/hub/models--openchat--openchat_3.5/snapshots/{commit}");
         assert_eq!(
-            hub_id_of_path(std::path::Path::new(&p)).as_deref(),
-            Some("openchat/openchat_3.5")
+            of(&p),
+            Some(("openchat/openchat_3.5".into(), commit.into()))
         );
         let p = format!("/c/hub/models--gpt2/snapshots/{commit}/");
-        assert_eq!(
-            hub_id_of_path(std::path::Path::new(&p)).as_deref(),
-            Some("gpt2")
-        );
+        assert_eq!(of(&p), Some(("gpt2".into(), commit.into())));
         for not in [
             "/c/hub/models--a--b/snapshots/main".to_string(),
             format!("/c/hub/datasets--a--b/snapshots/{commit}"),
+            format!("/c/hub/models--a--b/snapshots/{commit}/sub"),
             "./pair/sft".into(),
         ] {
-            assert_eq!(hub_id_of_path(std::path::Path::new(&not)), None, "{not}");
+            assert_eq!(of(&not), None, "{not}");
         }
     }
 

@@ -369,6 +369,7 @@ fn inputs_in_the_hub_cache_are_named_by_their_hub_ids() {
         "--out",
         out.to_str().unwrap(),
         "--quiet",
+        "--hash-inputs",
     ]);
     let card = read(&out.join("README.md"));
     assert_eq!(
@@ -382,6 +383,37 @@ fn inputs_in_the_hub_cache_are_named_by_their_hub_ids() {
         card.contains("(Hugging Face: `openchat/openchat_3.5`)"),
         "{card}"
     );
+    // The command names them by id and commit, which `expo` looks up in the cache: the same
+    // bytes again.
+    let command = shell_block(&card);
+    assert_eq!(
+        command,
+        format!("mergestream expo --sft openchat/openchat_3.5@{commit} --aligned berkeley-nest/Starling-LM-7B-alpha@{commit} --alpha 0.2 --hash-inputs --out OUT")
+    );
+    let again = dir.path().join("again");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let o = Command::new(bin())
+        .args(&words[1..words.len() - 1])
+        .arg(&again)
+        .arg("--quiet")
+        .env("HF_HUB_CACHE", &hub)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_deep_tree(&out, &again);
+    // `verify --inputs` takes the models as the card names them, too.
+    let line = format!("mergestream verify . --inputs openchat/openchat_3.5@{commit} berkeley-nest/Starling-LM-7B-alpha@{commit}");
+    assert!(card.contains(&format!("{line}   #")), "{card}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let o = Command::new(bin())
+        .args(&words[1..])
+        .env("HF_HUB_CACHE", &hub)
+        .current_dir(&again)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("5 input files match their SHA-256"));
 }
 
 #[test]
