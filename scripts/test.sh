@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this script) and as the README tells a new
-# user to run it: sets up what the tests need (a Python venv with safetensors + numpy, b3sum; the
-# Slurm test installs Slurm itself), then formatting, lints, warning-free docs, and every test in
-# release mode (unit, property, end-to-end, Python client, memory, Slurm) against the product as
-# shipped, then the tests that need the test hooks (fault injection, fuzz-corpus replay) with the
-# `failpoints` and `fuzzing` cargo features on.
+# user to run it: sets up what the tests need (scripts/test-env.sh: a Python venv with safetensors,
+# numpy, PyYAML, maturin, torch and transformers, and b3sum; the Slurm test installs Slurm itself), then formatting, lints, warning-free docs, and every test in
+# release mode (unit, property, end-to-end, Python client, transformers, memory, Slurm) against
+# the product as shipped, then the tests that need the test hooks (fault injection, fuzz-corpus
+# replay) with the `failpoints` and `fuzzing` cargo features on, then the pip wheel
+# (scripts/wheel-test.sh: maturin builds it, a fresh venv installs it and runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,5 @@ echo "== cargo test --release (the product: default features)"
 cargo test --release
 echo "== cargo test --release --features failpoints,fuzzing (fault injection, fuzz corpus)"
 cargo test --release --features failpoints,fuzzing --test it -- faults:: fuzz_corpus::
+echo "== the pip wheel (maturin), installed alone into a fresh venv"
+bash scripts/wheel-test.sh

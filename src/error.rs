@@ -995,6 +995,12 @@ pub enum PartsProblem {
         /// The file.
         name: String,
     },
+    /// The run hashes its inputs (`--hash-inputs`), but no part recorded the hashes.
+    #[error("part {part} recorded no input hashes (a run with --hash-inputs hashes them in part {part})")]
+    InputsUnhashed {
+        /// The part that hashes.
+        part: Part,
+    },
 }
 
 /// One problem `verify` found: a cause, with what follows from it.
@@ -1163,6 +1169,52 @@ pub enum VerifyCause {
         /// The number of shards.
         shards: usize,
     },
+    /// `mergestream.json` is not the JSON mergestream writes (checking `--inputs`).
+    #[error("{}: is not valid provenance: {json}", crate::plan::PROVENANCE_FILE)]
+    ProvenanceInvalid {
+        /// What the JSON reader said.
+        json: serde_json::Error,
+    },
+    /// `--inputs` asked for, but the output records no input hashes.
+    #[error(
+        "{} records no input hashes: the output was made without --hash-inputs",
+        crate::plan::PROVENANCE_FILE
+    )]
+    InputsNotHashed,
+    /// An input file the output recorded is not in the model given for it.
+    #[error("{role} input {}: {name} is recorded but the model has no such weight file", model.display())]
+    InputFileMissing {
+        /// The input's role.
+        role: String,
+        /// The model given.
+        model: PathBuf,
+        /// The recorded file.
+        name: String,
+    },
+    /// An input file's SHA-256 differs from the recorded one.
+    #[error("{role} input {}: {name}: SHA-256 is {actual} but the output recorded {recorded}", model.display())]
+    InputHashMismatch {
+        /// The input's role.
+        role: String,
+        /// The model given.
+        model: PathBuf,
+        /// The file.
+        name: String,
+        /// Its SHA-256 now, hex.
+        actual: String,
+        /// The recorded one, hex.
+        recorded: String,
+    },
+    /// The model given has a weight file the output did not record.
+    #[error("{role} input {}: {name} is a weight file the output did not record", model.display())]
+    InputFileUnrecorded {
+        /// The input's role.
+        role: String,
+        /// The model given.
+        model: PathBuf,
+        /// The file.
+        name: String,
+    },
 }
 
 /// What follows from a [`VerifyCause`].
@@ -1233,6 +1285,33 @@ pub enum UsageError {
         feature: &'static str,
         /// What to do instead.
         hint: &'static str,
+    },
+    /// `verify --inputs` names another number of models than the output recorded.
+    #[error("--inputs names {given} model{} but the output recorded {}: {}", plural(*given), roles.len(), join(roles))]
+    InputCount {
+        /// Models given.
+        given: usize,
+        /// The recorded roles, in order.
+        roles: Vec<String>,
+    },
+    /// A model of `verify --config` has a role the output did not record.
+    #[error(
+        "the config's {role} is not among the output's recorded inputs ({})",
+        join(roles)
+    )]
+    UnknownRole {
+        /// The role in the config.
+        role: String,
+        /// The recorded roles.
+        roles: Vec<String>,
+    },
+    /// `verify --config` with a multi-document config: no document made this output.
+    #[error("no document of the config is named {} (the config has {})", name.as_deref().unwrap_or("(unnamed)"), join(names))]
+    NoSuchDocument {
+        /// The output's name, from its provenance.
+        name: Option<String>,
+        /// The documents' names.
+        names: Vec<String>,
     },
     /// A config whose documents read each other's outputs, run with `--part`.
     #[error("documents of this config read other documents' outputs, which a partitioned run cannot do in one go: run `merge` without --part, or split the config into one config per stage")]

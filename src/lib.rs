@@ -17,6 +17,8 @@
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
 //! - [`output`] is that sink: temporary files, renames, records, locks, finalizing (and
 //!   `checksums.b3`, the blake3 manifest);
+//! - [`card`] writes the output's model card; [`lineage`] hashes the inputs (`--hash-inputs`)
+//!   and checks them again;
 //! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
 //!
 //! What the library does not do: print (only `main.rs` does), parse command lines, or read
@@ -25,6 +27,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod busy;
+pub mod card;
 pub mod error;
 mod failpoint;
 pub mod format;
@@ -32,6 +35,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;
+pub mod lineage;
 pub mod manifest;
 pub mod method;
 pub mod model;
@@ -56,7 +60,7 @@ use method::{Method, Note, Policy, Recipe};
 use model::Model;
 use output::{Existing, OutputDir, ShardWriter};
 use pipeline::{Cancel, Settings};
-use plan::{Part, Plan};
+use plan::{Part, Plan, PlanOptions};
 use writer::IoMode;
 
 /// Memory kept aside from `--memory` for everything but chunk buffers: the program, thread
@@ -147,6 +151,9 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// How output files are written.
     pub io: IoMode,
+    /// Record the SHA-256 of every input weight file in provenance and the card
+    /// (`--hash-inputs`); part 0 of a partitioned run computes them.
+    pub hash_inputs: bool,
 }
 
 /// One output of a run: where it goes and what it is made of.
@@ -206,6 +213,9 @@ pub struct Summary {
     pub readers: usize,
     /// Working time of each stage (see [`busy::Busy`]).
     pub busy: Vec<(busy::Stage, std::time::Duration)>,
+    /// The SHA-256 of every input file, when this run computed them (`--hash-inputs`, part 0),
+    /// per model of the run: the model as named, and its files.
+    pub input_hashes: Vec<(PathBuf, Vec<lineage::FileHash>)>,
 }
 
 impl Summary {
@@ -332,7 +342,16 @@ pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
     let plans = job
         .outputs
         .iter()
-        .map(|o| Plan::build(&o.recipe, &models, job.options.max_shard_size))
+        .map(|o| {
+            Plan::build_with(
+                &o.recipe,
+                &models,
+                &PlanOptions {
+                    max_shard_size: job.options.max_shard_size,
+                    hash_inputs: job.options.hash_inputs,
+                },
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((models, plans))
 }
@@ -427,52 +446,88 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         dir.count_busy(std::sync::Arc::clone(&busy));
     }
     let mut buffered = false;
-    let result = (|| {
-        // Outputs listing the same tensors in the same order share one read of the inputs.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for k in 0..plans.len() {
-            match groups
-                .iter_mut()
-                .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
-            {
-                Some(g) => g.push(k),
-                None => groups.push(vec![k]),
-            }
-        }
-        for group in groups {
-            let shapes: Vec<(&Plan, &[usize])> = group
-                .iter()
-                .map(|&k| (&plans[k], todo[k].as_slice()))
-                .collect();
-            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
-            if let Some(chunk) = opts.chunk_bytes {
-                settings.chunk_bytes = chunk.max(8) & !7;
-            }
-            let mut writers: Vec<ShardWriter> = Vec::new();
-            for (k, dir) in dirs.iter_mut().enumerate() {
-                if group.contains(&k) {
-                    writers.push(ShardWriter::new(dir));
+    // Part 0 hashes every input file (`--hash-inputs`) on threads of its own while the
+    // pipeline reads: see `lineage`.
+    let hashing = opts.hash_inputs && part.index == 0;
+    let stop_hashing = std::sync::atomic::AtomicBool::new(false);
+    let (result, hashes) = std::thread::scope(|scope| {
+        let hasher =
+            hashing.then(|| scope.spawn(|| lineage::hash_models(&models, &stop_hashing, cancel)));
+        let result = (|| {
+            // Outputs listing the same tensors in the same order share one read of the inputs.
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for k in 0..plans.len() {
+                match groups
+                    .iter_mut()
+                    .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
+                {
+                    Some(g) => g.push(k),
+                    None => groups.push(vec![k]),
                 }
             }
-            let mut outputs: Vec<pipeline::Output> = writers
-                .iter_mut()
-                .zip(&group)
-                .map(|(w, &k)| pipeline::Output {
-                    plan: &plans[k],
-                    shards: &todo[k],
-                    sink: w,
-                })
-                .collect();
-            pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
-            drop(outputs);
-            buffered |= writers.iter().any(|w| w.buffered);
+            for group in groups {
+                let shapes: Vec<(&Plan, &[usize])> = group
+                    .iter()
+                    .map(|&k| (&plans[k], todo[k].as_slice()))
+                    .collect();
+                let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+                let mut settings =
+                    Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
+                if let Some(chunk) = opts.chunk_bytes {
+                    settings.chunk_bytes = chunk.max(8) & !7;
+                }
+                let mut writers: Vec<ShardWriter> = Vec::new();
+                for (k, dir) in dirs.iter_mut().enumerate() {
+                    if group.contains(&k) {
+                        writers.push(ShardWriter::new(dir));
+                    }
+                }
+                let mut outputs: Vec<pipeline::Output> = writers
+                    .iter_mut()
+                    .zip(&group)
+                    .map(|(w, &k)| pipeline::Output {
+                        plan: &plans[k],
+                        shards: &todo[k],
+                        sink: w,
+                    })
+                    .collect();
+                pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
+                drop(outputs);
+                buffered |= writers.iter().any(|w| w.buffered);
+            }
+            Ok::<(), Error>(())
+        })();
+        if result.is_err() {
+            stop_hashing.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok::<(), Error>(())
-    })();
+        let hashes = hasher.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::internal("the hashing thread panicked")))
+        });
+        (result, hashes)
+    });
     bar.finish();
     result?;
-    for (plan, dir) in plans.iter().zip(&mut dirs) {
+    let hashes: Option<Vec<Vec<lineage::FileHash>>> = match hashes {
+        None => None,
+        Some(h) => {
+            Some(h?.ok_or_else(|| Error::internal("hashing stopped by a run that went on"))?)
+        }
+    };
+    for (k, (plan, dir)) in plans.iter().zip(&mut dirs).enumerate() {
+        if let Some(hashes) = &hashes {
+            let recipe = &job.outputs[k].recipe;
+            let inputs = card::input_names(recipe, &models)
+                .into_iter()
+                .zip(&recipe.models)
+                .map(|((role, model), &m)| lineage::InputHashes {
+                    role,
+                    model,
+                    files: hashes[m].clone(),
+                })
+                .collect();
+            dir.record_input_hashes(inputs)?;
+        }
         if part.index == 0 {
             for f in &plan.extra_files {
                 if !dir.has(&f.name) {
@@ -535,5 +590,8 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         threads: opts.threads.max(1),
         readers: Settings::READERS,
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
+        input_hashes: hashes
+            .map(|h| models.iter().map(|m| m.path.clone()).zip(h).collect())
+            .unwrap_or_default(),
     })
 }

@@ -61,8 +61,19 @@ enum Command {
         json: bool,
     },
     /// Re-hash every file of an output against checksums.b3 and re-check its structure.
+    #[command(
+        after_help = "Examples:\n  mergestream verify OUT\n  mergestream verify OUT --inputs ./sft ./aligned      (an output made with --hash-inputs: re-hash the inputs too)\n  mergestream verify OUT --config ties.yml            (the inputs of a config merge, found as `merge` finds them)"
+    )]
     Verify {
         dir: PathBuf,
+        /// Also re-hash these input models (in the order the output recorded them: --sft then
+        /// --aligned for ExPO) and compare with the SHA-256 recorded by --hash-inputs.
+        #[arg(long, value_name = "MODEL", num_args = 1.., conflicts_with = "config")]
+        inputs: Vec<PathBuf>,
+        /// Also re-hash the input models of this merge config (resolved as `merge` resolves
+        /// them) and compare with the SHA-256 recorded by --hash-inputs.
+        #[arg(long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
         #[arg(long, short)]
         quiet: bool,
     },
@@ -145,7 +156,19 @@ struct ExpoArgs {
     #[command(flatten)]
     pair: ModelPair,
     #[command(flatten)]
+    lineage: LineageArgs,
+    #[command(flatten)]
     run: RunArgs,
+}
+
+/// What the output records about its inputs.
+#[derive(Args)]
+struct LineageArgs {
+    /// Record the SHA-256 of every input weight file (what the Hugging Face Hub shows as the
+    /// file's LFS object id) in mergestream.json and the model card, hashed while the run reads
+    /// them; check them later with `verify OUT --inputs …`.
+    #[arg(long)]
+    hash_inputs: bool,
 }
 
 /// How a run that writes goes about it; none of it changes the output bytes.
@@ -183,7 +206,7 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn options(&self, layout: &LayoutArgs) -> RunOptions {
+    fn options(&self, layout: &LayoutArgs, lineage: &LineageArgs) -> RunOptions {
         RunOptions {
             max_shard_size: layout.max_shard_size.0,
             memory: self.memory.0,
@@ -201,6 +224,7 @@ impl RunArgs {
             },
             show_progress: !self.quiet && !self.json,
             io: self.io,
+            hash_inputs: lineage.hash_inputs,
         }
     }
 }
@@ -213,6 +237,8 @@ struct MergeArgs {
     layout: LayoutArgs,
     #[command(flatten)]
     policy: ConfigPolicyArgs,
+    #[command(flatten)]
+    lineage: LineageArgs,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -259,6 +285,9 @@ struct PlanArgs {
     vocab_mismatch: VocabMismatch,
     #[command(flatten)]
     config_policy: ConfigPolicyArgs,
+    /// As `expo --hash-inputs` (it changes provenance, the card and so the fingerprint).
+    #[arg(long)]
+    hash_inputs: bool,
     /// Show which shards part I of N would write.
     #[arg(long, value_name = "I/N", value_parser = Part::parse)]
     part: Option<Part>,
@@ -393,21 +422,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Merge(args) => merge(args)?,
         Command::Plan(args) => plan(args)?,
         Command::Inspect { model, json } => inspect(&model, json)?,
-        Command::Verify { dir, quiet } => {
-            let report = verify::verify(&dir)?;
-            if !quiet {
-                let mut out = stdout();
-                writeln!(
-                    out,
-                    "{}: OK ({} files, {} tensors, {} checked)",
-                    dir.display(),
-                    report.files,
-                    report.tensors,
-                    format_bytes(report.bytes)
-                )?;
-                out.flush()?;
-            }
-        }
+        Command::Verify {
+            dir,
+            inputs,
+            config,
+            quiet,
+        } => verify_output(&dir, &inputs, config.as_deref(), quiet)?,
         Command::Finalize { out, quiet } => {
             for (dir, done) in output::finalize_all(&out)? {
                 if !quiet {
@@ -424,6 +444,137 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Synth(args) => synth_pair(args)?,
     }
     Ok(())
+}
+
+/// `verify DIR [--inputs MODEL… | --config CONFIG]`: the output, then the inputs it recorded.
+fn verify_output(
+    dir: &std::path::Path,
+    inputs: &[PathBuf],
+    config: Option<&std::path::Path>,
+    quiet: bool,
+) -> Result<(), Failure> {
+    use mergestream::lineage::{self, GivenInput};
+    let report = verify::verify(dir);
+    let given: Option<Vec<GivenInput>> = match config {
+        Some(path) => Some(config_inputs(dir, path)?),
+        None if !inputs.is_empty() => Some(
+            inputs
+                .iter()
+                .map(|p| GivenInput {
+                    role: None,
+                    path: model_arg(p),
+                })
+                .collect(),
+        ),
+        None => None,
+    };
+    let checked = given.map(|g| lineage::verify_inputs(dir, &g));
+    // Both checks' problems in one report.
+    let (report, checked) = match (report, checked) {
+        (
+            Err(Error::Verify { path, mut problems }),
+            Some(Err(Error::Verify { problems: more, .. })),
+        ) => {
+            problems.extend(more);
+            return Err(Error::Verify { path, problems }.into());
+        }
+        (report, checked) => (report?, checked.transpose()?),
+    };
+    if !quiet {
+        let mut out = stdout();
+        for f in checked.iter().flatten() {
+            writeln!(
+                out,
+                "{}  {}/{}: OK ({} input)",
+                f.sha256,
+                f.model.display(),
+                f.name,
+                f.role
+            )?;
+        }
+        let inputs = match &checked {
+            Some(files) => format!(", {} input files match their SHA-256", files.len()),
+            None => String::new(),
+        };
+        writeln!(
+            out,
+            "{}: OK ({} files, {} tensors, {} checked{inputs})",
+            dir.display(),
+            report.files,
+            report.tensors,
+            format_bytes(report.bytes)
+        )?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// A model named on the command line: the path when it exists, else the Hugging Face id
+/// (`org/name[@revision]`, as a model card's commands name models of the cache) looked up in the
+/// local cache; else the path, for opening it to say what is wrong.
+fn model_arg(path: &std::path::Path) -> PathBuf {
+    if path.exists() {
+        return path.to_path_buf();
+    }
+    let text = path.to_string_lossy();
+    let (repo, revision) = match text.split_once('@') {
+        Some((repo, revision)) => (repo, Some(revision)),
+        None => (text.as_ref(), None),
+    };
+    if spec::is_repo_id(repo) {
+        if let Ok(snapshot) = spec::HfCache::from_env().resolve(repo, revision) {
+            return snapshot.dir;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// The input models of the config document that made the output `dir`, resolved as `merge`
+/// resolves them, with their roles.
+fn config_inputs(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<Vec<mergestream::lineage::GivenInput>> {
+    use mergestream::error::UsageError;
+    use mergestream::lineage::GivenInput;
+    let spec = read_config(config)?;
+    let k = if spec.outputs.len() == 1 {
+        0
+    } else {
+        // A multi-document config writes OUT/<name>/: the output's provenance names it.
+        let path = dir.join(mergestream::plan::PROVENANCE_FILE);
+        let name = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_owned));
+        spec.outputs
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| UsageError::NoSuchDocument {
+                name,
+                names: spec
+                    .outputs
+                    .iter()
+                    .map(|o| o.name.clone().unwrap_or_else(|| "(unnamed)".into()))
+                    .collect(),
+            })?
+    };
+    let siblings = dir.parent().unwrap_or(std::path::Path::new("."));
+    Ok(spec.outputs[k]
+        .models
+        .iter()
+        .map(|entry| GivenInput {
+            role: Some(entry.path.clone()),
+            path: match &entry.model.location {
+                spec::ModelLocation::Output { name, .. } => siblings.join(name),
+                _ => entry
+                    .model
+                    .dir()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+            },
+        })
+        .collect())
 }
 
 /// A cancel flag set by SIGINT and SIGTERM.
@@ -473,7 +624,7 @@ fn expo(args: ExpoArgs) -> Result<(), Failure> {
     )?;
     let job = ExpoJob {
         policy: args.pair.policy(),
-        options: args.run.options(&args.pair.layout),
+        options: args.run.options(&args.pair.layout, &args.lineage),
         sft,
         aligned,
         out: args.run.out.clone(),
@@ -498,7 +649,7 @@ fn read_config(path: &std::path::Path) -> Result<spec::MergeSpec> {
 fn merge(args: MergeArgs) -> Result<(), Failure> {
     let cancel = cancel_on_signals()?;
     let spec = read_config(&args.config)?;
-    let options = args.run.options(&args.layout);
+    let options = args.run.options(&args.layout, &args.lineage);
     let runs = mergestream::config_runs(&spec, &args.run.out, args.policy.policy(), &options)?;
     for job in &runs {
         let summary = mergestream::run(job, &cancel)?;
@@ -541,6 +692,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "readers": summary.readers,
             "busy": busy,
             "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
+            "input_sha256": summary.input_hashes.iter().map(|(m, files)| serde_json::json!({"model": m, "files": files})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
         });
         let mut out = stdout();
@@ -557,6 +709,16 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
     }
     for n in &summary.notes {
         note(format_args!("note: {n}"));
+    }
+    for (model, files) in &summary.input_hashes {
+        for f in files {
+            note(format_args!(
+                "sha256 {}  {}/{}",
+                f.sha256,
+                model.display(),
+                f.name
+            ));
+        }
     }
     let kept = if summary.shards_kept > 0 {
         format!(", {} kept from the earlier run", summary.shards_kept)
@@ -626,6 +788,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         existing: Existing::Refuse,
         show_progress: false,
         io: IoMode::Auto,
+        hash_inputs: args.hash_inputs,
     };
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("OUT"));
     let runs: Vec<MergeJob> = match (&args.config, &args.sft, &args.aligned) {
@@ -725,6 +888,24 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             }
             for f in &plan.extra_files {
                 writeln!(out, "  {}  (copied)", f.name)?;
+            }
+            writeln!(
+                out,
+                "  {}  (written: this output's model card)",
+                mergestream::card::CARD_FILE
+            )?;
+            if plan.config_yml.is_some() {
+                writeln!(
+                    out,
+                    "  {}  (written: the merge config)",
+                    mergestream::card::CONFIG_FILE
+                )?;
+            }
+            if plan.hash_inputs {
+                writeln!(
+                    out,
+                    "  input files: SHA-256 recorded (--hash-inputs; part 0 of a partitioned run hashes them)"
+                )?;
             }
             for (name, why) in &plan.skipped_files {
                 writeln!(out, "  {name}  (not copied: {why})")?;

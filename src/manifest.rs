@@ -1,7 +1,9 @@
 //! `checksums.b3`: the blake3 manifest of an output directory, in `b3sum`'s format.
 //!
 //! One line per file, `<64 hex digits>  <name>`, sorted by name, so `b3sum --check checksums.b3`
-//! reads it as it is. The hashes come from the bytes as they were written (see `output`); this
+//! reads it as it is. A name is a path relative to the output directory: a file name, or a file
+//! of a subdirectory copied from the input (`1_Pooling/config.json`); never absolute, never with
+//! `..`, `.` or empty components. The hashes come from the bytes as they were written (see `output`); this
 //! module only formats, parses and re-hashes.
 
 use std::fs::File;
@@ -36,8 +38,7 @@ pub(crate) fn parse(text: &str) -> (Vec<Entry>, Vec<(usize, String)>) {
     for (n, line) in text.lines().enumerate() {
         let parsed = line.split_once("  ").and_then(|(hex, name)| {
             let hash = blake3::Hash::from_hex(hex).ok()?;
-            let plain = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
-            plain.then(|| Entry {
+            is_safe_relative(name).then(|| Entry {
                 name: name.to_owned(),
                 hash,
             })
@@ -48,6 +49,15 @@ pub(crate) fn parse(text: &str) -> (Vec<Entry>, Vec<(usize, String)>) {
         }
     }
     (entries, bad)
+}
+
+/// Whether `name` is a path that stays inside the directory: `/`-separated components, none
+/// empty, `.` or `..` (so no absolute path either).
+pub fn is_safe_relative(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// blake3 of a file's contents.
@@ -96,5 +106,37 @@ mod tests {
         assert_eq!(parse("xyz  a\n").1, [(1, "xyz  a".to_string())]);
         let traversal = format!("{}  ../a", blake3::hash(b"").to_hex());
         assert_eq!(parse(&format!("{text}{traversal}\n")).1, [(3, traversal)]);
+    }
+
+    #[test]
+    fn names_are_safe_relative_paths() {
+        let h = blake3::hash(b"").to_hex();
+        for good in [
+            "a",
+            "1_Pooling/config.json",
+            "a/b/c",
+            "..a",
+            "a..",
+            ".hidden",
+        ] {
+            let (entries, bad) = parse(&format!("{h}  {good}\n"));
+            assert_eq!((entries.len(), bad.len()), (1, 0), "{good}");
+            assert_eq!(entries[0].name, good);
+        }
+        for unsafe_name in [
+            "",
+            "/etc/passwd",
+            "..",
+            ".",
+            "a/../b",
+            "a//b",
+            "a/",
+            "./a",
+            "a/.",
+            "../a",
+        ] {
+            let (entries, bad) = parse(&format!("{h}  {unsafe_name}\n"));
+            assert_eq!((entries.len(), bad.len()), (0, 1), "{unsafe_name:?}");
+        }
     }
 }

@@ -4,10 +4,13 @@
 //! go out, synced, and only then renamed to its final name, so a final name always means a
 //! complete file. Each part of a run (`--part I/N`; a whole run is part 0/1) keeps a record of
 //! the files it finished with their blake3, under a lock that keeps a second run of the same
-//! part out. [`finalize`] turns complete records into the index, `mergestream.json` and, last of
-//! all, `checksums.b3`, then removes the work directory — so a directory with a manifest is a
-//! finished one. This module never computes tensor bytes; the pipeline hands them in through
-//! [`ShardWriter`].
+//! part out. [`finalize`] turns complete records into the index, the model card (`README.md`),
+//! the merge config of a config merge (`mergekit_config.yml`), `mergestream.json` (with the
+//! inputs' SHA-256 that part 0 recorded, under `--hash-inputs`) and, last of all,
+//! `checksums.b3`, then removes the work directory — so a directory with a manifest is a
+//! finished one. Files copied from an input's subdirectories (`1_Pooling/config.json`) keep
+//! their relative paths; temporary names never contain a `/`. This module never computes tensor
+//! bytes; the pipeline hands them in through [`ShardWriter`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -16,8 +19,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::card::{Card, CARD_FILE, CONFIG_FILE};
 use crate::error::{Error, OutputError, PartsProblem, Result};
 use crate::format::index::INDEX_FILE;
+use crate::lineage::InputHashes;
 use crate::manifest::{self, Entry};
 use crate::pipeline::ShardSink;
 use crate::plan::{OutShard, Part, Plan, MANIFEST_FILE, PROVENANCE_FILE};
@@ -56,6 +61,9 @@ struct PartRecord {
     part: String,
     complete: bool,
     files: Vec<FileRecord>,
+    /// The SHA-256 of the output's input files, from the part that hashes them (part 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input_sha256: Option<Vec<InputHashes>>,
 }
 
 /// What `finalize` needs to know of the plan, written by every part.
@@ -69,6 +77,14 @@ struct PlanRecord {
     files: Vec<String>,
     index_json: Option<String>,
     provenance_json: String,
+    /// The model card, without the inputs' hashes.
+    card: Card,
+    /// `mergekit_config.yml`, for a config merge.
+    #[serde(default)]
+    config_yml: Option<String>,
+    /// Whether part 0 records the inputs' SHA-256.
+    #[serde(default)]
+    hash_inputs: bool,
 }
 
 /// Checks, before any work, that `out` can be written: it is a writable directory, or can be
@@ -133,20 +149,33 @@ impl OutputDir {
             .map(|s| s.name.as_str())
             .chain(plan.extra_files.iter().map(|f| f.name.as_str()))
             .collect();
+        // Directories holding files of ours (`1_Pooling`, `a/b`): looked into, not foreign.
+        let our_dirs: BTreeSet<&str> = ours
+            .iter()
+            .map(String::as_str)
+            .chain(writes.iter().copied())
+            .flat_map(|n| n.match_indices('/').map(move |(i, _)| &n[..i]))
+            .collect();
         let mut foreign = Vec::new();
-        for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, "listing", e))? {
-            let name = entry
-                .map_err(|e| Error::io(out, "listing", e))?
-                .file_name()
-                .to_string_lossy()
-                .into_owned();
-            // Another part's `precheck` probe may come and go while we look.
-            if name != WORK_DIR
-                && !writes.contains(name.as_str())
-                && !ours.contains(&name)
-                && !name.starts_with(PROBE_PREFIX)
-            {
-                foreign.push(name);
+        let mut todo = vec![String::new()];
+        while let Some(prefix) = todo.pop() {
+            let dir = out.join(&prefix);
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, "listing", e))? {
+                let entry = entry.map_err(|e| Error::io(&dir, "listing", e))?;
+                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+                // Another part's `precheck` probe may come and go while we look.
+                if name == WORK_DIR
+                    || writes.contains(name.as_str())
+                    || ours.contains(&name)
+                    || (prefix.is_empty() && name.starts_with(PROBE_PREFIX))
+                {
+                    continue;
+                }
+                if our_dirs.contains(name.as_str()) && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(format!("{name}/"));
+                } else {
+                    foreign.push(name);
+                }
             }
         }
         foreign.sort();
@@ -176,6 +205,7 @@ impl OutputDir {
             part: part.to_string(),
             complete: false,
             files: Vec::new(),
+            input_sha256: None,
         };
         let record = match (read_json::<PartRecord>(&record_path)?, existing) {
             (None, _) => fresh,
@@ -204,6 +234,9 @@ impl OutputDir {
             files: writes.iter().map(|s| s.to_string()).collect(),
             index_json: plan.index_json.clone(),
             provenance_json: plan.provenance_json.clone(),
+            card: plan.card.clone(),
+            config_yml: plan.config_yml.clone(),
+            hash_inputs: plan.hash_inputs,
         };
         let plan_path = work.join(plan_record_name(&plan.fingerprint));
         write_atomic(&work, &plan_path, &to_json(&plan_record))?;
@@ -233,6 +266,13 @@ impl OutputDir {
         self.save_record()
     }
 
+    /// Records the SHA-256 of the output's input files (the part that hashes them, under
+    /// `--hash-inputs`), for `finalize` to write into provenance and the card.
+    pub fn record_input_hashes(&mut self, inputs: Vec<InputHashes>) -> Result<()> {
+        self.record.input_sha256 = Some(inputs);
+        self.save_record()
+    }
+
     /// Marks this part complete.
     pub fn complete(&mut self) -> Result<()> {
         self.record.complete = true;
@@ -245,9 +285,23 @@ impl OutputDir {
         Ok(())
     }
 
-    /// Copies `source` into the output as `name`, hashing it on the way.
+    /// Copies `source` into the output as `name` (a path relative to the output directory,
+    /// whose directories are created), hashing it on the way.
     pub fn copy_file(&mut self, source: &Path, name: &str) -> Result<()> {
         let mut input = File::open(source).map_err(|e| Error::io(source, "opening", e))?;
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            let dir = self.path.join(parent);
+            if !dir.is_dir() {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::io(&dir, "creating directory", e))?;
+                // The new directories' entries must reach the disk with the file's.
+                let mut at = Some(dir.as_path());
+                while let Some(d) = at.filter(|d| *d != self.path) {
+                    at = d.parent();
+                    sync_dir(at.unwrap_or(&self.path))?;
+                }
+            }
+        }
         let mut file = self.create(name)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -268,11 +322,12 @@ impl OutputDir {
         self.busy = Some(busy);
     }
 
-    /// A new output file `name`, under a temporary name of this part until persisted.
+    /// A new output file `name`, under a temporary name of this part until persisted (without
+    /// a `/`: a file of a subdirectory is written in the work directory too).
     fn create(&self, name: &str) -> Result<StreamFile> {
         StreamFile::create(
             &self.work,
-            &format!("{}.{name}.", self.part.tag()),
+            &format!("{}.{}.", self.part.tag(), name.replace('/', "%2F")),
             &self.path.join(name),
             self.io,
             self.busy.clone(),
@@ -521,12 +576,19 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
             problems.push(PartsProblem::Unwritten { name: name.clone() });
         }
     }
+    let lineage = records.iter().find_map(|(_, r)| r.input_sha256.clone());
+    if plan.hash_inputs && lineage.is_none() {
+        problems.push(PartsProblem::InputsUnhashed {
+            part: Part { index: 0, count },
+        });
+    }
     if !problems.is_empty() {
         return Err(Error::Parts {
             path: out.to_path_buf(),
             problems,
         });
     }
+    let lineage = lineage.filter(|_| plan.hash_inputs);
     if let Some(index) = &plan.index_json {
         let hash = write_atomic(&work, &out.join(INDEX_FILE), index.as_bytes())?;
         entries.push(Entry {
@@ -535,11 +597,23 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         });
         crate::failpoint::hit("finalize-index", &|| false);
     }
-    let hash = write_atomic(
-        &work,
-        &out.join(PROVENANCE_FILE),
-        plan.provenance_json.as_bytes(),
-    )?;
+    let card = plan.card.render(lineage.as_deref());
+    let mut generated = vec![(CARD_FILE, card)];
+    if let Some(config) = &plan.config_yml {
+        generated.push((CONFIG_FILE, config.clone()));
+    }
+    for (name, text) in generated {
+        let hash = write_atomic(&work, &out.join(name), text.as_bytes())?;
+        entries.push(Entry {
+            name: name.into(),
+            hash,
+        });
+    }
+    let provenance = match &lineage {
+        None => plan.provenance_json.clone(),
+        Some(inputs) => with_input_hashes(&plan.provenance_json, inputs)?,
+    };
+    let hash = write_atomic(&work, &out.join(PROVENANCE_FILE), provenance.as_bytes())?;
     entries.push(Entry {
         name: PROVENANCE_FILE.into(),
         hash,
@@ -555,6 +629,22 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         files: entries.len() + 1,
         parts: count,
     })
+}
+
+/// The provenance text with the inputs' SHA-256 added (under [`crate::lineage::PROVENANCE_KEY`]).
+fn with_input_hashes(provenance: &str, inputs: &[InputHashes]) -> Result<String> {
+    let mut doc: serde_json::Map<String, serde_json::Value> = serde_json::from_str(provenance)
+        .map_err(|e| {
+            Error::internal(format!("the planned provenance is not a JSON object: {e}"))
+        })?;
+    doc.insert(
+        crate::lineage::PROVENANCE_KEY.into(),
+        crate::lineage::to_provenance(inputs),
+    );
+    let mut text = serde_json::to_string_pretty(&serde_json::Value::Object(doc))
+        .expect("serializing JSON cannot fail");
+    text.push('\n');
+    Ok(text)
 }
 
 /// Takes an exclusive, non-blocking lock on `path` for `part` (`None`: for finalizing), or says

@@ -2,7 +2,8 @@
 //!
 //! [`Plan::build`] asks the output's [`Recipe`] for every tensor's ops (the method matches the
 //! models tensor by tensor, reporting every mismatch at once), lays out the output shards and
-//! their headers byte for byte, and fingerprints the whole. It
+//! their headers byte for byte, writes the output's model card and provenance, and fingerprints
+//! the whole. It
 //! is deterministic — the same inputs and options give the same plan on any machine — which is
 //! what lets partitioned runs ([`Part`]) coordinate without talking, and lets a resumed run
 //! trust what an earlier one wrote. Nothing here reads tensor data or writes a file.
@@ -10,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::card::{self, Card, CardOptions, CARD_FILE, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::format::header::{self, TensorInfo};
 use crate::format::index::{self, INDEX_FILE};
@@ -47,7 +49,8 @@ impl OutShard {
 /// A non-weight file of the aligned model (config, tokenizer, …) copied to the output.
 #[derive(Debug, Clone)]
 pub struct ExtraFile {
-    /// File name, the same in the output.
+    /// File name, the same in the output: a path relative to the model directory for a file in
+    /// a subdirectory (`1_Pooling/config.json`), `/`-separated.
     pub name: String,
     /// Where it is copied from.
     pub source: PathBuf,
@@ -105,7 +108,7 @@ pub struct Plan {
     pub tensors: Vec<PlannedTensor>,
     /// The output shards, in order.
     pub shards: Vec<OutShard>,
-    /// Non-weight files copied from the aligned model.
+    /// Non-weight files copied from the aligned model, those of its subdirectories included.
     pub extra_files: Vec<ExtraFile>,
     /// Files of the aligned model directory that are not copied, with why.
     pub skipped_files: Vec<(String, &'static str)>,
@@ -113,16 +116,45 @@ pub struct Plan {
     pub total_size: u64,
     /// The index JSON, for sharded outputs.
     pub index_json: Option<String>,
-    /// The `mergestream.json` provenance text.
+    /// The `mergestream.json` provenance text (without the inputs' SHA-256, which `finalize`
+    /// adds when the run records them).
     pub provenance_json: String,
+    /// The output's model card (`README.md`).
+    pub card: Card,
+    /// The merge config, for config merges (`mergekit_config.yml`).
+    pub config_yml: Option<String>,
+    /// Whether the run records the SHA-256 of every input file (`--hash-inputs`).
+    pub hash_inputs: bool,
     /// blake3 over everything that determines the output bytes, in hex.
     pub fingerprint: String,
+}
+
+/// What shapes an output besides its recipe and inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    /// Largest shard, in bytes of data (a larger tensor gets a shard of its own).
+    pub max_shard_size: u64,
+    /// Record the SHA-256 of every input file in provenance and the card (`--hash-inputs`).
+    pub hash_inputs: bool,
 }
 
 impl Plan {
     /// Plans the output `recipe` makes from `models`, in shards of at most `max_shard_size`
     /// bytes of data (a larger tensor gets a shard of its own).
     pub fn build(recipe: &Recipe, models: &[Model], max_shard_size: u64) -> Result<Plan> {
+        Plan::build_with(
+            recipe,
+            models,
+            &PlanOptions {
+                max_shard_size,
+                hash_inputs: false,
+            },
+        )
+    }
+
+    /// Plans the output `recipe` makes from `models`, shaped by `options`.
+    pub fn build_with(recipe: &Recipe, models: &[Model], options: &PlanOptions) -> Result<Plan> {
+        let max_shard_size = options.max_shard_size;
         let (tensors, notes) = recipe.plan_tensors(models)?;
         let mut metadata = vec![
             ("format".to_string(), "pt".to_string()),
@@ -168,6 +200,17 @@ impl Plan {
             serde_json::to_string_pretty(&serde_json::Value::Object(provenance))
                 .expect("serializing JSON cannot fail");
         provenance_json.push('\n');
+        let card = Card::new(
+            recipe,
+            models,
+            &CardOptions {
+                max_shard_size,
+                hash_inputs: options.hash_inputs,
+                notes: &notes,
+                skipped_files: &skipped_files,
+            },
+        );
+        let config_yml = card::config_file(recipe);
 
         let mut plan = Plan {
             recipe: recipe.clone(),
@@ -179,6 +222,9 @@ impl Plan {
             total_size,
             index_json,
             provenance_json,
+            card,
+            config_yml,
+            hash_inputs: options.hash_inputs,
             fingerprint: String::new(),
         };
         let inputs: Vec<&Model> = recipe.models.iter().map(|&m| &models[m]).collect();
@@ -219,6 +265,10 @@ impl Plan {
             names.push(INDEX_FILE.into());
         }
         names.push(PROVENANCE_FILE.into());
+        names.push(CARD_FILE.into());
+        if self.config_yml.is_some() {
+            names.push(CONFIG_FILE.into());
+        }
         names.extend(self.extra_files.iter().map(|f| f.name.clone()));
         names.sort();
         names
@@ -301,53 +351,104 @@ fn is_weight_file(name: &str) -> bool {
     WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
-/// The aligned model's non-weight files at the top of its directory (a model named as a single
-/// file has none), sorted by name.
-#[allow(clippy::type_complexity)]
-fn extra_files(aligned: &Model) -> Result<(Vec<ExtraFile>, Vec<(String, &'static str)>)> {
-    let (mut files, mut skipped) = (Vec::new(), Vec::new());
-    if aligned.path.is_file() {
-        return Ok((files, skipped));
+/// How deep `extra_files` goes into subdirectories.
+const MAX_DEPTH: usize = 8;
+
+/// Files, found and not copied, of a model directory: `(copied, skipped with why)`.
+type Listing = (Vec<ExtraFile>, Vec<(String, &'static str)>);
+
+/// The layout model's non-weight files (a model named as a single file has none), sorted by
+/// name: those at the top of its directory and those of its subdirectories (sentence-transformers'
+/// `1_Pooling/`), except hidden ones (`.git`, `.cache`, `.huggingface`). Its model card and merge
+/// config are not copied (they describe the input, not the output), nor are weight files in
+/// subdirectories (they are not merged).
+fn extra_files(layout: &Model) -> Result<Listing> {
+    let mut listing = (Vec::new(), Vec::new());
+    if layout.path.is_file() {
+        return Ok(listing);
     }
-    let dir = &aligned.dir;
+    let mut walked = Vec::new();
+    list_dir(&layout.dir, "", &mut walked, &mut listing)?;
+    listing.0.sort_by(|a, b| a.name.cmp(&b.name));
+    listing.1.sort();
+    Ok(listing)
+}
+
+/// Adds the files of `dir` (named `prefix` + name) to `listing`, and those of its
+/// subdirectories; `walked` holds the directories seen, so a link back up is not followed.
+fn list_dir(
+    dir: &std::path::Path,
+    prefix: &str,
+    walked: &mut Vec<(u64, u64)>,
+    listing: &mut Listing,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let top = prefix.is_empty();
+    let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, "listing model directory", e))?;
+    if walked.contains(&(meta.dev(), meta.ino())) {
+        listing.1.push((
+            prefix.trim_end_matches('/').to_owned(),
+            "a link to a directory already copied",
+        ));
+        return Ok(());
+    }
+    walked.push((meta.dev(), meta.ino()));
     let entries =
         std::fs::read_dir(dir).map_err(|e| Error::io(dir, "listing model directory", e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, "listing model directory", e))?;
         let Ok(name) = entry.file_name().into_string() else {
-            skipped.push((
-                entry.file_name().to_string_lossy().into_owned(),
+            listing.1.push((
+                format!("{prefix}{}", entry.file_name().to_string_lossy()),
                 "name is not UTF-8",
             ));
             continue;
         };
-        if name.starts_with('.')
-            || is_weight_file(&name)
-            || name == PROVENANCE_FILE
-            || name == MANIFEST_FILE
-        {
+        if name.starts_with('.') {
+            continue;
+        }
+        let rel = format!("{prefix}{name}");
+        let why = match () {
+            _ if top && (name == PROVENANCE_FILE || name == MANIFEST_FILE) => continue,
+            _ if top && is_weight_file(&name) => continue,
+            _ if top && name == CARD_FILE => Some(
+                "it is the input's model card, about another model; mergestream writes this output's own",
+            ),
+            _ if top && name == CONFIG_FILE => {
+                Some("describes how the input was made, not the output")
+            }
+            _ if is_weight_file(&name) => {
+                Some("weights in a subdirectory are not merged (only the top-level weights are)")
+            }
+            _ if name.contains(['\n', '\r', '\\']) => {
+                Some("name has characters checksum lines cannot hold")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            listing.1.push((rel, why));
             continue;
         }
         let source = entry.path();
         let Ok(meta) = std::fs::metadata(&source) else {
-            skipped.push((name, "cannot be read (broken link?)"));
+            listing.1.push((rel, "cannot be read (broken link?)"));
             continue;
         };
         if meta.is_dir() {
-            skipped.push((name, "is a directory"));
-        } else if name.contains(['\n', '\r', '\\']) {
-            skipped.push((name, "name has characters checksum lines cannot hold"));
+            if prefix.matches('/').count() >= MAX_DEPTH {
+                listing.1.push((rel, "nested too deep"));
+            } else {
+                list_dir(&source, &format!("{rel}/"), walked, listing)?;
+            }
         } else if meta.is_file() {
-            files.push(ExtraFile {
-                name,
+            listing.0.push(ExtraFile {
+                name: rel,
                 source,
                 size: meta.len(),
             });
         }
     }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    skipped.sort();
-    Ok((files, skipped))
+    Ok(())
 }
 
 /// How much of each end of an input's data section the fingerprint samples.
@@ -358,7 +459,7 @@ const SAMPLE: u64 = 1 << 20;
 /// of each input's data (so two fine-tunes of one architecture differ) and the copied files.
 fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    h.update(b"mergestream plan v1\0");
+    h.update(b"mergestream plan v2\0");
     h.update(TOOL.as_bytes());
     for shard in &plan.shards {
         h.update(shard.name.as_bytes());
@@ -366,6 +467,10 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
     }
     h.update(plan.index_json.as_deref().unwrap_or("").as_bytes());
     h.update(plan.provenance_json.as_bytes());
+    h.update(plan.card.head.as_bytes());
+    h.update(plan.card.tail.as_bytes());
+    h.update(plan.config_yml.as_deref().unwrap_or("").as_bytes());
+    h.update(&[u8::from(plan.hash_inputs)]);
     let mut buf = vec![0u8; SAMPLE as usize];
     for model in inputs {
         for shard in &model.shards {
@@ -428,6 +533,12 @@ mod tests {
             total_size: lens.iter().sum(),
             index_json: None,
             provenance_json: String::new(),
+            card: Card {
+                head: String::new(),
+                tail: String::new(),
+            },
+            config_yml: None,
+            hash_inputs: false,
             fingerprint: String::new(),
         }
     }

@@ -30,6 +30,30 @@ pub struct Shape {
     pub layers: u64,
 }
 
+impl Shape {
+    /// The attention head width its `config.json` declares: 128 where the widths allow it (as
+    /// Llama and Mistral have), else 16, else the widest that divides both the hidden and the
+    /// k/v width. The query heads (`hidden / head_dim`) are then a multiple of the k/v heads
+    /// (`kv / head_dim`) whenever `kv` divides `hidden`, as grouped-query attention needs.
+    pub fn head_dim(&self) -> u64 {
+        let divides = |d: u64| d > 0 && self.hidden.is_multiple_of(d) && self.kv.is_multiple_of(d);
+        if divides(128) && self.hidden / 128 >= 8 {
+            128
+        } else if divides(16) {
+            16
+        } else {
+            fn gcd(a: u64, b: u64) -> u64 {
+                if b == 0 {
+                    a
+                } else {
+                    gcd(b, a % b)
+                }
+            }
+            gcd(self.hidden, self.kv).max(1)
+        }
+    }
+}
+
 /// The named shapes `synth` makes: real models' widths, and tiny ones for tests. The one table
 /// of presets: the command line's `--preset` (a bad name is refused while parsing), the tests
 /// and the benchmarks all read it.
@@ -367,8 +391,16 @@ fn encode(dtype: Dtype, value: f32) -> [u8; 8] {
     out
 }
 
+/// Writes `config.json` (a `LlamaConfig` that `transformers` loads: the tensors' shapes follow
+/// from it), `generation_config.json` and tokenizer stand-ins.
 fn write_side_files(dir: &Path, role: &str, spec: &PairSpec) -> Result<()> {
     let s = spec.shape;
+    let head_dim = s.head_dim();
+    let dtype = match spec.dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    };
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -376,7 +408,17 @@ fn write_side_files(dir: &Path, role: &str, spec: &PairSpec) -> Result<()> {
         "intermediate_size": s.intermediate,
         "vocab_size": s.vocab,
         "num_hidden_layers": s.layers,
-        "torch_dtype": match spec.dtype { Dtype::BF16 => "bfloat16", Dtype::F16 => "float16", _ => "float32" },
+        "num_attention_heads": s.hidden / head_dim,
+        "num_key_value_heads": s.kv / head_dim,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+        "dtype": dtype,
         "_synthetic": format!("mergestream synth, {role} model, seed {}", spec.seed),
     });
     write_text(
@@ -426,5 +468,20 @@ mod tests {
         }
         assert_eq!(Preset::all().len(), 5);
         assert!(Preset::from_str("llama3-9b", false).is_err());
+    }
+
+    /// Every preset's attention heads are whole and grouped as Llama's config requires: the
+    /// query heads a multiple of the k/v heads, the real models' head width 128.
+    #[test]
+    fn presets_have_valid_attention_heads() {
+        for &p in Preset::all() {
+            let s = p.shape();
+            let d = s.head_dim();
+            assert_eq!((s.hidden % d, s.kv % d), (0, 0), "{p}");
+            assert_eq!((s.hidden / d) % (s.kv / d), 0, "{p}");
+        }
+        assert_eq!(Preset::Mistral7b.shape().head_dim(), 128);
+        assert_eq!(Preset::Llama3_70b.shape().head_dim(), 128);
+        assert_eq!(Preset::TinyLlama.shape().head_dim(), 16);
     }
 }

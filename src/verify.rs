@@ -2,7 +2,8 @@
 //!
 //! Every file listed in `checksums.b3` is re-hashed; every shard's header is re-validated; the
 //! index is cross-checked against the shards; files the manifest does not list and a leftover
-//! work directory are reported. All problems are collected and reported together, each cause
+//! work directory are reported, in the directory and in the subdirectories that hold listed files
+//! (`1_Pooling/`; another directory is reported as one unlisted name). All problems are collected and reported together, each cause
 //! once with its consequences under it: a shard that is missing or whose header is broken is
 //! one problem, under which the index's tensors that therefore cannot be checked are listed —
 //! not one problem per tensor. Nothing is written.
@@ -81,23 +82,42 @@ pub fn verify(dir: &Path) -> Result<Report> {
         }
     }
 
-    match std::fs::read_dir(dir) {
-        Ok(listing) => {
-            let mut unlisted: Vec<String> = listing
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != MANIFEST_FILE && !listed.contains(n))
-                .collect();
-            unlisted.sort();
-            for name in unlisted {
-                if name == WORK_DIR {
-                    found.add(None, VerifyCause::Unfinished);
-                } else {
-                    found.add(Some(&name.clone()), VerifyCause::Unlisted { name });
+    // Directories that hold listed files: looked into, not reported themselves.
+    let listed_dirs: BTreeSet<&str> = listed
+        .iter()
+        .flat_map(|n| n.match_indices('/').map(move |(i, _)| &n[..i]))
+        .collect();
+    let mut unlisted = Vec::new();
+    let mut todo = vec![String::new()];
+    while let Some(prefix) = todo.pop() {
+        match std::fs::read_dir(dir.join(&prefix)) {
+            Ok(listing) => {
+                for entry in listing.filter_map(|e| e.ok()) {
+                    let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+                    if name == MANIFEST_FILE || listed.contains(&name) {
+                        continue;
+                    }
+                    if listed_dirs.contains(name.as_str())
+                        && entry.file_type().is_ok_and(|t| t.is_dir())
+                    {
+                        todo.push(format!("{name}/"));
+                    } else {
+                        unlisted.push(name);
+                    }
                 }
             }
+            Err(source) if prefix.is_empty() => found.add(None, VerifyCause::CannotList { source }),
+            // The listed files inside are unreadable too, and already reported.
+            Err(_) => {}
         }
-        Err(source) => found.add(None, VerifyCause::CannotList { source }),
+    }
+    unlisted.sort();
+    for name in unlisted {
+        if name == WORK_DIR {
+            found.add(None, VerifyCause::Unfinished);
+        } else {
+            found.add(Some(&name.clone()), VerifyCause::Unlisted { name });
+        }
     }
 
     // Structure: every readable shard's header, and the index against the shards.

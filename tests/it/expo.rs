@@ -171,6 +171,7 @@ fn output_is_hugging_face_shaped() {
     assert_eq!(
         names,
         [
+            "README.md",
             "checksums.b3",
             "config.json",
             "generation_config.json",

@@ -6,6 +6,7 @@
 //!   `alloc`: a counting allocator, for what one call allocates at most;
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`, `sweep`, `checkpoints`: the
 //!   command line, area by area;
+//! - `card`, `lineage`: the output's model card, subdirectories, and input hashes;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
 //!   kernels against independent numpy references of mergekit's arithmetic;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
@@ -21,12 +22,14 @@
 mod alloc;
 mod common;
 
+mod card;
 mod checkpoints;
 mod expo;
 #[cfg(feature = "failpoints")]
 mod faults;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
+mod lineage;
 mod malformed;
 mod memory;
 mod mergekit_ref;

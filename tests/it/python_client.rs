@@ -1,5 +1,7 @@
 //! The output as a real client sees it: the Python `safetensors` package loads every shard
-//! through the index, and numpy computes the ExPO reference independently.
+//! through the index, and numpy computes the ExPO reference independently; `transformers` loads
+//! outputs as models (a forward pass, weights equal to the stored bytes) and PyYAML reads the
+//! model card's front matter.
 
 use crate::common::*;
 use std::path::PathBuf;
@@ -155,4 +157,132 @@ fn the_python_package_agrees_with_the_reference_crate_on_every_differential_seed
         let python_reads = python == "ACCEPT";
         assert_eq!(python_reads, crate_reads, "{}", file.display());
     }
+}
+
+/// Whether the test venv has torch and transformers: `scripts/test-env.sh` installs them unless
+/// told not to (`MERGESTREAM_TEST_NO_TORCH=1`); under `CI=true` they must be there.
+fn has_transformers(py: &std::path::Path) -> bool {
+    let ok = Command::new(py)
+        .args(["-c", "import torch, transformers, yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run the transformers test: scripts/test-env.sh installs torch and transformers"
+        );
+        eprintln!(
+            "SKIPPED: torch/transformers not in the test venv (MERGESTREAM_TEST_NO_TORCH=1?)"
+        );
+    }
+    ok
+}
+
+#[test]
+fn transformers_loads_outputs_and_pyyaml_reads_their_cards() {
+    let py = python();
+    if !has_transformers(&py) {
+        return;
+    }
+    let dir = tempdir();
+    let run_in = |args: &[&str]| {
+        let o = Command::new(bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    // BF16 Llama, sharded, with the inputs hashed; F16 Mistral-shaped in one file; F32; a TIES
+    // config merge.
+    run_in(&["synth", "llama", "--preset", "tiny-llama", "--seed", "3"]);
+    run_in(&[
+        "synth",
+        "mistral",
+        "--preset",
+        "tiny-mistral",
+        "--dtype",
+        "F16",
+        "--seed",
+        "4",
+    ]);
+    run_in(&[
+        "expo",
+        "--sft",
+        "llama/sft",
+        "--aligned",
+        "llama/aligned",
+        "--alpha",
+        "0.3",
+        "--out",
+        "o1",
+        "--max-shard-size",
+        "100KB",
+        "--hash-inputs",
+        "--quiet",
+    ]);
+    run_in(&[
+        "expo",
+        "--sft",
+        "mistral/sft",
+        "--aligned",
+        "mistral/aligned",
+        "--alpha",
+        "0.5",
+        "--out",
+        "o2",
+        "--quiet",
+    ]);
+    std::fs::write(
+        dir.path().join("ties.yml"),
+        "merge_method: ties\nbase_model: llama/sft\nmodels:\n  - model: llama/aligned\n    parameters:\n      weight: 1.0\n      density: 0.5\n",
+    )
+    .unwrap();
+    run_in(&["merge", "ties.yml", "--out", "o3", "--quiet"]);
+    run_in(&[
+        "synth",
+        "f32",
+        "--preset",
+        "tiny-llama",
+        "--layers",
+        "1",
+        "--dtype",
+        "F32",
+    ]);
+    run_in(&[
+        "expo",
+        "--sft",
+        "f32/sft",
+        "--aligned",
+        "f32/aligned",
+        "--alpha",
+        "0.2",
+        "--out",
+        "o4",
+        "--quiet",
+    ]);
+    let cases = serde_json::json!([
+        {"out": "o1", "method": "expo", "base_model": ["llama/sft", "llama/aligned"]},
+        {"out": "o2", "method": "expo", "base_model": ["mistral/sft", "mistral/aligned"]},
+        {"out": "o3", "method": "ties", "base_model": ["llama/aligned", "llama/sft"]},
+        {"out": "o4", "method": "expo", "base_model": ["f32/sft", "f32/aligned"]},
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/check_transformers.py"
+    );
+    let check = Command::new(&py)
+        .arg(script)
+        .arg(cases.to_string())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "transformers check failed:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&check.stdout).trim());
 }
