@@ -67,6 +67,9 @@ pub enum Error {
     /// SIGINT or SIGTERM arrived; temporaries were removed.
     #[error("interrupted by {}", signal_name(*signal))]
     Interrupted { signal: i32 },
+    /// A packed shard or directory is malformed, or packing cannot proceed.
+    #[error(transparent)]
+    Packed(#[from] crate::packed::PackedError),
     /// The command line asks for something that cannot be done.
     #[error("{0}")]
     Usage(String),

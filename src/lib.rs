@@ -10,7 +10,8 @@
 //! - [`kernel`] is the arithmetic, on slices;
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
 //! - [`output`] is that sink: temporary files, renames, records, locks, finalizing;
-//! - [`manifest`] is `checksums.b3`.
+//! - [`manifest`] is `checksums.b3`;
+//! - [`packed`] is the zstd-packed shard format: `pack`, `unpack` and random-access reads.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
@@ -23,6 +24,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod model;
 pub mod output;
+pub mod packed;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;

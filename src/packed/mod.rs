@@ -1,0 +1,82 @@
+//! Packed shards: safetensors files compressed with zstd in independent blocks, readable with
+//! random access, optionally stored as the XOR with a base model. `docs/packed-format.md` is the
+//! specification of the bytes.
+//!
+//! - [`layout`]: the preamble, index and trailer bytes, and every structural check;
+//! - [`transform`]: per-tensor segments, XOR, byte grouping (pure functions on slices);
+//! - [`block`]: one block packed and unpacked (per-thread zstd state);
+//! - [`encode`]: [`PackWriter`] (a streaming sink) and [`pack_shard`];
+//! - [`decode`]: [`PackedShard`] (random access through a [`BlockCache`]) and [`unpack_shard`];
+//! - [`base`]: the base model and its identity;
+//! - [`dir`]: `mergestream pack` / `unpack` of whole model directories;
+//! - [`sink`]: where bytes go ([`ByteSink`], [`AtomicFile`]);
+//! - [`error`]: [`PackedError`].
+//!
+//! Nothing here merges; the engine reads packed models through [`PackedShard::read_at`] and
+//! writes them through [`PackWriter`].
+
+pub mod base;
+pub mod block;
+pub mod decode;
+pub mod dir;
+pub mod encode;
+pub mod error;
+pub mod layout;
+pub mod sink;
+pub mod transform;
+
+use std::path::Path;
+
+pub use base::Base;
+pub use decode::{unpack_shard, BlockCache, PackedShard, ReadAt};
+pub use dir::{pack_dir, unpack_dir, DirSummary, PACKED_EXT, PACKED_MANIFEST};
+pub use encode::{pack_shard, pack_shard_into, PackOptions, PackWriter, PackedSummary};
+pub use error::PackedError;
+pub use sink::{AtomicFile, ByteSink};
+
+use crate::error::{Error, Result};
+use crate::format::header::{self, Header};
+
+/// The smallest block size the format allows (tiny blocks are for tests and fuzzing).
+pub const MIN_BLOCK_SIZE: u32 = 64;
+/// The largest block size the format allows.
+pub const MAX_BLOCK_SIZE: u32 = 64 << 20;
+/// The block size `pack` uses unless told otherwise (see docs/packed-format.md for the
+/// measurements behind it).
+pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
+/// zstd's own default level.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Validates a safetensors prefix (8-byte length + header JSON) for a data section of
+/// `data_len` bytes, with `format::header`'s rules.
+pub fn parse_prefix(path: &Path, prefix: &[u8], data_len: u64) -> Result<Header> {
+    let Some((len, json)) = prefix.split_first_chunk::<8>() else {
+        return Err(Error::format(
+            path,
+            None,
+            "the safetensors prefix is shorter than 8 bytes",
+        ));
+    };
+    let n = u64::from_le_bytes(*len);
+    if n != json.len() as u64 {
+        return Err(PackedError::CorruptPreamble {
+            path: path.to_path_buf(),
+            problem: error::PreambleProblem::PrefixLength {
+                recorded: prefix.len() as u64,
+                header: n,
+            },
+        }
+        .into());
+    }
+    if n > header::MAX_HEADER_LEN {
+        return Err(Error::format(
+            path,
+            None,
+            format!(
+                "header length {n} exceeds the limit of {} bytes",
+                header::MAX_HEADER_LEN
+            ),
+        ));
+    }
+    header::parse(path, json, data_len)
+}
