@@ -17,6 +17,9 @@ use super::transform::{self, Segment};
 use crate::error::Result;
 use crate::format::TensorInfo;
 
+/// zstd levels at which the match table is shrunk (zstd's "fast" strategy).
+pub const FAST_LEVELS: i32 = 2;
+
 /// What a block's transforms need to know about its shard.
 #[derive(Debug)]
 pub struct Ctx {
@@ -71,11 +74,20 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(level: i32) -> Result<Encoder> {
-        let zstd = zstd::bulk::Compressor::new(level).map_err(|_| PackedError::BadParameter {
+        let bad = |_| PackedError::BadParameter {
             what: "zstd level",
             value: i64::from(level),
             allowed: "1..=22",
-        })?;
+        };
+        let mut zstd = zstd::bulk::Compressor::new(level).map_err(bad)?;
+        if level <= FAST_LEVELS {
+            // Byte-grouped weights are nearly free of LZ matches: what zstd gains on them is
+            // its Huffman coding of literals, and the matches its fast strategy finds cost more
+            // than they save. A 64-entry match table makes it code (almost) only literals:
+            // smaller and faster (measurements in docs/packed-format.md).
+            zstd.set_parameter(zstd::stream::raw::CParameter::HashLog(6))
+                .map_err(bad)?;
+        }
         Ok(Encoder {
             zstd,
             segs: Vec::new(),
