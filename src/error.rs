@@ -69,10 +69,16 @@ pub enum Error {
     Interrupted { signal: i32 },
     /// A packed shard or directory is malformed, or packing cannot proceed.
     #[error(transparent)]
-    Packed(#[from] crate::packed::PackedError),
+    Packed(Box<crate::packed::PackedError>),
     /// The command line asks for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<crate::packed::PackedError> for Error {
+    fn from(e: crate::packed::PackedError) -> Error {
+        Error::Packed(Box::new(e))
+    }
 }
 
 /// One way in which two models disagree.

@@ -266,6 +266,7 @@ impl PackedShard {
             let n = (raw - within).min(out.len());
             let (now, rest) = out.split_at_mut(n);
             if within == 0 && n == raw && !cache.holds(self.id, k) {
+                cache.decoded += 1;
                 self.decode(k, now, &mut cache.decoder, &mut cache.stored)?;
             } else {
                 let block = cache.block(self, k)?;
@@ -366,6 +367,7 @@ pub struct BlockCache {
     blocks: Vec<(u64, u64, Vec<u8>)>,
     decoder: Decoder,
     stored: Vec<u8>,
+    decoded: u64,
 }
 
 impl BlockCache {
@@ -377,12 +379,13 @@ impl BlockCache {
             blocks: Vec::new(),
             decoder: Decoder::new()?,
             stored: Vec::new(),
+            decoded: 0,
         })
     }
 
-    /// Blocks decoded into the cache so far (for tests: sequential reads decode each once).
-    pub fn held(&self) -> usize {
-        self.blocks.len()
+    /// Blocks decoded through this cache so far (sequential reads decode each block once).
+    pub fn decoded(&self) -> u64 {
+        self.decoded
     }
 
     fn holds(&self, shard: u64, k: u64) -> bool {
@@ -404,6 +407,7 @@ impl BlockCache {
                 Vec::new()
             };
             buf.resize(shard.ctx.raw_len(k), 0);
+            self.decoded += 1;
             shard.decode(k, &mut buf, &mut self.decoder, &mut self.stored)?;
             self.blocks.insert(0, (shard.id, k, buf));
         }

@@ -88,9 +88,11 @@ pub struct PackedSummary {
 
 /// A block's result from a worker: (index, raw buffer back, stored bytes, how).
 type Done = (u64, Vec<u8>, Vec<u8>, Packed);
+/// A block for a worker: (index, original bytes, buffer for the stored bytes).
+type Job = (u64, Vec<u8>, Vec<u8>);
 
 struct Workers {
-    jobs: Option<Sender<(u64, Vec<u8>, Vec<u8>)>>,
+    jobs: Option<Sender<Job>>,
     done: Receiver<Result<Done>>,
     handles: Vec<JoinHandle<()>>,
 }
@@ -341,7 +343,7 @@ fn worker_died(path: &Path) -> Error {
 }
 
 fn spawn(ctx: &Arc<Ctx>, level: i32, threads: usize) -> Result<Workers> {
-    let (jobs, job_rx) = bounded::<(u64, Vec<u8>, Vec<u8>)>(threads);
+    let (jobs, job_rx) = bounded::<Job>(threads);
     let (done_tx, done) = bounded::<Result<Done>>(2 * threads + 1);
     let mut handles = Vec::new();
     for _ in 0..threads {

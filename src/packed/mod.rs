@@ -10,7 +10,7 @@
 //! - [`base`]: the base model and its identity;
 //! - [`dir`]: `mergestream pack` / `unpack` of whole model directories;
 //! - [`sink`]: where bytes go ([`ByteSink`], [`AtomicFile`]);
-//! - [`error`]: [`PackedError`].
+//! - [`error`]: the [`PackedError`] enum.
 //!
 //! Nothing here merges; the engine reads packed models through [`PackedShard::read_at`] and
 //! writes them through [`PackWriter`].

@@ -94,7 +94,7 @@ pub fn group(src: &[u8], dst: &mut [u8], size: usize, phase: usize) {
         dst.copy_from_slice(src);
         return;
     }
-    if phase == 0 && src.len() % size == 0 {
+    if phase == 0 && src.len().is_multiple_of(size) {
         let n = src.len() / size;
         match size {
             2 => return group_n::<2>(src, dst, n),
@@ -120,7 +120,7 @@ pub fn ungroup(src: &[u8], dst: &mut [u8], size: usize, phase: usize) {
         dst.copy_from_slice(src);
         return;
     }
-    if phase == 0 && src.len() % size == 0 {
+    if phase == 0 && src.len().is_multiple_of(size) {
         let n = src.len() / size;
         match size {
             2 => return ungroup_n::<2>(src, dst, n),
