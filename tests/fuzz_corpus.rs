@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("header", mergestream::fuzzing::header),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
+    ("packed", mergestream::fuzzing::packed),
 ];
 
 fn fuzz_dir() -> PathBuf {
