@@ -862,3 +862,27 @@ fn failed_directory_runs_leave_nothing_behind() {
     assert!(!d.join("q").exists());
     assert_eq!(listing(d), before);
 }
+
+#[test]
+fn a_packed_file_changed_after_opening_is_noticed() {
+    let (dir, _, bytes) = packed_sample();
+    let path = dir.path().join("s.mszst");
+    write(&path, &bytes);
+    let shard = PackedShard::open(&path, None).unwrap();
+    shard.check_unchanged().unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &[0]))
+        .unwrap();
+    assert!(matches!(
+        shard.check_unchanged(),
+        Err(Error::InputChanged { .. })
+    ));
+    // Reopened, the extended file no longer has its trailer at the end.
+    let e = PackedShard::open(&path, None).unwrap_err();
+    assert!(
+        matches!(&e, Error::Packed(b) if matches!(**b, PackedError::CorruptTrailer { .. })),
+        "{e}"
+    );
+}

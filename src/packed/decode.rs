@@ -55,6 +55,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct PackedShard {
     id: u64,
     source: Box<dyn ReadAt>,
+    /// The file opened, and its status then (none for packed bytes in memory).
+    file: Option<(File, std::fs::Metadata)>,
     len: u64,
     preamble: Preamble,
     header: Header,
@@ -77,6 +79,15 @@ impl PackedShard {
     /// Opens and validates the packed shard at `path`. A shard packed against a base needs
     /// that base (by identity); `base` is ignored for a shard packed without one.
     pub fn open(path: &Path, base: Option<Arc<Base>>) -> Result<PackedShard> {
+        // Look before opening: opening a FIFO would block.
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io(path, "opening packed shard", e))?;
+        if !meta.is_file() {
+            return Err(PackedError::NotRegular {
+                path: path.to_path_buf(),
+            }
+            .into());
+        }
         let file = File::open(path).map_err(|e| Error::io(path, "opening packed shard", e))?;
         let meta = file
             .metadata()
@@ -87,7 +98,40 @@ impl PackedShard {
             }
             .into());
         }
-        PackedShard::from_source(path, Box::new(file), meta.len(), base)
+        let len = meta.len();
+        let held = file
+            .try_clone()
+            .map_err(|e| Error::io(path, "opening packed shard", e))?;
+        let mut shard = PackedShard::from_source(path, Box::new(file), len, base)?;
+        shard.file = Some((held, meta));
+        Ok(shard)
+    }
+
+    /// Errs if the packed file was truncated, extended or rewritten since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some((file, then)) = &self.file else {
+            return Ok(());
+        };
+        let now = file
+            .metadata()
+            .map_err(|e| Error::io(&self.ctx.path, "reading file status", e))?;
+        let same = now.len() == then.len()
+            && now.ino() == then.ino()
+            && now.dev() == then.dev()
+            && now.mtime() == then.mtime()
+            && now.mtime_nsec() == then.mtime_nsec();
+        if !same {
+            return Err(Error::InputChanged {
+                path: self.ctx.path.clone(),
+                reason: format!(
+                    "the packed file changed (length {} then, {} now, or a newer modification time)",
+                    then.len(),
+                    now.len()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Opens packed bytes held by `source` (`len` bytes long), naming `path` in errors.
@@ -180,6 +224,7 @@ impl PackedShard {
         Ok(PackedShard {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             source,
+            file: None,
             len,
             preamble,
             header,
