@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{self, Entry};
 use crate::output::WORK_DIR;
 use crate::plan::MANIFEST_FILE;
+use crate::writer::{IoMode, StreamFile};
 
 /// The extension added to a packed shard's name.
 pub const PACKED_EXT: &str = "mszst";
@@ -260,12 +261,16 @@ pub fn unpack_dir(
         seconds: 0.0,
     };
     for (entry, shard) in &opened {
-        let mut file = AtomicFile::create(&guard.work, &out.join(&entry.name))?;
+        // Restored files are written with direct I/O where the filesystem allows it (the
+        // writer the merges use: no page-cache copy), hashed as written, then checked before
+        // they get their final name.
+        let pending = guard.work.join(format!("{}.unpacked", entry.name));
+        let mut file = StreamFile::create(&guard.work, ".unpack.", &pending, IoMode::Auto)?;
         match shard {
             Some(shard) => {
                 shard.unpack_into(&mut file, threads)?;
                 summary.shards += 1;
-                summary.original_bytes += file.len();
+                summary.original_bytes += shard.original_len();
                 summary.packed_bytes += shard.packed_len();
             }
             None => {
@@ -273,7 +278,19 @@ pub fn unpack_dir(
                 summary.carried += 1;
             }
         }
-        guard.place(file, Some(entry.hash))?;
+        let written = file.persist()?;
+        let path = out.join(&entry.name);
+        if written.blake3 != entry.hash {
+            return Err(PackedError::FileChecksum {
+                path,
+                expected: hex(entry.hash.as_bytes()),
+                actual: hex(written.blake3.as_bytes()),
+            }
+            .into());
+        }
+        std::fs::rename(&written.path, &path)
+            .map_err(|e| Error::io(&path, "renaming into place", e))?;
+        guard.placed.push(path);
     }
     guard.write(MANIFEST_FILE, manifest_text.as_bytes())?;
     guard.finish()?;
