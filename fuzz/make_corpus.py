@@ -202,6 +202,16 @@ def packed_seeds(binary, tmp, small, ints, specials, f32, f16):
             ("scalar", "F64", [], b"\x00\x00\x00\x00\x00\x00\xf8\x7f"),
             ("odd", "F32", [2], b"\x01\x00\xc0\x7f\x00\x00\x80\xff")]
     put("packed", "pack-edge-offsets", packed_input(encode(edge), base=1))
+    # Tensors starting at odd offsets and longer than a 64-byte block, so block boundaries fall
+    # inside elements (segments with a phase).
+    mid = [("b", "U8", [3], bytes(range(3))),
+           ("f32", "F32", [40], struct.pack("<40f", *[i * 0.37 - 7 for i in range(40)])),
+           ("u", "U8", [1], b"\x09"),
+           ("f64", "F64", [20], struct.pack("<20d", *[i * -1.5e-3 for i in range(20)])),
+           ("v", "U8", [1], b"\x0a"),
+           ("bf16", "BF16", [33], bytes((i * 37) % 256 for i in range(66)))]
+    put("packed", "pack-mid-element", packed_input(encode(mid)))
+    put("packed", "pack-mid-element-base", packed_input(encode(mid), base=1, threads=1))
     put("packed", "pack-no-tensors", packed_input(encode([])))
     # Packed files as the tool writes them, for the reader.
     for name, tensors, extra in [("small", small, []), ("specials", specials, ["--level", "3"])]:
