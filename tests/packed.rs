@@ -304,7 +304,7 @@ fn random_reads_match_the_original_and_sequential_reads_decode_each_block_once()
             packed::AtomicFile::create(dir.path(), &path).unwrap(),
         )
         .unwrap();
-        file.persist(None).unwrap();
+        file.persist().unwrap();
         let shard = PackedShard::open(&path, base.clone()).unwrap();
         let data = &original[shard.header().data_start() as usize..];
         assert_eq!(shard.header().data_len, data.len() as u64);

@@ -472,5 +472,5 @@ pub fn unpack_shard(
     let dir: PathBuf = super::encode::parent(dst);
     let mut file = super::sink::AtomicFile::create(&dir, dst)?;
     shard.unpack_into(&mut file, threads)?;
-    Ok(file.persist(None)?.blake3)
+    Ok(file.persist()?.blake3)
 }

@@ -131,7 +131,7 @@ pub fn pack_dir(
             let file = AtomicFile::create(&guard.work, &out.join(&packed_name))?;
             let (file, s) = pack_shard_into(path, base.clone(), options, file)?;
             check(s.original_blake3)?;
-            let done = guard.place(file, None)?;
+            let done = guard.place(file)?;
             original.push(Entry {
                 name: name.clone(),
                 hash: s.original_blake3,
@@ -146,7 +146,7 @@ pub fn pack_dir(
         } else {
             let mut file = AtomicFile::create(&guard.work, &out.join(name))?;
             copy_into(path, &mut file)?;
-            let done = guard.place(file, None)?;
+            let done = guard.place(file)?;
             check(done.blake3)?;
             original.push(Entry {
                 name: name.clone(),
@@ -431,13 +431,9 @@ impl OutGuard {
         Ok(guard)
     }
 
-    /// Puts a finished file in place (if its hash is `expected`, when given).
-    fn place(
-        &mut self,
-        file: AtomicFile,
-        expected: Option<blake3::Hash>,
-    ) -> Result<super::sink::Persisted> {
-        let done = file.persist(expected)?;
+    /// Puts a finished file in place.
+    fn place(&mut self, file: AtomicFile) -> Result<super::sink::Persisted> {
+        let done = file.persist()?;
         self.placed.push(done.path.clone());
         Ok(done)
     }
@@ -446,7 +442,7 @@ impl OutGuard {
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<blake3::Hash> {
         let mut file = AtomicFile::create(&self.work, &self.out.join(name))?;
         file.write_all(bytes)?;
-        Ok(self.place(file, None)?.blake3)
+        Ok(self.place(file)?.blake3)
     }
 
     fn finish(mut self) -> Result<()> {

@@ -412,7 +412,7 @@ pub fn pack_shard(
     let dir = parent(dst);
     let file = super::sink::AtomicFile::create(&dir, dst)?;
     let (file, summary) = pack_shard_into(src, base, &options, file)?;
-    file.persist(None)?;
+    file.persist()?;
     Ok(summary)
 }
 

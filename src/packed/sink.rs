@@ -1,6 +1,6 @@
 //! Where packed and unpacked bytes go: the [`ByteSink`] seam, and [`AtomicFile`], a file
 //! written under a temporary name, hashed as it is written, and renamed into place only when
-//! complete (and, if asked, only when its blake3 is the expected one).
+//! complete.
 //!
 //! The encoder and decoder write to any [`ByteSink`], so the engine can hand them its own
 //! output files (`writer::StreamFile` implements it too). `AtomicFile` writes through the page
@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
-use super::base::hex;
-use super::error::PackedError;
 use crate::error::{Error, Result};
 
 /// Receives bytes in order.
@@ -82,20 +80,9 @@ impl AtomicFile {
         self.len == 0
     }
 
-    /// Syncs and renames the file into place, unless `expected` is given and the bytes written
-    /// have another blake3 (then the temporary is removed and nothing gets the final name).
-    pub fn persist(self, expected: Option<blake3::Hash>) -> Result<Persisted> {
+    /// Syncs the file and renames it into place.
+    pub fn persist(self) -> Result<Persisted> {
         let hash = self.hasher.finalize();
-        if let Some(expected) = expected {
-            if expected != hash {
-                return Err(PackedError::FileChecksum {
-                    path: self.final_path,
-                    expected: hex(expected.as_bytes()),
-                    actual: hex(hash.as_bytes()),
-                }
-                .into());
-            }
-        }
         let path = self.final_path;
         self.temp
             .as_file()
