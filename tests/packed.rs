@@ -886,3 +886,82 @@ fn a_packed_file_changed_after_opening_is_noticed() {
         "{e}"
     );
 }
+
+#[test]
+fn misuse_of_the_writer_and_odd_inputs_get_their_own_errors() {
+    let (dir, original, _) = packed_sample();
+    let d = dir.path();
+    let n = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+    let (prefix, data) = original.split_at(8 + n);
+    let new = |o: &PackOptions| {
+        packed::PackWriter::new(
+            Path::new("w.mszst"),
+            prefix,
+            data.len() as u64,
+            None,
+            o,
+            Vec::new(),
+        )
+    };
+    let inner = |r: mergestream::Result<_>| match r {
+        Err(Error::Packed(e)) => *e,
+        Err(other) => panic!("expected a packed error, got {other}"),
+        Ok(_) => panic!("expected an error"),
+    };
+    // Too few or too many data bytes for the header.
+    let mut w = new(&options(4096, 1)).unwrap();
+    w.write(&data[..10]).unwrap();
+    assert!(matches!(
+        inner(w.finish().map(drop)),
+        PackedError::InputLength { expected, got: 10, .. } if expected == data.len() as u64
+    ));
+    let mut w = new(&options(4096, 2)).unwrap();
+    w.write(data).unwrap();
+    assert!(matches!(
+        inner(w.write(b"x").map(drop)),
+        PackedError::InputLength { .. }
+    ));
+    // Parameters outside the format.
+    for o in [options(3000, 1), options(32, 1), options(1 << 27, 1)] {
+        assert!(matches!(
+            inner(new(&o).map(drop)),
+            PackedError::BadParameter {
+                what: "block size",
+                ..
+            }
+        ));
+    }
+    let level = PackOptions {
+        level: 23,
+        ..options(4096, 1)
+    };
+    assert!(matches!(
+        inner(new(&level).map(drop)),
+        PackedError::BadParameter {
+            what: "zstd level",
+            ..
+        }
+    ));
+
+    // Directories: no shard, a packed-looking name, a malformed manifest.
+    let m = d.join("m");
+    std::fs::create_dir(&m).unwrap();
+    write(&m.join("config.json"), b"{}");
+    assert!(matches!(
+        pack_err(&m, &d.join("o"), None),
+        PackedError::NoShards { .. }
+    ));
+    write(&m.join("model.safetensors"), &original);
+    write(&m.join("x.safetensors.mszst"), b"");
+    assert!(matches!(
+        pack_err(&m, &d.join("o"), None),
+        PackedError::ReservedName { .. }
+    ));
+    std::fs::remove_file(m.join("x.safetensors.mszst")).unwrap();
+    write(&m.join("checksums.b3"), b"not a manifest\n");
+    assert!(matches!(
+        pack_err(&m, &d.join("o"), None),
+        PackedError::Manifest { .. }
+    ));
+    assert!(!d.join("o").exists());
+}
