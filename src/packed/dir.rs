@@ -298,6 +298,26 @@ pub fn unpack_dir(
     Ok(summary)
 }
 
+/// Opens every packed shard of the complete packed directory `dir` (one with `packed.b3`), for
+/// reading with random access: `(original shard name, shard)`, by name. The directory's other
+/// files (the index, config) are where `unpack` would restore them from, under their own names.
+pub fn open_packed_dir(dir: &Path, base: Option<Arc<Base>>) -> Result<Vec<(String, PackedShard)>> {
+    let files = list_dir(dir)?;
+    if !files.contains_key(PACKED_MANIFEST) {
+        return Err(PackedError::NotPackedDir {
+            path: dir.to_path_buf(),
+            file: PACKED_MANIFEST,
+        }
+        .into());
+    }
+    let suffix = format!(".{PACKED_EXT}");
+    files
+        .iter()
+        .filter_map(|(name, path)| Some((name.strip_suffix(&suffix)?, path)))
+        .map(|(original, path)| Ok((original.to_string(), PackedShard::open(path, base.clone())?)))
+        .collect()
+}
+
 /// The regular files of `dir` (symlinks followed), by name; subdirectories and special files
 /// are refused.
 fn list_dir(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
