@@ -502,6 +502,18 @@ fn corrupt_bytes_give_their_own_errors() {
     // The safetensors header kept verbatim is covered by the header checksum.
     let e = edit(&|b| b[80 + 8 + 3] ^= 1);
     assert!(matches!(e, PackedError::HeaderChecksum { .. }), "{e}");
+    // An absurd prefix length is refused before anything is allocated for it.
+    let e = edit(&|b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes()));
+    assert!(
+        matches!(
+            e,
+            PackedError::CorruptPreamble {
+                problem: packed::error::PreambleProblem::PrefixRange(u64::MAX),
+                ..
+            }
+        ),
+        "{e}"
+    );
     // Version and magic.
     let e = edit(&|b| b[8] = 9);
     assert!(

@@ -173,10 +173,7 @@ impl PackedShard {
         if !(8..=8 + MAX_HEADER_LEN).contains(&prefix_len) {
             return Err(PackedError::CorruptPreamble {
                 path: path.to_path_buf(),
-                problem: super::error::PreambleProblem::PrefixLength {
-                    recorded: prefix_len,
-                    header: prefix_len.saturating_sub(8),
-                },
+                problem: super::error::PreambleProblem::PrefixRange(prefix_len),
             }
             .into());
         }

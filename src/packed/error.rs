@@ -205,6 +205,8 @@ pub enum PreambleProblem {
     Reserved,
     /// A base id is recorded although the shard was packed without a base.
     StrayBaseId,
+    /// The recorded safetensors prefix length is outside what safetensors allows.
+    PrefixRange(u64),
     /// The recorded safetensors prefix length disagrees with the header length inside it.
     PrefixLength { recorded: u64, header: u64 },
 }
@@ -223,6 +225,11 @@ impl fmt::Display for PreambleProblem {
             PreambleProblem::StrayBaseId => {
                 f.write_str("a base id is recorded but the base flag is not set")
             }
+            PreambleProblem::PrefixRange(len) => write!(
+                f,
+                "a safetensors prefix of {len} bytes is outside 8 to 8 + {} bytes",
+                crate::format::header::MAX_HEADER_LEN
+            ),
             PreambleProblem::PrefixLength { recorded, header } => write!(
                 f,
                 "the safetensors prefix is recorded as {recorded} bytes but its header says {header}"
