@@ -403,7 +403,8 @@ impl PackedShard {
 }
 
 /// A caller's decoded blocks, most recently used first, and its decoding state. Holds at most
-/// `capacity` blocks, so its memory is about `(capacity + 2) × block size` whatever is read.
+/// `capacity` blocks, so its memory is at most about `(capacity + 3) × block size` (the blocks,
+/// and scratch for one stored, one transformed and one base block) whatever is read.
 pub struct BlockCache {
     capacity: usize,
     blocks: Vec<(u64, u64, Vec<u8>)>,
