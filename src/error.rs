@@ -155,6 +155,9 @@ pub enum Error {
         #[source]
         source: MethodFailure,
     },
+    /// A packed shard or directory is malformed, or packing cannot proceed.
+    #[error(transparent)]
+    Packed(Box<crate::packed::PackedError>),
     /// The request cannot be done as asked (options, environment).
     #[error("{0}")]
     Usage(UsageError),
@@ -1220,6 +1223,12 @@ pub enum UsageError {
     /// A config whose documents read each other's outputs, run with `--part`.
     #[error("documents of this config read other documents' outputs, which a partitioned run cannot do in one go: run `merge` without --part, or split the config into one config per stage")]
     StagedPartition,
+}
+
+impl From<crate::packed::PackedError> for Error {
+    fn from(e: crate::packed::PackedError) -> Error {
+        Error::Packed(Box::new(e))
+    }
 }
 
 impl From<UsageError> for Error {

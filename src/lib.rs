@@ -13,6 +13,8 @@
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
 //! - [`output`] is that sink: temporary files, renames, records, locks, finalizing (and
 //!   `checksums.b3`, the blake3 manifest);
+//! - [`packed`] is the zstd-packed shard format: `pack`, `unpack`, random-access reads (a
+//!   model may be packed) and the writer behind `--compress`;
 //! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
 //!
 //! What the library does not do: print (only `main.rs` does), parse command lines, or read
@@ -32,6 +34,7 @@ pub mod manifest;
 pub mod method;
 pub mod model;
 pub mod output;
+pub mod packed;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;

@@ -74,6 +74,56 @@ enum Command {
     },
     /// Generate a synthetic SFT/aligned checkpoint pair (OUT/sft, OUT/aligned) for trying things out.
     Synth(SynthArgs),
+    /// Compress a model directory: each shard becomes a zstd-packed .mszst file.
+    #[command(
+        after_help = "Examples:\n  mergestream pack ./Starling-ExPO --out ./Starling-ExPO.packed\n  mergestream pack ./Starling-ExPO --base ./Starling-LM-7B-alpha --out ./Starling-ExPO.xor\n  b3sum --check packed.b3    (inside the packed directory)"
+    )]
+    Pack(PackArgs),
+    /// Restore a packed directory, byte for byte, checked against its checksums.b3.
+    #[command(
+        after_help = "Example:\n  mergestream unpack ./Starling-ExPO.packed --out ./Starling-ExPO"
+    )]
+    Unpack(UnpackArgs),
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// Model directory to pack.
+    dir: PathBuf,
+    /// Packed directory to write (must not exist, or be empty).
+    #[arg(long, value_name = "PACKED")]
+    out: PathBuf,
+    /// zstd level, 1 (fastest) to 22 (smallest).
+    #[arg(long, default_value_t = mergestream::packed::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Store each tensor as the XOR with the same tensor of this model (e.g. the aligned model of an ExPO output).
+    #[arg(long, value_name = "REFDIR")]
+    base: Option<PathBuf>,
+    /// Bytes of original data per block, a power of two (random-access granularity).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    block_size: ByteSize,
+    /// Compression threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct UnpackArgs {
+    /// Packed directory.
+    packed: PathBuf,
+    /// Directory to restore into (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The base model the directory was packed against, if any.
+    #[arg(long, value_name = "REFDIR")]
+    base: Option<PathBuf>,
+    /// Decompression threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -422,6 +472,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Synth(args) => synth_pair(args)?,
+        Command::Pack(args) => pack(args)?,
+        Command::Unpack(args) => unpack(args)?,
     }
     Ok(())
 }
@@ -434,6 +486,53 @@ fn cancel_on_signals() -> Result<Cancel> {
             .map_err(|source| Error::SignalHandler { source })?;
     }
     Ok(cancel)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn pack(args: PackArgs) -> Result<()> {
+    let options = mergestream::packed::PackOptions {
+        level: args.level,
+        block_size: u32::try_from(args.block_size.0).unwrap_or(u32::MAX),
+        threads: args.threads.unwrap_or_else(cpus),
+    };
+    let s = mergestream::packed::pack_dir(&args.dir, &args.out, args.base.as_deref(), &options)?;
+    if !args.quiet {
+        note(format_args!(
+            "packed {} shard{} ({} -> {}, {:.3}x) and {} other file{} into {} in {:.1} s",
+            s.shards,
+            if s.shards == 1 { "" } else { "s" },
+            format_bytes(s.original_bytes),
+            format_bytes(s.packed_bytes),
+            s.original_bytes as f64 / s.packed_bytes.max(1) as f64,
+            s.carried,
+            if s.carried == 1 { "" } else { "s" },
+            args.out.display(),
+            s.seconds
+        ));
+    }
+    Ok(())
+}
+
+fn unpack(args: UnpackArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(cpus);
+    let s =
+        mergestream::packed::unpack_dir(&args.packed, &args.out, args.base.as_deref(), threads)?;
+    if !args.quiet {
+        note(format_args!(
+            "unpacked {} shard{} ({}) and {} other file{} into {} in {:.1} s; every file matches checksums.b3",
+            s.shards,
+            if s.shards == 1 { "" } else { "s" },
+            format_bytes(s.original_bytes),
+            s.carried,
+            if s.carried == 1 { "" } else { "s" },
+            args.out.display(),
+            s.seconds
+        ));
+    }
+    Ok(())
 }
 
 fn expo(args: ExpoArgs) -> Result<(), Failure> {

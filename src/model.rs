@@ -1,21 +1,26 @@
 //! Input models: a Hugging Face model directory (sharded with an index, or one
-//! `model.safetensors`) or a single `.safetensors` file.
+//! `model.safetensors`), a single `.safetensors` file, or either of them packed
+//! (`mergestream pack`: shards as `NAME.safetensors.mszst`).
 //!
 //! Opening a model opens every shard, validates every header and cross-checks the index against
 //! the shards, so that a model that opens is one whose every tensor can be read at a known
 //! offset. The open file handles are kept: the run reads the very files that were validated even
 //! if their paths are replaced meanwhile, and [`Shard::check_unchanged`] tells whether one was
-//! modified underneath. This module reads no tensor data.
+//! modified underneath. A shard presents its tensors in one *data space* whatever its format
+//! ([`ShardKind`]): for a packed shard, the original safetensors data section, decoded block by
+//! block through the caller's [`ReadCache`]. This module reads no tensor data but what
+//! [`Shard::read_at`] is asked for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
 use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
+use crate::packed::{self, BlockCache, PackedShard};
 
 /// The single-file name in a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -28,7 +33,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub struct Shard {
     /// Path as the user's directory names it (symlinks not resolved, so errors read naturally).
     pub path: PathBuf,
-    /// File name, as the index names it.
+    /// File name, as the index names it (a packed shard: the name of the file it packs).
     pub name: String,
     /// The open file: the run reads the file that was validated, whatever its path does later.
     pub file: File,
@@ -38,11 +43,83 @@ pub struct Shard {
     pub data_len: u64,
     /// blake3 of the shard's metadata (a safetensors header's JSON), identifying its layout.
     pub digest: [u8; 32],
-    /// The safetensors header, for shards that are safetensors files.
+    /// The safetensors header: of the file, or for a packed shard of the file it packs.
     pub header: Option<Header>,
-    /// File offset of the data space, for formats that store it as plain bytes.
-    data_start: u64,
+    /// How the data space is stored.
+    pub kind: ShardKind,
     identity: Identity,
+}
+
+/// How a shard stores its data space. Each kind knows how to fill a buffer with any range of
+/// it; everything above [`Shard::read_at`] is format-blind.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ShardKind {
+    /// A safetensors file: the data space is the file's bytes from `data_start` on, read with
+    /// `pread`.
+    Safetensors {
+        /// File offset of the data section.
+        data_start: u64,
+    },
+    /// A packed shard (`docs/packed-format.md`): the data space is the original data section,
+    /// decoded from the blocks covering a range ([`PackedShard::read_at`]).
+    Packed(Box<PackedShard>),
+}
+
+/// What one reader of shards keeps between reads: the decoded blocks of packed shards, and the
+/// state to decode them (nothing for plain files). Bounded: it holds at most `blocks` decoded
+/// blocks whatever is read ([`ReadCache::bytes`] says how much memory that is), so a reader
+/// that reads `n` places in turn — the distinct inputs of a chunk — keeps each one's current
+/// block with `blocks = n` and decodes every block once.
+pub struct ReadCache {
+    blocks: usize,
+    cache: Option<Box<BlockCache>>,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("blocks", &self.blocks)
+            .field("decoded", &self.decoded())
+            .finish()
+    }
+}
+
+impl ReadCache {
+    /// A cache that keeps up to `blocks` decoded blocks (at least one).
+    pub fn new(blocks: usize) -> ReadCache {
+        ReadCache {
+            blocks: blocks.max(1),
+            cache: None,
+        }
+    }
+
+    /// Upper bound of the memory a `ReadCache::new(blocks)` uses reading `models`: the decoded
+    /// blocks plus the decoder's scratch ([`BlockCache`]), at the largest block size of any
+    /// packed shard among them; 0 when none is packed.
+    pub fn bytes<'a>(models: impl IntoIterator<Item = &'a Model>, blocks: usize) -> u64 {
+        let largest = models
+            .into_iter()
+            .flat_map(|m| &m.shards)
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => Some(p.max_block_bytes()),
+                _ => None,
+            })
+            .max();
+        largest.map_or(0, |b| BlockCache::bytes(blocks, b))
+    }
+
+    /// Blocks decoded through this cache so far.
+    pub fn decoded(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.decoded())
+    }
+
+    fn blocks(&mut self) -> Result<&mut BlockCache> {
+        if self.cache.is_none() {
+            self.cache = Some(Box::new(BlockCache::new(self.blocks)?));
+        }
+        Ok(self.cache.as_mut().expect("made above").as_mut())
+    }
 }
 
 /// What identifies a file's content for change detection.
@@ -66,10 +143,29 @@ impl Identity {
 }
 
 impl Shard {
+    /// Opens the shard file at `path`, of any kind (told by its first bytes: a packed shard
+    /// starts with [`packed::MAGIC`], which no safetensors file can).
     fn open(path: PathBuf, name: String) -> Result<Shard> {
         let (file, meta) = open_regular(&path, "opening shard")?;
-        let header = header::read(&path, &file, meta.len())?;
+        let mut magic = [0u8; 8];
+        let packed =
+            meta.len() >= 8 && file.read_exact_at(&mut magic, 0).is_ok() && magic == packed::MAGIC;
+        let (header, kind) = if packed {
+            let source = file
+                .try_clone()
+                .map_err(|e| Error::io(&path, "opening shard", e))?;
+            let shard = PackedShard::from_source(&path, Box::new(source), meta.len(), None)?;
+            (shard.header().clone(), ShardKind::Packed(Box::new(shard)))
+        } else {
+            let header = header::read(&path, &file, meta.len())?;
+            let data_start = header.data_start();
+            (header, ShardKind::Safetensors { data_start })
+        };
         advise_sequential(&file);
+        let name = match &kind {
+            ShardKind::Packed(_) => packed::unpacked_name(&name).to_owned(),
+            _ => name,
+        };
         Ok(Shard {
             path,
             name,
@@ -77,31 +173,55 @@ impl Shard {
             tensors: header.tensors.clone(),
             data_len: header.data_len,
             digest: header.digest,
-            data_start: header.data_start(),
             header: Some(header),
+            kind,
             identity: Identity::of(&meta),
         })
     }
 
-    /// Fills `buf` with the bytes of the data space starting at `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, self.data_start + offset)
+    /// Fills `buf` with the bytes of the data space starting at `offset`. A packed shard decodes
+    /// the blocks covering them, keeping decoded blocks in `cache`; a plain file is read as it
+    /// is. A file that ends before the bytes is an [`Error::InputChanged`] (it was validated
+    /// when opened).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+        match &self.kind {
+            ShardKind::Safetensors { data_start } => self
+                .file
+                .read_exact_at(buf, data_start + offset)
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        let at = self.tensors.partition_point(|t| t.end <= offset);
+                        Error::InputChanged {
+                            path: self.path.clone(),
+                            change: InputChange::EndsEarly {
+                                tensor: self
+                                    .tensors
+                                    .get(at)
+                                    .map_or_else(String::new, |t| t.name.clone()),
+                                offset: data_start + offset,
+                            },
+                        }
+                    } else {
+                        Error::io(&self.path, "reading tensor data", e)
+                    }
+                }),
+            ShardKind::Packed(p) => p.read_at(offset, buf, cache.blocks()?),
+        }
     }
 
-    /// Where the data space's byte `offset` is in the file, for messages.
-    pub fn file_offset(&self, offset: u64) -> u64 {
-        self.data_start + offset
-    }
-
-    /// File length.
+    /// Length of the file the shard stands for, as a model's file list records it: the file's
+    /// own length, or for a packed shard the length of the safetensors file it packs (so that
+    /// a packed model is described, and merged, exactly as its unpacked form).
     pub fn len(&self) -> u64 {
-        self.identity.len
+        match &self.kind {
+            ShardKind::Packed(p) => p.original_len(),
+            _ => self.identity.len,
+        }
     }
 
     /// Whether the file is empty (never, for a shard that opened).
     pub fn is_empty(&self) -> bool {
-        self.identity.len == 0
+        self.len() == 0
     }
 
     /// Errs if the file was truncated, extended or rewritten since it was opened.
@@ -171,8 +291,11 @@ impl Model {
             return Model::open_indexed(path, &index_path);
         }
         let single = path.join(SINGLE_FILE);
-        if std::fs::symlink_metadata(&single).is_ok() {
-            let shard = Shard::open(single, SINGLE_FILE.into())?;
+        let packed_single = path.join(packed::packed_name(SINGLE_FILE));
+        if std::fs::symlink_metadata(&single).is_ok()
+            || std::fs::symlink_metadata(&packed_single).is_ok()
+        {
+            let shard = Shard::open(shard_file(path, SINGLE_FILE), SINGLE_FILE.into())?;
             return Model::from_shards(path, path.to_path_buf(), vec![shard], None);
         }
         Err(Error::model(path, ModelError::NoWeights))
@@ -193,7 +316,7 @@ impl Model {
         let shards = index
             .shards()
             .into_iter()
-            .map(|name| Shard::open(dir.join(&name), name))
+            .map(|name| Shard::open(shard_file(dir, &name), name))
             .collect::<Result<Vec<_>>>()?;
         Model::from_shards(dir, dir.to_path_buf(), shards, Some((index_path, &index)))
     }
@@ -362,6 +485,19 @@ fn open_regular(path: &Path, what: &'static str) -> Result<(File, std::fs::Metad
         return Err(not_regular());
     }
     Ok((file, meta))
+}
+
+/// The file of the shard the index (or the single-file convention) names `name` in `dir`:
+/// `dir/name`, or where there is no such file and a packed one, `dir/name.mszst`.
+fn shard_file(dir: &Path, name: &str) -> PathBuf {
+    let plain = dir.join(name);
+    if std::fs::symlink_metadata(&plain).is_err() {
+        let packed = dir.join(packed::packed_name(name));
+        if std::fs::symlink_metadata(&packed).is_ok() {
+            return packed;
+        }
+    }
+    plain
 }
 
 fn file_name(path: &Path) -> String {

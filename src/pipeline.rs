@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::busy::{Busy, Stage};
-use crate::error::{Error, InputChange, MethodFailure, Result, UsageError};
+use crate::error::{Error, MethodFailure, Result, UsageError};
 use crate::kernel::{self, methods, Isa};
 use crate::method::{Input, Op};
-use crate::model::Model;
+use crate::model::{Model, ReadCache};
 use crate::plan::{OutShard, Plan};
 
 /// How the engine runs. None of it changes the output bytes.
@@ -354,7 +354,7 @@ pub fn run(
         scope.spawn(move || {
             // Record the error before closing the channel, so that it is the one reported
             // rather than the writer's complaint about the early end.
-            if let Err(e) = read_stage(run, pool_rx, &read_tx, &round_rx) {
+            if let Err(e) = read_stage(run, pool_rx, &read_tx, &round_rx, reads) {
                 fail(e);
             }
             drop(read_tx);
@@ -489,13 +489,17 @@ fn lcm(a: u64, b: u64) -> u64 {
 
 /// Reads every chunk of the selected shards, in output order: for a step with method ops,
 /// first the chunks of each reduction round, waiting after each for the writer to apply its
-/// statistics, then the chunks of the output round.
+/// statistics, then the chunks of the output round. Packed inputs are decoded here, through one
+/// [`ReadCache`] holding a decoded block per distinct input of a chunk (`reads`), so each block
+/// is decoded once when the inputs are read front to back.
 fn read_stage(
     run: &Run,
     pool: Receiver<Slot>,
     out: &Sender<Job>,
     round_done: &Receiver<()>,
+    reads: usize,
 ) -> Result<()> {
+    let mut cache = ReadCache::new(reads);
     let mut seq = 0;
     let tensors = run.plans.first().map_or(0, |p| p.tensors.len());
     for t in 0..tensors {
@@ -511,7 +515,7 @@ fn read_stage(
                 } else {
                     Round::Output
                 };
-                if !read_round(run, &step, round, &pool, out, &mut seq)? {
+                if !read_round(run, &step, round, &pool, out, &mut seq, &mut cache)? {
                     return Ok(()); // a later stage has stopped
                 }
                 if !reducing {
@@ -534,6 +538,7 @@ fn read_round(
     pool: &Receiver<Slot>,
     out: &Sender<Job>,
     seq: &mut u64,
+    cache: &mut ReadCache,
 ) -> Result<bool> {
     let mut at = step.elems.start;
     while at < step.elems.end {
@@ -553,9 +558,9 @@ fn read_round(
                 read_chunk(
                     &run.models[input.model],
                     input,
-                    &run.plans[step.work[0].output].tensors[step.tensor].name,
                     first * width,
                     &mut slot.inputs[*i][..len],
+                    cache,
                 )
             })?;
         }
@@ -584,23 +589,16 @@ fn read_round(
 }
 
 /// Reads `buf.len()` bytes of `input`'s tensor in `model`, starting `at` bytes into the tensor.
-fn read_chunk(model: &Model, input: &Input, name: &str, at: u64, buf: &mut [u8]) -> Result<()> {
+fn read_chunk(
+    model: &Model,
+    input: &Input,
+    at: u64,
+    buf: &mut [u8],
+    cache: &mut ReadCache,
+) -> Result<()> {
     let shard = &model.shards[input.loc.shard];
     let info = &shard.tensors[input.loc.entry];
-    shard.read_at(info.start + at, buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            let offset = shard.file_offset(info.start + at);
-            Error::InputChanged {
-                path: shard.path.clone(),
-                change: InputChange::EndsEarly {
-                    tensor: name.to_owned(),
-                    offset,
-                },
-            }
-        } else {
-            Error::io(&shard.path, "reading tensor data", e)
-        }
-    })
+    shard.read_at(info.start + at, buf, cache)
 }
 
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {

@@ -367,6 +367,7 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
     h.update(plan.index_json.as_deref().unwrap_or("").as_bytes());
     h.update(plan.provenance_json.as_bytes());
     let mut buf = vec![0u8; SAMPLE as usize];
+    let mut cache = crate::model::ReadCache::new(1);
     for model in inputs {
         for shard in &model.shards {
             h.update(shard.name.as_bytes());
@@ -376,9 +377,7 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
             let head = len.min(SAMPLE);
             for (at, n) in [(0, head), (len - head, head)] {
                 let buf = &mut buf[..n as usize];
-                shard
-                    .read_at(at, buf)
-                    .map_err(|e| Error::io(&shard.path, "reading data", e))?;
+                shard.read_at(at, buf, &mut cache)?;
                 h.update(buf);
             }
         }

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("header", mergestream::fuzzing::header),
     ("differential", mergestream::fuzzing::differential),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
+    ("packed", mergestream::fuzzing::packed),
 ];
 
 fn fuzz_dir() -> PathBuf {
