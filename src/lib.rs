@@ -433,7 +433,24 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
                 .map(|&k| (&plans[k], todo[k].as_slice()))
                 .collect();
             let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
+            // The reader's decoded blocks of packed inputs come out of the budget first.
+            let cache = model::ReadCache::bytes(&models, reads);
+            let mut settings = Settings::for_budget(
+                budget.saturating_sub(cache),
+                opts.threads,
+                isa,
+                reads + computed,
+            )
+            .map_err(|e| match e {
+                Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
+                    UsageError::MemoryTooSmall {
+                        threads,
+                        needed: needed + cache,
+                    }
+                    .into()
+                }
+                e => e,
+            })?;
             if let Some(chunk) = opts.chunk_bytes {
                 settings.chunk_bytes = chunk.max(8) & !7;
             }

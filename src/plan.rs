@@ -284,8 +284,9 @@ pub(crate) fn shard_name(k: usize, count: usize) -> String {
 
 /// Whether a file of a model directory holds weights (in any format) or is an index of them.
 fn is_weight_file(name: &str) -> bool {
-    const WEIGHT_SUFFIXES: [&str; 12] = [
+    const WEIGHT_SUFFIXES: [&str; 13] = [
         ".safetensors",
+        ".mszst",
         ".bin",
         ".pt",
         ".pth",
@@ -325,6 +326,7 @@ fn extra_files(aligned: &Model) -> Result<(Vec<ExtraFile>, Vec<(String, &'static
             || is_weight_file(&name)
             || name == PROVENANCE_FILE
             || name == MANIFEST_FILE
+            || name == crate::packed::PACKED_MANIFEST
         {
             continue;
         }
