@@ -300,6 +300,7 @@ pub fn merge(data: &[u8]) {
             existing: Existing::Refuse,
             show_progress: false,
             io: crate::writer::IoMode::Auto,
+            compress: None,
         },
     };
     match crate::expo(&job, &Cancel::default()) {

@@ -146,6 +146,10 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// How output files are written.
     pub io: IoMode,
+    /// Write every output's shards packed (`--compress`: `NAME.safetensors.mszst`, with
+    /// `checksums.b3` still listing the unpacked bytes and `packed.b3` the packed files), with
+    /// these options; their `threads` compress each output's blocks.
+    pub compress: Option<packed::PackOptions>,
 }
 
 /// One output of a run: where it goes and what it is made of.
@@ -392,7 +396,17 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .outputs
         .iter()
         .zip(&plans)
-        .map(|(o, plan)| OutputDir::open(&o.out, &inputs, plan, part, opts.existing, opts.io))
+        .map(|(o, plan)| {
+            OutputDir::open(
+                &o.out,
+                &inputs,
+                plan,
+                part,
+                opts.existing,
+                opts.io,
+                opts.compress.as_ref(),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let todo: Vec<Vec<usize>> = plans
         .iter()
@@ -433,8 +447,13 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
                 .map(|&k| (&plans[k], todo[k].as_slice()))
                 .collect();
             let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            // The reader's decoded blocks of packed inputs come out of the budget first.
-            let cache = model::ReadCache::bytes(&models, reads);
+            // The reader's decoded blocks of packed inputs and the packing writers' blocks in
+            // flight come out of the budget first.
+            let cache = model::ReadCache::bytes(&models, reads)
+                + opts
+                    .compress
+                    .as_ref()
+                    .map_or(0, |o| o.memory_bytes() * group.len() as u64);
             let mut settings = Settings::for_budget(
                 budget.saturating_sub(cache),
                 opts.threads,

@@ -230,16 +230,23 @@ struct RunArgs {
     /// Bytes per chunk (for testing; output never depends on it).
     #[arg(long, hide = true)]
     chunk_size: Option<ByteSize>,
+    /// Write the shards packed (NAME.safetensors.mszst, as `mergestream pack` makes them):
+    /// checksums.b3 still lists the unpacked bytes, packed.b3 the files as written;
+    /// `mergestream unpack` restores the plain output, and merges read it as it is.
+    #[arg(long)]
+    compress: bool,
+    /// zstd level of --compress, 1 (fastest) to 22 (smallest).
+    #[arg(long, value_name = "N", requires = "compress", default_value_t = mergestream::packed::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    compress_level: i32,
 }
 
 impl RunArgs {
     fn options(&self, layout: &LayoutArgs) -> RunOptions {
+        let threads = self.threads.unwrap_or_else(cpus);
         RunOptions {
             max_shard_size: layout.max_shard_size.0,
             memory: self.memory.0,
-            threads: self
-                .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            threads,
             chunk_bytes: self.chunk_size.map(|c| c.0 as usize),
             part: self.part,
             existing: if self.resume {
@@ -251,6 +258,11 @@ impl RunArgs {
             },
             show_progress: !self.quiet && !self.json,
             io: self.io,
+            compress: self.compress.then(|| mergestream::packed::PackOptions {
+                level: self.compress_level,
+                threads,
+                ..Default::default()
+            }),
         }
     }
 }
@@ -449,12 +461,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let mut out = stdout();
                 writeln!(
                     out,
-                    "{}: OK ({} files, {} tensors, {} checked)",
+                    "{}: OK ({} files, {} tensors, {} checked{})",
                     dir.display(),
                     report.files,
                     report.tensors,
-                    format_bytes(report.bytes)
+                    format_bytes(report.bytes),
+                    if report.packed { " against packed.b3" } else { "" }
                 )?;
+                if report.packed {
+                    writeln!(
+                        out,
+                        "packed: the files, the packed shards' structure and checksums.b3's listing were checked; the unpacked bytes are checked against checksums.b3 by `mergestream unpack {} --out DIR`",
+                        dir.display()
+                    )?;
+                }
                 out.flush()?;
             }
         }
@@ -688,6 +708,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         existing: Existing::Refuse,
         show_progress: false,
         io: IoMode::Auto,
+        compress: None,
     };
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("OUT"));
     let runs: Vec<MergeJob> = match (&args.config, &args.sft, &args.aligned) {

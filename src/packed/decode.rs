@@ -140,12 +140,45 @@ impl PackedShard {
         }
     }
 
+    /// Checks the packed shard at `path` as [`PackedShard::open`] does — everything but the
+    /// blocks — without its base, and returns the original safetensors header. For checking
+    /// a packed directory's structure; a shard packed against a base can only be *read* with it.
+    pub fn check_structure(path: &Path) -> Result<Header> {
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io(path, "opening packed shard", e))?;
+        if !meta.is_file() {
+            return Err(PackedError::NotRegular {
+                path: path.to_path_buf(),
+            }
+            .into());
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, "opening packed shard", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "reading file status", e))?
+            .len();
+        let shard = PackedShard::validate(path, Box::new(file), len, None, false)?;
+        Ok(shard.header)
+    }
+
     /// Opens packed bytes held by `source` (`len` bytes long), naming `path` in errors.
     pub fn from_source(
         path: &Path,
         source: Box<dyn ReadAt>,
         len: u64,
         base: Option<Arc<Base>>,
+    ) -> Result<PackedShard> {
+        PackedShard::validate(path, source, len, base, true)
+    }
+
+    /// [`PackedShard::from_source`]; without `need_base`, a shard packed against a base opens
+    /// without it (for its structure only: its blocks would not decode to the original).
+    fn validate(
+        path: &Path,
+        source: Box<dyn ReadAt>,
+        len: u64,
+        base: Option<Arc<Base>>,
+        need_base: bool,
     ) -> Result<PackedShard> {
         let read = |buf: &mut [u8], at: u64, what: &'static str| {
             source
@@ -203,7 +236,7 @@ impl PackedShard {
         read(&mut index, trailer.index_offset, "reading block index")?;
         let entries = layout::parse_index(path, &index, &preamble, &trailer)?;
 
-        let base = if preamble.has_base() {
+        let base = if preamble.has_base() && (need_base || base.is_some()) {
             let Some(base) = base else {
                 return Err(PackedError::MissingBase {
                     path: path.to_path_buf(),

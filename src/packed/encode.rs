@@ -29,6 +29,17 @@ use super::{DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::header;
 
+/// Generous bound of a zstd compression context's memory for one block: level 1 with a
+/// 64-entry match table needs well under 1 MiB; higher levels build larger match tables (bounded
+/// by the block's size, which zstd's window shrinks to).
+fn zstd_context_bytes(level: i32) -> u64 {
+    match level {
+        ..=2 => 2 << 20,
+        3..=9 => 8 << 20,
+        _ => 32 << 20,
+    }
+}
+
 /// How to pack.
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -52,6 +63,16 @@ impl Default for PackOptions {
 }
 
 impl PackOptions {
+    /// Upper bound of the memory a [`PackWriter`] with these options holds: the blocks in
+    /// flight (original and stored bytes), the block being filled, each worker's scratch and
+    /// zstd context.
+    pub fn memory_bytes(&self) -> u64 {
+        let threads = self.threads.max(1) as u64;
+        let block = u64::from(self.block_size);
+        let in_flight = 2 * threads + 1;
+        (2 * in_flight + 1 + 2 * threads) * block + threads * zstd_context_bytes(self.level)
+    }
+
     fn check(&self) -> Result<()> {
         let bs = self.block_size;
         if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
