@@ -1076,7 +1076,11 @@ pub enum VerifyCause {
     },
     /// In a packed output, `checksums.b3` (the unpacked files' manifest) does not list what
     /// `unpack` would restore from the files `packed.b3` lists.
-    #[error("{}: does not list the files unpack restores ({})", crate::plan::MANIFEST_FILE, listing_difference(unlisted, missing))]
+    #[error(
+        "{}: does not list the files unpack restores ({})",
+        crate::plan::MANIFEST_FILE,
+        listing_difference(unlisted, missing)
+    )]
     UnpackedListing {
         /// Files unpack restores that it does not list.
         unlisted: Vec<String>,
@@ -1312,7 +1316,10 @@ fn listing_difference(unlisted: &[String], missing: &[String]) -> String {
         parts.push(format!("not listed: {}", unlisted.join(", ")));
     }
     if !missing.is_empty() {
-        parts.push(format!("listed but not in the output: {}", missing.join(", ")));
+        parts.push(format!(
+            "listed but not in the output: {}",
+            missing.join(", ")
+        ));
     }
     parts.join("; ")
 }

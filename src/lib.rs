@@ -378,6 +378,14 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             }
         }
     }
+    // What held nothing before this run, so that a run stopped by a damaged input can leave
+    // nothing behind.
+    let fresh: Vec<(PathBuf, bool)> = job
+        .root
+        .iter()
+        .chain(job.outputs.iter().map(|o| &o.out))
+        .filter_map(|p| holds_nothing(p).map(|absent| (p.clone(), absent)))
+        .collect();
     let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
     let budget = opts
         .memory
@@ -495,7 +503,13 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         Ok::<(), Error>(())
     })();
     bar.finish();
-    result?;
+    if let Err(e) = result {
+        if damaged_input(&e) {
+            drop(dirs);
+            remove_fresh(&fresh);
+        }
+        return Err(e);
+    }
     for (plan, dir) in plans.iter().zip(&mut dirs) {
         if part.index == 0 {
             for f in &plan.extra_files {
@@ -554,4 +568,41 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         threads: opts.threads.max(1),
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
     })
+}
+
+/// `Some(true)` if `path` does not exist, `Some(false)` if it is an empty directory, `None` if
+/// it holds something.
+fn holds_nothing(path: &std::path::Path) -> Option<bool> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_none().then_some(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(true),
+        Err(_) => None,
+    }
+}
+
+/// Whether a run failed because an input's stored bytes are damaged (a packed block that does
+/// not decode to what was packed): no rerun or resume can finish it, so it leaves nothing
+/// behind.
+fn damaged_input(e: &Error) -> bool {
+    use packed::PackedError as P;
+    matches!(e, Error::Packed(p) if matches!(**p, P::TruncatedFrame { .. } | P::CorruptFrame { .. } | P::BlockChecksum { .. }))
+}
+
+/// Removes what this run wrote into the directories of `fresh` (each with whether it did not
+/// exist before, in which case it goes too): nested outputs before the root holding them.
+fn remove_fresh(fresh: &[(PathBuf, bool)]) {
+    for (path, absent) in fresh.iter().rev() {
+        if *absent {
+            let _ = std::fs::remove_dir_all(path);
+        } else if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
 }

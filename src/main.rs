@@ -466,7 +466,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     report.files,
                     report.tensors,
                     format_bytes(report.bytes),
-                    if report.packed { " against packed.b3" } else { "" }
+                    if report.packed {
+                        " against packed.b3"
+                    } else {
+                        ""
+                    }
                 )?;
                 if report.packed {
                     writeln!(

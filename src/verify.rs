@@ -51,13 +51,14 @@ pub fn verify(dir: &Path) -> Result<Report> {
     } else {
         MANIFEST_FILE
     };
-    let text = std::fs::read_to_string(dir.join(manifest_name)).map_err(|source| Error::Verify {
-        path: dir.to_path_buf(),
-        problems: vec![VerifyProblem::new(VerifyCause::ManifestUnreadable {
-            manifest: manifest_name,
-            source,
-        })],
-    })?;
+    let text =
+        std::fs::read_to_string(dir.join(manifest_name)).map_err(|source| Error::Verify {
+            path: dir.to_path_buf(),
+            problems: vec![VerifyProblem::new(VerifyCause::ManifestUnreadable {
+                manifest: manifest_name,
+                source,
+            })],
+        })?;
     let entries = parse_manifest(manifest_name, &text, &mut found);
     let listed: BTreeSet<String> = entries.iter().map(|e| e.name.clone()).collect();
 
@@ -125,8 +126,7 @@ pub fn verify(dir: &Path) -> Result<Report> {
         } else {
             entry.name.as_str()
         };
-        if !(is_packed || entry.name.ends_with(".safetensors")) || !readable.contains(&entry.name)
-        {
+        if !(is_packed || entry.name.ends_with(".safetensors")) || !readable.contains(&entry.name) {
             continue;
         }
         let path = dir.join(&entry.name);
@@ -340,10 +340,8 @@ fn check_unpacked_manifest(
             }
         })
         .collect();
-    let listed: BTreeMap<&str, blake3::Hash> = unpacked
-        .iter()
-        .map(|e| (e.name.as_str(), e.hash))
-        .collect();
+    let listed: BTreeMap<&str, blake3::Hash> =
+        unpacked.iter().map(|e| (e.name.as_str(), e.hash)).collect();
     let unlisted: Vec<String> = restored
         .keys()
         .filter(|n| !listed.contains_key(*n))

@@ -31,6 +31,7 @@ mod memory;
 mod mergekit_ref;
 mod overlap;
 mod packed;
+mod packed_merge;
 mod parts;
 mod pipes;
 mod product;

@@ -364,17 +364,17 @@ fn random_reads_match_the_original_and_sequential_reads_decode_each_block_once()
 // ---- malformed packed shards ----------------------------------------------------------------
 
 /// Fields of a packed file, read here from the documented offsets.
-struct Parsed {
-    prefix_len: usize,
-    index_offset: usize,
-    blocks: usize,
+pub(crate) struct Parsed {
+    pub(crate) prefix_len: usize,
+    pub(crate) index_offset: usize,
+    pub(crate) blocks: usize,
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-fn parse(bytes: &[u8]) -> Parsed {
+pub(crate) fn parse(bytes: &[u8]) -> Parsed {
     let n = bytes.len();
     assert_eq!(&bytes[n - 8..], b"MSZSTEND");
     Parsed {
@@ -385,7 +385,7 @@ fn parse(bytes: &[u8]) -> Parsed {
 }
 
 /// `(offset, stored length, codec)` of block `k`.
-fn entry(bytes: &[u8], p: &Parsed, k: usize) -> (usize, usize, u8) {
+pub(crate) fn entry(bytes: &[u8], p: &Parsed, k: usize) -> (usize, usize, u8) {
     let e = p.index_offset + 24 * k;
     (
         le64(bytes, e) as usize,
@@ -395,7 +395,7 @@ fn entry(bytes: &[u8], p: &Parsed, k: usize) -> (usize, usize, u8) {
 }
 
 /// Rewrites the index checksum in the trailer after an edit of the index (xxh3-64).
-fn reseal_index(bytes: &mut [u8], p: &Parsed) {
+pub(crate) fn reseal_index(bytes: &mut [u8], p: &Parsed) {
     let n = bytes.len();
     let sum = xxhash_rust::xxh3::xxh3_64(&bytes[p.index_offset..n - 32]);
     bytes[n - 16..n - 8].copy_from_slice(&sum.to_le_bytes());
@@ -422,30 +422,33 @@ fn decode_err(bytes: Vec<u8>) -> PackedError {
     }
 }
 
-#[test]
-fn a_truncated_frame_is_reported_as_one() {
-    let (_dir, _, mut bytes) = packed_sample();
-    let p = parse(&bytes);
-    let (off, len, codec) = entry(&bytes, &p, 1);
-    assert_eq!(codec, 1, "block 1 is zstd");
-    // Cut the frame's last 5 bytes and keep everything else consistent: later offsets move,
-    // the index checksum is resealed.
-    let cut = 5;
+/// Cuts the last `cut` bytes of zstd block `k`'s frame, keeping everything else consistent:
+/// later offsets move, the index checksum is resealed. Only block `k` is then broken.
+pub(crate) fn truncate_frame(bytes: &mut Vec<u8>, k: usize, cut: usize) {
+    let p = parse(bytes);
+    let (off, len, codec) = entry(bytes, &p, k);
+    assert_eq!(codec, 1, "block {k} is zstd");
     bytes.drain(off + len - cut..off + len);
     let p2 = Parsed {
         index_offset: p.index_offset - cut,
         ..p
     };
-    let e = p2.index_offset + 24;
+    let e = p2.index_offset + 24 * k;
     bytes[e + 8..e + 12].copy_from_slice(&((len - cut) as u32).to_le_bytes());
-    for k in 2..p2.blocks {
-        let at = p2.index_offset + 24 * k;
-        let o = le64(&bytes, at) - cut as u64;
+    for later in k + 1..p2.blocks {
+        let at = p2.index_offset + 24 * later;
+        let o = le64(bytes, at) - cut as u64;
         bytes[at..at + 8].copy_from_slice(&o.to_le_bytes());
     }
     let n = bytes.len();
     bytes[n - 32..n - 24].copy_from_slice(&(p2.index_offset as u64).to_le_bytes());
-    reseal_index(&mut bytes, &p2);
+    reseal_index(bytes, &p2);
+}
+
+#[test]
+fn a_truncated_frame_is_reported_as_one() {
+    let (_dir, _, mut bytes) = packed_sample();
+    truncate_frame(&mut bytes, 1, 5);
     assert!(matches!(
         decode_err(bytes),
         PackedError::TruncatedFrame { block: 1, .. }
