@@ -321,17 +321,54 @@ pub fn config_runs(
 
 /// Opens every model of `job` and plans every output, writing nothing.
 pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
-    let models = job
-        .models
-        .iter()
-        .map(|p| Model::open(p))
-        .collect::<Result<Vec<_>>>()?;
+    let models = open_models(&job.models)?;
     let plans = job
         .outputs
         .iter()
         .map(|o| Plan::build(&o.recipe, &models, job.options.max_shard_size))
         .collect::<Result<Vec<_>>>()?;
     Ok((models, plans))
+}
+
+/// Opens the models at `paths`. A packed model stored as the XOR with a base model (`pack
+/// --base`) is read through that base, which must be one of the others: those that can be
+/// bases are identified (their `checksums.b3`, or hashing their shards) only when some model
+/// needs one.
+pub fn open_models(paths: &[PathBuf]) -> Result<Vec<Model>> {
+    let mut models = paths
+        .iter()
+        .map(|p| Model::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    if models.iter().all(|m| m.missing_bases().is_empty()) {
+        return Ok(models);
+    }
+    let mut bases: Vec<Option<std::sync::Arc<packed::Base>>> = vec![None; paths.len()];
+    for i in 0..models.len() {
+        let needed = models[i].missing_bases();
+        if needed.is_empty() {
+            continue;
+        }
+        for (j, path) in paths.iter().enumerate() {
+            if j != i && bases[j].is_none() && models[j].missing_bases().is_empty() {
+                // A model that cannot be a base (it does not open as one) is just not a candidate.
+                bases[j] = packed::Base::open(path).ok().map(std::sync::Arc::new);
+            }
+            if needed
+                .iter()
+                .all(|id| bases.iter().flatten().any(|b| b.id == *id))
+            {
+                break;
+            }
+        }
+        let candidates: Vec<std::sync::Arc<packed::Base>> = bases
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, b)| b.clone())
+            .collect();
+        models[i].set_bases(&candidates)?;
+    }
+    Ok(models)
 }
 
 /// Opens both models and plans one ExPO output, writing nothing.
@@ -341,7 +378,7 @@ pub fn plan_expo(
     alpha: f32,
     max_shard_size: u64,
 ) -> Result<(Model, Model, Plan)> {
-    let models = vec![Model::open(sft)?, Model::open(aligned)?];
+    let models = open_models(&[sft.to_path_buf(), aligned.to_path_buf()])?;
     let recipe = Recipe {
         method: Method::Expo { alpha },
         models: vec![0, 1],

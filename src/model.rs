@@ -96,17 +96,29 @@ impl ReadCache {
 
     /// Upper bound of the memory a `ReadCache::new(blocks)` uses reading `models`: the decoded
     /// blocks plus the decoder's scratch ([`BlockCache`]), at the largest block size of any
-    /// packed shard among them; 0 when none is packed.
+    /// packed shard among them, and, for shards packed against a packed base, the decoder's own
+    /// cache of one base block; 0 when none is packed.
     pub fn bytes<'a>(models: impl IntoIterator<Item = &'a Model>, blocks: usize) -> u64 {
-        let largest = models
+        let packed: Vec<&PackedShard> = models
             .into_iter()
             .flat_map(|m| &m.shards)
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        let largest = packed.iter().map(|p| p.max_block_bytes()).max();
+        let base_block = packed
+            .iter()
+            .filter_map(|p| p.base())
+            .flat_map(|b| &b.model.shards)
             .filter_map(|s| match &s.kind {
                 ShardKind::Packed(p) => Some(p.max_block_bytes()),
                 _ => None,
             })
             .max();
         largest.map_or(0, |b| BlockCache::bytes(blocks, b))
+            + base_block.map_or(0, |b| BlockCache::bytes(1, b))
     }
 
     /// Blocks decoded through this cache so far.
@@ -154,7 +166,9 @@ impl Shard {
             let source = file
                 .try_clone()
                 .map_err(|e| Error::io(&path, "opening shard", e))?;
-            let shard = PackedShard::from_source(&path, Box::new(source), meta.len(), None)?;
+            // A shard packed against a base opens without it; the run gives it its base
+            // (`Model::set_bases`) before reading.
+            let shard = PackedShard::from_source_without_base(&path, Box::new(source), meta.len())?;
             (shard.header().clone(), ShardKind::Packed(Box::new(shard)))
         } else {
             let header = header::read(&path, &file, meta.len())?;
@@ -224,8 +238,14 @@ impl Shard {
         self.len() == 0
     }
 
-    /// Errs if the file was truncated, extended or rewritten since it was opened.
+    /// Errs if the file (or, for a shard packed against a base, a file of the base) was
+    /// truncated, extended or rewritten since it was opened.
     pub fn check_unchanged(&self) -> Result<()> {
+        if let ShardKind::Packed(p) = &self.kind {
+            if let Some(base) = p.base() {
+                base.model.check_unchanged()?;
+            }
+        }
         let meta = self
             .file
             .metadata()
@@ -408,6 +428,46 @@ impl Model {
             shards,
             tensors,
         })
+    }
+
+    /// The identities of the bases this model's shards were packed against and were not given
+    /// (see [`Model::set_bases`]), each once.
+    pub fn missing_bases(&self) -> Vec<[u8; 32]> {
+        let mut ids: Vec<[u8; 32]> = self
+            .shards
+            .iter()
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => p.missing_base(),
+                _ => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Gives every shard packed against a base its base, from `bases`; errs with
+    /// [`packed::PackedError::BaseNotAnInput`] for a shard whose base is not among them.
+    pub fn set_bases(&mut self, bases: &[std::sync::Arc<packed::Base>]) -> Result<()> {
+        for shard in &mut self.shards {
+            let ShardKind::Packed(p) = &mut shard.kind else {
+                continue;
+            };
+            let Some(id) = p.missing_base() else {
+                continue;
+            };
+            match bases.iter().find(|b| b.id == id) {
+                Some(base) => p.set_base(std::sync::Arc::clone(base))?,
+                None => {
+                    return Err(packed::PackedError::BaseNotAnInput {
+                        path: shard.path.clone(),
+                        expected: packed::hex(&id),
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The tensor named `name`, with where it is.

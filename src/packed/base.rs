@@ -47,6 +47,12 @@ impl Base {
     /// Opens the model at `path` and computes its identity.
     pub fn open(path: &Path) -> Result<Base> {
         let model = Model::open(path)?;
+        if !model.missing_bases().is_empty() {
+            return Err(PackedError::NestedBase {
+                base: path.to_path_buf(),
+            }
+            .into());
+        }
         let listed = listed_hashes(&model)?;
         let mut lines: Vec<(String, blake3::Hash)> = Vec::new();
         for shard in &model.shards {

@@ -171,8 +171,40 @@ impl PackedShard {
         PackedShard::validate(path, source, len, base, true)
     }
 
+    /// Opens packed bytes as [`PackedShard::from_source`] does, but a shard packed against a
+    /// base opens without it: its header and structure are checked and readable, and reading
+    /// its data is [`PackedError::MissingBase`] until [`PackedShard::set_base`] gives it one
+    /// ([`PackedShard::missing_base`] tells which).
+    pub fn from_source_without_base(
+        path: &Path,
+        source: Box<dyn ReadAt>,
+        len: u64,
+    ) -> Result<PackedShard> {
+        PackedShard::validate(path, source, len, None, false)
+    }
+
+    /// The identity of the base this shard was packed against, if it needs one it was not
+    /// given.
+    pub fn missing_base(&self) -> Option<[u8; 32]> {
+        (self.preamble.has_base() && self.ctx.base.is_none()).then_some(self.preamble.base_id)
+    }
+
+    /// Gives a shard opened without its base ([`PackedShard::from_source_without_base`]) the
+    /// base: it must be the one recorded, holding every tensor with the same dtype and shape.
+    pub fn set_base(&mut self, base: Arc<Base>) -> Result<()> {
+        base.check_id(&self.ctx.path, &self.preamble.base_id)?;
+        let locs = base.locate(&self.ctx.path, &self.header.tensors)?;
+        self.ctx.base = Some((base, locs));
+        Ok(())
+    }
+
+    /// The base this shard is XORed with, if any.
+    pub fn base(&self) -> Option<&Arc<Base>> {
+        self.ctx.base.as_ref().map(|(b, _)| b)
+    }
+
     /// [`PackedShard::from_source`]; without `need_base`, a shard packed against a base opens
-    /// without it (for its structure only: its blocks would not decode to the original).
+    /// without it (see [`PackedShard::from_source_without_base`]).
     fn validate(
         path: &Path,
         source: Box<dyn ReadAt>,
@@ -315,6 +347,18 @@ impl PackedShard {
         &self.ctx.path
     }
 
+    /// Errs unless the shard has the base it needs, if any.
+    fn check_base(&self) -> Result<()> {
+        match self.missing_base() {
+            Some(id) => Err(PackedError::MissingBase {
+                path: self.ctx.path.clone(),
+                expected: hex(&id),
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
     /// Decodes block `k` into `out` (exactly its original length).
     fn decode(
         &self,
@@ -323,6 +367,7 @@ impl PackedShard {
         dec: &mut Decoder,
         stored: &mut Vec<u8>,
     ) -> Result<()> {
+        self.check_base()?;
         let entry = &self.entries[k as usize];
         stored.resize(entry.stored_len as usize, 0);
         self.source
@@ -369,6 +414,7 @@ impl PackedShard {
 
     /// Writes the original file (prefix, then data) to `sink`, decoding on `threads` threads.
     pub fn unpack_into<S: ByteSink>(&self, sink: &mut S, threads: usize) -> Result<()> {
+        self.check_base()?;
         sink.write_all(&self.prefix)?;
         let count = self.block_count();
         let threads = threads.max(1).min(count.max(1) as usize);

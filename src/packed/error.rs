@@ -138,6 +138,20 @@ pub enum PackedError {
         /// The recorded identity of the base, hex.
         expected: String,
     },
+    /// A merge input was packed against a base model that is none of the run's other models.
+    #[error("{}: was packed against a base model (blake3 id {expected}) that is none of this run's other models: merge it together with that model, or restore it first with `mergestream unpack DIR --base REFDIR --out PLAIN`", path.display())]
+    BaseNotAnInput {
+        /// The packed shard.
+        path: PathBuf,
+        /// The recorded identity of the base, hex.
+        expected: String,
+    },
+    /// A base model that is itself packed against a base (one level of bases only).
+    #[error("{}: this base model is itself packed against a base model; unpack it first (`mergestream unpack`)", base.display())]
+    NestedBase {
+        /// The base model.
+        base: PathBuf,
+    },
     /// The base model given is not the one the shard was packed against.
     #[error("{}: was packed against another base model than {} (recorded id {expected}, this base is {found})", path.display(), base.display())]
     WrongBase {

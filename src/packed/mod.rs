@@ -28,7 +28,7 @@ mod transform;
 
 use std::path::Path;
 
-pub use base::Base;
+pub use base::{hex, Base};
 pub use decode::{unpack_shard, BlockCache, PackedShard, ReadAt};
 pub use dir::{open_packed_dir, pack_dir, unpack_dir, DirSummary, PACKED_EXT, PACKED_MANIFEST};
 pub use encode::{pack_shard, pack_shard_into, PackOptions, PackWriter, PackedSummary};

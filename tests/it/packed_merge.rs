@@ -526,3 +526,70 @@ fn damaged_packed_inputs_fail_with_their_own_error_and_leave_nothing_behind() {
         }
     }
 }
+
+#[test]
+fn inputs_packed_against_a_base_are_read_through_it_when_it_is_an_input() {
+    let p = Packed::new(&[]);
+    let reference = p.path("reference");
+    expo_ok(&p.plain("sft"), &p.plain("aligned"), "0.3", &reference, &[]);
+    // The SFT model stored as its XOR with the aligned model.
+    let xsft = p.path("xsft");
+    pack(
+        &p.plain("sft"),
+        &xsft,
+        &["--base", p.plain("aligned").to_str().unwrap()],
+    );
+    for aligned in [p.plain("aligned"), p.packed("aligned")] {
+        let out = p.path("out");
+        expo_ok(&xsft, &aligned, "0.3", &out, &["--chunk-size", "1000"]);
+        assert_same_tree(&reference, &out);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // Its base is not among the inputs: refused before anything is written, saying what to do.
+    let out = p.path("out");
+    let r = expo_of(&xsft, &p.plain("sft"), "0.3", &out, &[]);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    let err = stderr(&r);
+    assert!(
+        err.contains("none of this run's other models") && err.contains("--base"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Unpacking it needs that base, and only that one (the binary's messages; nothing left).
+    let r = run(&[
+        "unpack",
+        xsft.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("pass it with --base"), "{}", stderr(&r));
+    let r = run(&[
+        "unpack",
+        xsft.to_str().unwrap(),
+        "--base",
+        p.plain("sft").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("another base model"), "{}", stderr(&r));
+    assert!(!out.exists());
+    // A packed base reads as its unpacked form.
+    unpack_with_base(&xsft, &p.packed("aligned"), &out);
+    b3sum_check(&out, "checksums.b3");
+    std::fs::remove_file(out.join("checksums.b3")).unwrap(); // made by pack: the input had none
+    assert_same_tree(&p.plain("sft"), &out);
+}
+
+fn unpack_with_base(src: &Path, base: &Path, out: &Path) {
+    run_ok(&[
+        "unpack",
+        src.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+}
