@@ -14,11 +14,26 @@
 //! - `mergestream pack --base ALIGNED` of the ExPO output (with plain `pack` and `zstd -3` of the
 //!   same output for comparison), and its unpack.
 //!
-//! It prints the machine, the date and the commit, and a markdown table. Sizes are exact and
+//! Then, for the first dtype, **merging from packed inputs**: `mergestream expo` of the packed
+//! pair (both models packed at the default level) against two floors measured in this process,
+//! each a reader thread and a writer thread overlapping as the tool's stages do, the writer
+//! writing as many bytes as the merge writes (buffered, then `fsync`; the tool runs with
+//! `--io buffered` to match):
+//!
+//! - **read packed**: reading both inputs' packed files sequentially in 4 MiB `pread`s — the
+//!   I/O of a merge from packed inputs, with no decoding, arithmetic or hashing;
+//! - **read + decode**: decoding both inputs' data sections in 256 KiB pieces through
+//!   `PackedShard::read_at` on one thread with a two-block cache, a piece of each in turn —
+//!   what the tool's reader stage does, with nothing else.
+//!
+//! and, for scale, `expo` of the same pair unpacked. Each is run `--runs` times, interleaved;
+//! the table gives medians (the page cache is warm: every input was just written).
+//!
+//! It prints the machine, the date and the commit, and markdown tables. Sizes are exact and
 //! repeatable; speeds are only meaningful on a quiet machine. It checks no bytes (the tests do).
 //!
 //! `cargo bench --bench packed -- [--preset mistral-7b] [--layers 1] [--dtypes BF16,F32]
-//!  [--dir PATH] [--keep]`
+//!  [--runs 3] [--dir PATH] [--keep]`
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -47,6 +62,9 @@ struct Args {
     /// Keep the generated pairs (reused by later runs with the same options).
     #[arg(long)]
     keep: bool,
+    /// Measured runs of each merge and floor (medians are shown).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -86,7 +104,8 @@ fn run(args: &Args) -> Res<()> {
     let log = dir.join("last-command.log");
     print_machine(&dir);
     let mut rows = Vec::new();
-    for dtype in &args.dtypes {
+    let mut merge_rows = Vec::new();
+    for (d, dtype) in args.dtypes.iter().enumerate() {
         let pair = dir.join(format!("pair-{}-{}-{dtype}", args.preset, args.layers));
         if !pair.join("aligned").exists() {
             remove(&pair)?;
@@ -170,6 +189,9 @@ fn run(args: &Args) -> Res<()> {
             &dir,
             &log,
         )?);
+        if d == 0 {
+            merge_rows = merge_from_packed(dtype, &pair, &dir, &log, args.runs.max(1))?;
+        }
         if !args.keep {
             remove(&pair)?;
         }
@@ -196,7 +218,232 @@ fn run(args: &Args) -> Res<()> {
             r.original as f64 / r.stored as f64
         );
     }
+    if !merge_rows.is_empty() {
+        let floor = merge_rows[0].wall;
+        println!();
+        println!("| merge (ExPO, alpha 0.3) | output | s (median) | CPU s | ratio to read-packed floor |");
+        println!("|---|---:|---:|---:|---:|");
+        for r in &merge_rows {
+            println!(
+                "| {} | {:.3} GB | {:.2} | {} | {:.2}× |",
+                r.what,
+                r.output as f64 / 1e9,
+                r.wall,
+                r.cpu.map_or("—".into(), |c| format!("{c:.2}")),
+                r.wall / floor.max(1e-9)
+            );
+        }
+        println!();
+        println!("Floors run in this process (CPU not separated); the tool's rows are child processes (CPU = user+sys from wait4).");
+    }
     Ok(())
+}
+
+/// One row of the merge table.
+struct MergeRow {
+    what: String,
+    output: u64,
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Packs both models of `pair`, then times the floors and `expo` from packed and from plain
+/// inputs, `runs` times each, interleaved.
+fn merge_from_packed(
+    dtype: &str,
+    pair: &Path,
+    dir: &Path,
+    log: &Path,
+    runs: usize,
+) -> Res<Vec<MergeRow>> {
+    let packed = |model: &str| -> Res<PathBuf> {
+        let out = dir.join(format!("merge-packed-{model}"));
+        remove(&out)?;
+        measure(
+            Command::new(BIN)
+                .arg("pack")
+                .arg(pair.join(model))
+                .arg("--out")
+                .arg(&out)
+                .arg("--quiet"),
+            log,
+        )?;
+        Ok(out)
+    };
+    let (psft, paligned) = (packed("sft")?, packed("aligned")?);
+    let out = dir.join("merge-out");
+    let expo = |sft: &Path, aligned: &Path| -> Res<Measured> {
+        remove(&out)?;
+        let m = measure(
+            Command::new(BIN)
+                .args([
+                    "expo", "--quiet", "--io", "buffered", "--alpha", "0.3", "--sft",
+                ])
+                .arg(sft)
+                .arg("--aligned")
+                .arg(aligned)
+                .arg("--out")
+                .arg(&out),
+            log,
+        )?;
+        Ok(m)
+    };
+    expo(&psft, &paligned)?; // warm-up, and the output's size
+    let output: u64 = shards(&out)?.iter().map(|p| len(p)).sum::<Res<u64>>()?;
+    let files = |model: &Path| -> Res<Vec<PathBuf>> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(model)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "mszst"))
+            .collect();
+        out.sort();
+        Ok(out)
+    };
+    let inputs = [files(&psft)?, files(&paligned)?];
+    let sink = dir.join("merge-floor.bin");
+    let (mut read, mut decode, mut from_packed, mut from_plain) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cpu = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        read.push(floor(&inputs, output, &sink, false)?);
+        decode.push(floor(&inputs, output, &sink, true)?);
+        let m = expo(&psft, &paligned)?;
+        from_packed.push(m.wall);
+        cpu.0.push(m.cpu);
+        let m = expo(&pair.join("sft"), &pair.join("aligned"))?;
+        from_plain.push(m.wall);
+        cpu.1.push(m.cpu);
+    }
+    let _ = std::fs::remove_file(&sink);
+    remove(&out)?;
+    remove(&psft)?;
+    remove(&paligned)?;
+    let row = |what: String, wall: Vec<f64>, cpu: Option<Vec<f64>>| MergeRow {
+        what,
+        output,
+        wall: median(wall),
+        cpu: cpu.map(median),
+    };
+    Ok(vec![
+        row(format!("{dtype} floor: read packed"), read, None),
+        row(
+            format!("{dtype} floor: read + decode (one thread)"),
+            decode,
+            None,
+        ),
+        row(
+            format!("{dtype} mergestream expo, packed inputs"),
+            from_packed,
+            Some(cpu.0),
+        ),
+        row(
+            format!("{dtype} mergestream expo, plain inputs"),
+            from_plain,
+            Some(cpu.1),
+        ),
+    ])
+}
+
+/// A floor: a reader thread reads (or decodes) both inputs, a piece of each in turn, while this
+/// thread writes `output` bytes to `sink` and syncs it. Returns the wall time in seconds.
+fn floor(inputs: &[Vec<PathBuf>; 2], output: u64, sink: &Path, decode: bool) -> Res<f64> {
+    use mergestream::packed::{BlockCache, PackedShard};
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 4 << 20;
+    const CHUNK: usize = 256 << 10;
+    let start = Instant::now();
+    let (tx, rx) = crossbeam_channel::bounded::<usize>(6);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Res<()> {
+            if decode {
+                let mut cache = BlockCache::new(2).map_err(|e| e.to_string())?;
+                let open = |files: &Vec<PathBuf>| -> Res<Vec<PackedShard>> {
+                    files
+                        .iter()
+                        .map(|f| PackedShard::open(f, None).map_err(|e| e.to_string()))
+                        .collect()
+                };
+                let shards = [open(&inputs[0])?, open(&inputs[1])?];
+                let mut at = [(0usize, 0u64); 2];
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let mut n = 0;
+                    for (i, (s, off)) in at.iter_mut().enumerate() {
+                        let Some(shard) = shards[i].get(*s) else {
+                            continue;
+                        };
+                        let len = (shard.header().data_len - *off).min(CHUNK as u64) as usize;
+                        shard
+                            .read_at(*off, &mut buf[..len], &mut cache)
+                            .map_err(|e| e.to_string())?;
+                        *off += len as u64;
+                        n += len;
+                        if *off == shard.header().data_len {
+                            *s += 1;
+                            *off = 0;
+                        }
+                    }
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    let _ = tx.send(n);
+                }
+            } else {
+                let open = |files: &Vec<PathBuf>| -> Res<Vec<File>> {
+                    files
+                        .iter()
+                        .map(|f| File::open(f).map_err(|e| e.to_string()))
+                        .collect()
+                };
+                let files = [open(&inputs[0])?, open(&inputs[1])?];
+                let mut at = [(0usize, 0u64); 2];
+                let mut buf = vec![0u8; PIECE];
+                loop {
+                    let mut n = 0;
+                    for (i, (f, off)) in at.iter_mut().enumerate() {
+                        let Some(file) = files[i].get(*f) else {
+                            continue;
+                        };
+                        let got = file.read_at(&mut buf, *off).map_err(|e| e.to_string())?;
+                        if got == 0 {
+                            *f += 1;
+                            *off = 0;
+                        }
+                        *off += got as u64;
+                        n += got;
+                    }
+                    if n == 0
+                        && at
+                            .iter()
+                            .enumerate()
+                            .all(|(i, (f, _))| *f >= files[i].len())
+                    {
+                        return Ok(());
+                    }
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        let mut file = File::create(sink).map_err(|e| format!("{}: {e}", sink.display()))?;
+        let zeros = vec![0u8; PIECE];
+        let mut written = 0u64;
+        while written < output {
+            let _ = rx.recv();
+            let n = (output - written).min(PIECE as u64) as usize;
+            file.write_all(&zeros[..n]).map_err(|e| e.to_string())?;
+            written += n as u64;
+        }
+        file.sync_all().map_err(|e| e.to_string())?;
+        for _ in rx.iter() {}
+        reader.join().map_err(|_| "reader panicked".to_string())?
+    })?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// `zstd -3 -T1` of every shard of `model`, then `zstd -d` of each.
