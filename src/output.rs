@@ -353,7 +353,7 @@ pub struct ShardWriter<'a> {
 
 /// The shard a [`ShardWriter`] is writing.
 enum OpenShard {
-    Plain(StreamFile),
+    Plain(Box<StreamFile>),
     Packed(Box<PackWriter<StreamFile>>),
 }
 
@@ -384,7 +384,7 @@ impl ShardSink for ShardWriter<'_> {
                 let mut file = self.dir.create(&shard.name)?;
                 self.buffered |= !file.is_direct();
                 file.write(&shard.prefix)?;
-                OpenShard::Plain(file)
+                OpenShard::Plain(Box::new(file))
             }
             Some(options) => {
                 let name = packed::packed_name(&shard.name);
