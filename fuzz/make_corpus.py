@@ -244,6 +244,11 @@ def merge_seeds(small, ints, specials):
             ("é", "U8", [1], b"\x07")]
     put("merge", "edge-shapes", merge_input(encode(edge), shard=1, seed=0x4242))
     put("merge", "broken-file", merge_input(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"))
+    # --compress: `roles` bit 1, bits 2-3 the block size (64 << n), bit 4 two threads.
+    put("merge", "compress-sharded", merge_input(f, roles=0b10, shard=4, chunk=1, seed=0x1234))
+    put("merge", "compress-specials-threads",
+        merge_input(encode(specials), roles=0b11110, alpha=4, seed=0x7777))
+    put("merge", "compress-edge-shapes", merge_input(encode(edge), roles=0b0110, shard=1, seed=0x4242))
 
 
 def packed_input(file, block=0, level=0, base=0, threads=0, corrupt=0):

@@ -255,7 +255,9 @@ pub fn index(data: &[u8]) {
 
 /// `merge`: `PARAMS` (see [`MERGE_PARAMS`]) then a safetensors file `A`. A second file `B` is
 /// derived from `A` (values perturbed; tensors renamed, reshaped, retyped, dropped or added, and
-/// the layout reordered, as the parameters say), and the two are merged as a whole run. A
+/// the layout reordered, as the parameters say), and the two are merged as a whole run — with
+/// `params[0]` bit 1, into compressed output (`--compress`, blocks of `64 << (params[0] >> 2 &
+/// 3)` bytes, on `1 + (params[0] >> 4 & 1)` threads), read back through the packed reader. A
 /// successful run must verify and match the reference element by element; a failed one must
 /// leave nothing behind.
 pub fn merge(data: &[u8]) {
@@ -300,7 +302,11 @@ pub fn merge(data: &[u8]) {
             existing: Existing::Refuse,
             show_progress: false,
             io: crate::writer::IoMode::Auto,
-            compress: None,
+            compress: (params[0] & 2 != 0).then(|| crate::packed::PackOptions {
+                level: 1,
+                block_size: 64 << (params[0] >> 2 & 3),
+                threads: 1 + usize::from(params[0] >> 4 & 1),
+            }),
         },
     };
     match crate::expo(&job, &Cancel::default()) {
