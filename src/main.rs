@@ -626,7 +626,9 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "peak_rss_bytes": peak,
             "kernel": summary.isa.to_string(),
             "io": summary.io.to_string(),
+            "reads": summary.reads.to_string(),
             "threads": summary.threads,
+            "readers": summary.readers,
             "busy": busy,
             "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
@@ -669,7 +671,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         String::new()
     };
     note(format_args!(
-        "{what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+        "{what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} reads, {} writes",
         summary.tensors,
         format_bytes(summary.bytes_written),
         summary.shards_written,
@@ -677,12 +679,14 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         summary.seconds,
         format_bytes(rate as u64),
         summary.isa,
+        summary.reads,
         summary.io
     ));
     let busy: Vec<String> = Stage::ALL
         .iter()
         .map(|&stage| {
             let of = match stage {
+                Stage::Read if summary.readers > 1 => format!(" of {} threads", summary.readers),
                 Stage::Compute if summary.threads > 1 => {
                     format!(" of {} threads", summary.threads)
                 }
