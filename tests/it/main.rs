@@ -7,8 +7,8 @@
 //!   command line, area by area;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
 //!   kernels against independent numpy references of mergekit's arithmetic;
-//! - `packed`: the packed format (`pack`/`unpack`, random access, malformed files), merges
-//!   reading packed models, and `--compress` output;
+//! - `packed`: the packed format (`pack`/`unpack`, random access, malformed files, bases);
+//!   `packed_merge`: merges reading packed models, and `--compress` output, through the binary;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
