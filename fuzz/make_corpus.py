@@ -5,7 +5,8 @@ The synth pair (tiny-llama, one layer) is cut down to a few elements per tensor,
 a real model's names, dtypes and values in well under 4 KiB. Broken variants sit beside the valid
 ones. The input formats are those of `mergestream::fuzzing` (src/fuzzing.rs).
 
-Usage (from the repository root): python3 fuzz/make_corpus.py [path/to/mergestream]
+Usage (from the repository root): python3 fuzz/make_corpus.py [path/to/mergestream [TARGET...]]
+(all targets when none is named).
 """
 
 import json
@@ -243,6 +244,53 @@ def merge_seeds(small, ints, specials):
             ("é", "U8", [1], b"\x07")]
     put("merge", "edge-shapes", merge_input(encode(edge), shard=1, seed=0x4242))
     put("merge", "broken-file", merge_input(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"))
+    # --compress: `roles` bit 1, bits 2-3 the block size (64 << n), bit 4 two threads.
+    put("merge", "compress-sharded", merge_input(f, roles=0b10, shard=4, chunk=1, seed=0x1234))
+    put("merge", "compress-specials-threads",
+        merge_input(encode(specials), roles=0b11110, alpha=4, seed=0x7777))
+    put("merge", "compress-edge-shapes", merge_input(encode(edge), roles=0b0110, shard=1, seed=0x4242))
+
+
+def packed_input(file, block=0, level=0, base=0, threads=0, corrupt=0):
+    params = bytes([block | level << 3, base | threads << 1, corrupt & 0xFF, corrupt >> 8])
+    return params + file
+
+
+def packed_seeds(binary, tmp, small, ints, specials, f32, f16):
+    """Safetensors files to pack (then corrupt), and packed files made by the binary to read."""
+    f = encode(small, {"format": "pt"})
+    put("packed", "pack-small", packed_input(f))
+    put("packed", "pack-small-base", packed_input(f, block=1, base=1, corrupt=0x3A5C))
+    put("packed", "pack-ints-threads", packed_input(encode(ints), block=2, threads=1))
+    put("packed", "pack-specials", packed_input(encode(specials), level=2, corrupt=0x0101))
+    put("packed", "pack-f32-base", packed_input(encode(f32), block=3, base=1, threads=1))
+    put("packed", "pack-f16", packed_input(encode(f16), block=7, corrupt=0xBEEF))
+    edge = [("a", "U8", [3], b"\x01\x02\x03"), ("empty", "F32", [0], b""),
+            ("scalar", "F64", [], b"\x00\x00\x00\x00\x00\x00\xf8\x7f"),
+            ("odd", "F32", [2], b"\x01\x00\xc0\x7f\x00\x00\x80\xff")]
+    put("packed", "pack-edge-offsets", packed_input(encode(edge), base=1))
+    # Tensors starting at odd offsets and longer than a 64-byte block, so block boundaries fall
+    # inside elements (segments with a phase).
+    mid = [("b", "U8", [3], bytes(range(3))),
+           ("f32", "F32", [40], struct.pack("<40f", *[i * 0.37 - 7 for i in range(40)])),
+           ("u", "U8", [1], b"\x09"),
+           ("f64", "F64", [20], struct.pack("<20d", *[i * -1.5e-3 for i in range(20)])),
+           ("v", "U8", [1], b"\x0a"),
+           ("bf16", "BF16", [33], bytes((i * 37) % 256 for i in range(66)))]
+    put("packed", "pack-mid-element", packed_input(encode(mid)))
+    put("packed", "pack-mid-element-base", packed_input(encode(mid), base=1, threads=1))
+    put("packed", "pack-no-tensors", packed_input(encode([])))
+    # Packed files as the tool writes them, for the reader.
+    for name, tensors, extra in [("small", small, []), ("specials", specials, ["--level", "3"])]:
+        model = os.path.join(tmp, "model-" + name)
+        os.makedirs(model)
+        with open(os.path.join(model, "model.safetensors"), "wb") as out:
+            out.write(encode(tensors, {"format": "pt"}))
+        packed = os.path.join(tmp, "packed-" + name)
+        subprocess.run([binary, "pack", model, "--out", packed, "--block-size", "64", "-q",
+                        *extra], check=True, capture_output=True)
+        with open(os.path.join(packed, "model.safetensors.mszst"), "rb") as p:
+            put("packed", "read-" + name, packed_input(p.read()))
 
 
 def main():
@@ -262,12 +310,19 @@ def main():
         norms = [t for t in full if t[0].endswith("norm.weight")]
         small = norms + [t for t in full if t[0].endswith("q_proj.weight")]
         ints = [t for t in full if t[1] == "I64"] + norms[:1]
-        for target in ("header", "differential", "index", "merge"):
+        targets = sys.argv[2:] or ["header", "differential", "index", "merge", "packed"]
+        for target in targets:
             shutil.rmtree(os.path.join(ROOT, "corpus", target), ignore_errors=True)
-        header_seeds(full, small, ints, f32, f16)
-        differential_seeds(small)
-        index_seeds(small)
-        merge_seeds(small, ints, specials[:6])
+        if "header" in targets:
+            header_seeds(full, small, ints, f32, f16)
+        if "differential" in targets:
+            differential_seeds(small)
+        if "index" in targets:
+            index_seeds(small)
+        if "merge" in targets:
+            merge_seeds(small, ints, specials[:6])
+        if "packed" in targets:
+            packed_seeds(binary, tmp, small, ints, specials[:6], f32, f16)
     finally:
         shutil.rmtree(tmp)
 

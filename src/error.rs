@@ -159,6 +159,9 @@ pub enum Error {
         #[source]
         source: MethodFailure,
     },
+    /// A packed shard or directory is malformed, or packing cannot proceed.
+    #[error(transparent)]
+    Packed(Box<crate::packed::PackedError>),
     /// The request cannot be done as asked (options, environment).
     #[error("{0}")]
     Usage(UsageError),
@@ -1032,31 +1035,36 @@ impl fmt::Display for VerifyProblem {
     }
 }
 
-/// What `verify` can find wrong with an output directory.
+/// What `verify` can find wrong with an output directory. `manifest` is the manifest the
+/// files are checked against: `checksums.b3`, or for a packed output `packed.b3` (the packed
+/// files as they are).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VerifyCause {
-    /// `checksums.b3` cannot be read.
-    #[error("{} cannot be read: {source}", crate::plan::MANIFEST_FILE)]
+    /// The manifest cannot be read.
+    #[error("{manifest} cannot be read: {source}")]
     ManifestUnreadable {
+        /// The manifest.
+        manifest: &'static str,
         /// What the OS said.
         #[source]
         source: io::Error,
     },
-    /// A line of `checksums.b3` is malformed.
-    #[error(
-        "{}: line {line} is not '<64 hex digits>  <file name>': {text:?}",
-        crate::plan::MANIFEST_FILE
-    )]
+    /// A line of a manifest is malformed.
+    #[error("{manifest}: line {line} is not '<64 hex digits>  <file name>': {text:?}")]
     ManifestLine {
+        /// The manifest.
+        manifest: &'static str,
         /// 1-based line number.
         line: usize,
         /// The line.
         text: String,
     },
-    /// `checksums.b3` lists a file more than once.
-    #[error("{} lists {name} more than once", crate::plan::MANIFEST_FILE)]
+    /// A manifest lists a file more than once.
+    #[error("{manifest} lists {name} more than once")]
     ListedTwice {
+        /// The manifest.
+        manifest: &'static str,
         /// The file.
         name: String,
     },
@@ -1070,11 +1078,10 @@ pub enum VerifyCause {
         source: io::Error,
     },
     /// A listed file's blake3 differs from the manifest's.
-    #[error(
-        "{name}: blake3 is {actual} but {} says {recorded}",
-        crate::plan::MANIFEST_FILE
-    )]
+    #[error("{name}: blake3 is {actual} but {manifest} says {recorded}")]
     HashMismatch {
+        /// The manifest.
+        manifest: &'static str,
         /// The file.
         name: String,
         /// Its blake3 now, hex.
@@ -1083,10 +1090,36 @@ pub enum VerifyCause {
         recorded: String,
     },
     /// A file the manifest does not list.
-    #[error("{name} is not listed in {}", crate::plan::MANIFEST_FILE)]
+    #[error("{name} is not listed in {manifest}")]
     Unlisted {
+        /// The manifest.
+        manifest: &'static str,
         /// The file.
         name: String,
+    },
+    /// In a packed output, `checksums.b3` (the unpacked files' manifest) does not list what
+    /// `unpack` would restore from the files `packed.b3` lists.
+    #[error(
+        "{}: does not list the files unpack restores ({})",
+        crate::plan::MANIFEST_FILE,
+        listing_difference(unlisted, missing)
+    )]
+    UnpackedListing {
+        /// Files unpack restores that it does not list.
+        unlisted: Vec<String>,
+        /// Files it lists that unpack does not restore.
+        missing: Vec<String>,
+    },
+    /// In a packed output, a file carried as it is has another blake3 in `checksums.b3` than
+    /// in `packed.b3`.
+    #[error("{name}: {} records blake3 {unpacked} but {} records {packed} (it is carried as it is, so they must agree)", crate::plan::MANIFEST_FILE, crate::packed::PACKED_MANIFEST)]
+    ManifestsDisagree {
+        /// The file.
+        name: String,
+        /// Its blake3 in `checksums.b3`, hex.
+        unpacked: String,
+        /// Its blake3 in `packed.b3`, hex.
+        packed: String,
     },
     /// The work directory is present: the run was not finalized.
     #[error("{}/ is present: the run was not finalized", crate::output::WORK_DIR)]
@@ -1098,7 +1131,8 @@ pub enum VerifyCause {
         #[source]
         source: io::Error,
     },
-    /// A shard's hash matches but its header does not validate (the manifest was rewritten).
+    /// A shard's hash matches but its header (a packed shard: its structure) does not validate
+    /// (the manifest was rewritten).
     #[error("{name}: {error}")]
     InvalidShard {
         /// The shard.
@@ -1318,6 +1352,12 @@ pub enum UsageError {
     StagedPartition,
 }
 
+impl From<crate::packed::PackedError> for Error {
+    fn from(e: crate::packed::PackedError) -> Error {
+        Error::Packed(Box::new(e))
+    }
+}
+
 impl From<UsageError> for Error {
     fn from(e: UsageError) -> Error {
         Error::Usage(e)
@@ -1364,6 +1404,20 @@ fn describe_overlap(
             input.display()
         ),
     }
+}
+
+fn listing_difference(unlisted: &[String], missing: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !unlisted.is_empty() {
+        parts.push(format!("not listed: {}", unlisted.join(", ")));
+    }
+    if !missing.is_empty() {
+        parts.push(format!(
+            "listed but not in the output: {}",
+            missing.join(", ")
+        ));
+    }
+    parts.join("; ")
 }
 
 fn locked_task(part: &Option<Part>) -> String {
@@ -1550,6 +1604,7 @@ mod tests {
                     path: "out".into(),
                     problems: vec![VerifyProblem {
                         cause: VerifyCause::HashMismatch {
+                            manifest: "checksums.b3",
                             name: "s.safetensors".into(),
                             actual: "ab".into(),
                             recorded: "cd".into(),

@@ -255,7 +255,9 @@ pub fn index(data: &[u8]) {
 
 /// `merge`: `PARAMS` (see [`MERGE_PARAMS`]) then a safetensors file `A`. A second file `B` is
 /// derived from `A` (values perturbed; tensors renamed, reshaped, retyped, dropped or added, and
-/// the layout reordered, as the parameters say), and the two are merged as a whole run. A
+/// the layout reordered, as the parameters say), and the two are merged as a whole run — with
+/// `params[0]` bit 1, into compressed output (`--compress`, blocks of `64 << (params[0] >> 2 &
+/// 3)` bytes, on `1 + (params[0] >> 4 & 1)` threads), read back through the packed reader. A
 /// successful run must verify and match the reference element by element; a failed one must
 /// leave nothing behind.
 pub fn merge(data: &[u8]) {
@@ -301,6 +303,11 @@ pub fn merge(data: &[u8]) {
             show_progress: false,
             io: crate::writer::IoMode::Auto,
             hash_inputs: false,
+            compress: (params[0] & 2 != 0).then(|| crate::packed::PackOptions {
+                level: 1,
+                block_size: 64 << (params[0] >> 2 & 3),
+                threads: 1 + usize::from(params[0] >> 4 & 1),
+            }),
         },
     };
     match crate::expo(&job, &Cancel::default()) {
@@ -413,6 +420,111 @@ fn check_torch(shard: &TorchShard, data: &[u8]) {
     }
 }
 
+/// Bytes of parameters that open a `packed` input; the rest is a file.
+pub const PACKED_PARAMS: usize = 4;
+
+/// `packed`: `PARAMS` (see [`PACKED_PARAMS`]) then a file.
+///
+/// A file that starts with the packed magic number is opened as a packed shard and read whole
+/// (`unpack_into`) and in pieces (`read_at`); it must fail with an error or give the same bytes
+/// both ways. Any other file is taken as safetensors: if it validates, it is packed (block size
+/// `64 << (params[0] % 8)`, against a base derived from it if `params[1]` bit 0, on two threads
+/// if bit 1) and must unpack, and read back at every offset, to exactly its bytes; then bytes
+/// of the packed file chosen by `params[2..4]` (0: none) are flipped, and reading it must fail
+/// or still give exactly the original — never other bytes.
+pub fn packed(data: &[u8]) {
+    use crate::packed::{Base, BlockCache, PackOptions, PackWriter, PackedShard, MAGIC};
+    use std::sync::Arc;
+
+    let Some((params, file)) = data.split_first_chunk::<PACKED_PARAMS>() else {
+        return;
+    };
+    let path = Path::new("fuzz.mszst");
+    if file.starts_with(&MAGIC) {
+        let _ = read_packed(path, file.to_vec(), None);
+        return;
+    }
+    let Ok(h) = header::parse_file_bytes(Path::new("fuzz.safetensors"), file) else {
+        return;
+    };
+    let scratch = scratch();
+    let base = if params[1] & 1 != 0 && !h.tensors.is_empty() {
+        // The base: the same tensors with every data byte rotated, in a model directory.
+        let mut b = file.to_vec();
+        for x in &mut b[h.data_start() as usize..] {
+            *x = x.rotate_left(3) ^ 0x11;
+        }
+        write(&scratch.path().join("model.safetensors"), &b);
+        Some(Arc::new(
+            Base::open(scratch.path()).expect("a base made from a valid file opens"),
+        ))
+    } else {
+        None
+    };
+    let options = PackOptions {
+        level: 1 + i32::from(params[0] >> 3) % 4,
+        block_size: 64 << (params[0] % 8),
+        threads: 1 + usize::from(params[1] >> 1 & 1),
+    };
+    let prefix = &file[..h.data_start() as usize];
+    let mut writer = PackWriter::new(path, prefix, h.data_len, base.clone(), &options, Vec::new())
+        .unwrap_or_else(|e| panic!("a valid file does not start packing: {e}"));
+    // Feed the data in uneven pieces, as a pipeline would.
+    let mut rest = &file[prefix.len()..];
+    let mut piece = 1 + usize::from(params[2]);
+    while !rest.is_empty() {
+        let n = piece.min(rest.len());
+        writer.write(&rest[..n]).expect("writing packs");
+        rest = &rest[n..];
+        piece = piece * 3 + 1;
+    }
+    let (bytes, summary) = writer.finish().expect("a valid file packs");
+    assert_eq!(summary.original_blake3, blake3::hash(file));
+    assert_eq!(summary.packed_blake3, Some(blake3::hash(&bytes)));
+    let back = read_packed(path, bytes.clone(), base.clone())
+        .unwrap_or_else(|e| panic!("a packed file does not read back: {e}"));
+    assert!(back == file, "a packed file reads back other bytes");
+
+    let seed = u16::from_le_bytes([params[2], params[3]]);
+    if seed != 0 {
+        let mut bad = bytes;
+        let mut state = u32::from(seed);
+        for _ in 0..1 + seed % 3 {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let at = (state as usize >> 4) % bad.len();
+            bad[at] ^= 1 << (state % 8);
+        }
+        if let Ok(got) = read_packed(path, bad, base) {
+            assert!(got == file, "a corrupted packed file reads as other bytes");
+        }
+    }
+
+    /// Opens `bytes` as a packed shard and returns the original file, read whole and read
+    /// piecewise through a small cache — which must agree.
+    fn read_packed(path: &Path, bytes: Vec<u8>, base: Option<Arc<Base>>) -> crate::Result<Vec<u8>> {
+        let len = bytes.len() as u64;
+        let shard = PackedShard::from_source(path, Box::new(bytes), len, base)?;
+        let mut whole = Vec::new();
+        shard.unpack_into(&mut whole, 1)?;
+        assert_eq!(whole.len() as u64, shard.original_len());
+        let data_len = shard.header().data_len;
+        let mut cache = BlockCache::new(1)?;
+        let mut pieces = shard.prefix().to_vec();
+        let mut at = 0;
+        let mut n = 1;
+        while at < data_len {
+            let take = n.min(data_len - at);
+            let mut buf = vec![0u8; take as usize];
+            shard.read_at(at, &mut buf, &mut cache)?;
+            pieces.extend_from_slice(&buf);
+            at += take;
+            n = n * 2 + 3;
+        }
+        assert!(pieces == whole, "read_at and unpack disagree");
+        Ok(whole)
+    }
+}
+
 const ALPHAS: [f32; 12] = [
     0.5,
     0.0,
@@ -512,7 +624,7 @@ fn check_merged(sft: &[u8], aligned: &[u8], out: &Path, alpha: f32) {
         let shard = &merged.shards[loc.shard];
         let mut got = vec![0u8; m.nbytes() as usize];
         shard
-            .read_at(m.start, &mut got)
+            .read_at(m.start, &mut got, &mut crate::model::ReadCache::new(1))
             .expect("output tensor data reads");
         let want = if a.dtype.mergeable().is_some() {
             let (s, s_data) = &sft[name];

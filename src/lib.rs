@@ -19,6 +19,8 @@
 //!   `checksums.b3`, the blake3 manifest);
 //! - [`card`] writes the output's model card; [`lineage`] hashes the inputs (`--hash-inputs`)
 //!   and checks them again;
+//! - [`packed`] is the zstd-packed shard format: `pack`, `unpack`, random-access reads (a
+//!   model may be packed) and the writer behind `--compress`;
 //! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
 //!
 //! What the library does not do: print (only `main.rs` does), parse command lines, or read
@@ -40,6 +42,7 @@ pub mod manifest;
 pub mod method;
 pub mod model;
 pub mod output;
+pub mod packed;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
@@ -154,6 +157,10 @@ pub struct RunOptions {
     /// Record the SHA-256 of every input weight file in provenance and the card
     /// (`--hash-inputs`); part 0 of a partitioned run computes them.
     pub hash_inputs: bool,
+    /// Write every output's shards packed (`--compress`: `NAME.safetensors.mszst`, with
+    /// `checksums.b3` still listing the unpacked bytes and `packed.b3` the packed files), with
+    /// these options; their `threads` compress each output's blocks.
+    pub compress: Option<packed::PackOptions>,
 }
 
 /// One output of a run: where it goes and what it is made of.
@@ -334,11 +341,7 @@ pub fn config_runs(
 
 /// Opens every model of `job` and plans every output, writing nothing.
 pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
-    let models = job
-        .models
-        .iter()
-        .map(|p| Model::open(p))
-        .collect::<Result<Vec<_>>>()?;
+    let models = open_models(&job.models)?;
     let plans = job
         .outputs
         .iter()
@@ -356,6 +359,47 @@ pub fn plan_job(job: &MergeJob) -> Result<(Vec<Model>, Vec<Plan>)> {
     Ok((models, plans))
 }
 
+/// Opens the models at `paths`. A packed model stored as the XOR with a base model (`pack
+/// --base`) is read through that base, which must be one of the others: those that can be
+/// bases are identified (their `checksums.b3`, or hashing their shards) only when some model
+/// needs one.
+pub fn open_models(paths: &[PathBuf]) -> Result<Vec<Model>> {
+    let mut models = paths
+        .iter()
+        .map(|p| Model::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    if models.iter().all(|m| m.missing_bases().is_empty()) {
+        return Ok(models);
+    }
+    let mut bases: Vec<Option<std::sync::Arc<packed::Base>>> = vec![None; paths.len()];
+    for i in 0..models.len() {
+        let needed = models[i].missing_bases();
+        if needed.is_empty() {
+            continue;
+        }
+        for (j, path) in paths.iter().enumerate() {
+            if j != i && bases[j].is_none() && models[j].missing_bases().is_empty() {
+                // A model that cannot be a base (it does not open as one) is just not a candidate.
+                bases[j] = packed::Base::open(path).ok().map(std::sync::Arc::new);
+            }
+            if needed
+                .iter()
+                .all(|id| bases.iter().flatten().any(|b| b.id == *id))
+            {
+                break;
+            }
+        }
+        let candidates: Vec<std::sync::Arc<packed::Base>> = bases
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, b)| b.clone())
+            .collect();
+        models[i].set_bases(&candidates)?;
+    }
+    Ok(models)
+}
+
 /// Opens both models and plans one ExPO output, writing nothing.
 pub fn plan_expo(
     sft: &std::path::Path,
@@ -363,7 +407,7 @@ pub fn plan_expo(
     alpha: f32,
     max_shard_size: u64,
 ) -> Result<(Model, Model, Plan)> {
-    let models = vec![Model::open(sft)?, Model::open(aligned)?];
+    let models = open_models(&[sft.to_path_buf(), aligned.to_path_buf()])?;
     let recipe = Recipe {
         method: Method::Expo { alpha },
         models: vec![0, 1],
@@ -400,6 +444,14 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             }
         }
     }
+    // What held nothing before this run, so that a run stopped by a damaged input can leave
+    // nothing behind.
+    let fresh: Vec<(PathBuf, bool)> = job
+        .root
+        .iter()
+        .chain(job.outputs.iter().map(|o| &o.out))
+        .filter_map(|p| holds_nothing(p).map(|absent| (p.clone(), absent)))
+        .collect();
     let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
     let budget = opts
         .memory
@@ -423,7 +475,17 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .outputs
         .iter()
         .zip(&plans)
-        .map(|(o, plan)| OutputDir::open(&o.out, &inputs, plan, part, opts.existing, opts.io))
+        .map(|(o, plan)| {
+            OutputDir::open(
+                &o.out,
+                &inputs,
+                plan,
+                part,
+                opts.existing,
+                opts.io,
+                opts.compress.as_ref(),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let todo: Vec<Vec<usize>> = plans
         .iter()
@@ -446,6 +508,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         dir.count_busy(std::sync::Arc::clone(&busy));
     }
     let mut buffered = false;
+    let mut readers = 1;
     // Part 0 hashes every input file (`--hash-inputs`) on threads of its own while the
     // pipeline reads: see `lineage`.
     let hashing = opts.hash_inputs && part.index == 0;
@@ -471,11 +534,37 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
                     .map(|&k| (&plans[k], todo[k].as_slice()))
                     .collect();
                 let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-                let mut settings =
-                    Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
+                // The reader's decoded blocks of packed inputs and the packing writers' blocks
+                // in flight come out of the budget first.
+                let cache = model::ReadCache::bytes(&models, reads)
+                    + opts
+                        .compress
+                        .as_ref()
+                        .map_or(0, |o| o.memory_bytes() * group.len() as u64);
+                let mut settings = Settings::for_budget(
+                    budget.saturating_sub(cache),
+                    opts.threads,
+                    isa,
+                    reads + computed,
+                )
+                .map_err(|e| match e {
+                    Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
+                        UsageError::MemoryTooSmall {
+                            threads,
+                            needed: needed + cache,
+                        }
+                        .into()
+                    }
+                    e => e,
+                })?;
                 if let Some(chunk) = opts.chunk_bytes {
                     settings.chunk_bytes = chunk.max(8) & !7;
                 }
+                if models.iter().any(Model::has_packed_shards) {
+                    // Consecutive chunks share a decoded block: one reader decodes each once.
+                    settings.readers = 1;
+                }
+                readers = readers.max(settings.readers);
                 let mut writers: Vec<ShardWriter> = Vec::new();
                 for (k, dir) in dirs.iter_mut().enumerate() {
                     if group.contains(&k) {
@@ -507,7 +596,13 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         (result, hashes)
     });
     bar.finish();
-    result?;
+    if let Err(e) = result {
+        if damaged_input(&e) {
+            drop(dirs);
+            remove_fresh(&fresh);
+        }
+        return Err(e);
+    }
     let hashes: Option<Vec<Vec<lineage::FileHash>>> = match hashes {
         None => None,
         Some(h) => {
@@ -588,10 +683,47 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             notes
         },
         threads: opts.threads.max(1),
-        readers: Settings::READERS,
+        readers,
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
         input_hashes: hashes
             .map(|h| models.iter().map(|m| m.path.clone()).zip(h).collect())
             .unwrap_or_default(),
     })
+}
+
+/// `Some(true)` if `path` does not exist, `Some(false)` if it is an empty directory, `None` if
+/// it holds something.
+fn holds_nothing(path: &std::path::Path) -> Option<bool> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_none().then_some(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(true),
+        Err(_) => None,
+    }
+}
+
+/// Whether a run failed because an input's stored bytes are damaged (a packed block that does
+/// not decode to what was packed): no rerun or resume can finish it, so it leaves nothing
+/// behind.
+fn damaged_input(e: &Error) -> bool {
+    use packed::PackedError as P;
+    matches!(e, Error::Packed(p) if matches!(**p, P::TruncatedFrame { .. } | P::CorruptFrame { .. } | P::BlockChecksum { .. }))
+}
+
+/// Removes what this run wrote into the directories of `fresh` (each with whether it did not
+/// exist before, in which case it goes too): nested outputs before the root holding them.
+fn remove_fresh(fresh: &[(PathBuf, bool)]) {
+    for (path, absent) in fresh.iter().rev() {
+        if *absent {
+            let _ = std::fs::remove_dir_all(path);
+        } else if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
 }

@@ -85,6 +85,56 @@ enum Command {
     },
     /// Generate a synthetic SFT/aligned checkpoint pair (OUT/sft, OUT/aligned) for trying things out.
     Synth(SynthArgs),
+    /// Compress a model directory: each shard becomes a zstd-packed .mszst file.
+    #[command(
+        after_help = "Examples:\n  mergestream pack ./Starling-ExPO --out ./Starling-ExPO.packed\n  mergestream pack ./Starling-ExPO --base ./Starling-LM-7B-alpha --out ./Starling-ExPO.xor\n  b3sum --check packed.b3    (inside the packed directory)"
+    )]
+    Pack(PackArgs),
+    /// Restore a packed directory, byte for byte, checked against its checksums.b3.
+    #[command(
+        after_help = "Example:\n  mergestream unpack ./Starling-ExPO.packed --out ./Starling-ExPO"
+    )]
+    Unpack(UnpackArgs),
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// Model directory to pack.
+    dir: PathBuf,
+    /// Packed directory to write (must not exist, or be empty).
+    #[arg(long, value_name = "PACKED")]
+    out: PathBuf,
+    /// zstd level, 1 (fastest) to 22 (smallest).
+    #[arg(long, default_value_t = mergestream::packed::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Store each tensor as the XOR with the same tensor of this model (e.g. the aligned model of an ExPO output).
+    #[arg(long, value_name = "REFDIR")]
+    base: Option<PathBuf>,
+    /// Bytes of original data per block, a power of two (random-access granularity).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    block_size: ByteSize,
+    /// Compression threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct UnpackArgs {
+    /// Packed directory.
+    packed: PathBuf,
+    /// Directory to restore into (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The base model the directory was packed against, if any.
+    #[arg(long, value_name = "REFDIR")]
+    base: Option<PathBuf>,
+    /// Decompression threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -203,16 +253,23 @@ struct RunArgs {
     /// Bytes per chunk (for testing; output never depends on it).
     #[arg(long, hide = true)]
     chunk_size: Option<ByteSize>,
+    /// Write the shards packed (NAME.safetensors.mszst, as `mergestream pack` makes them):
+    /// checksums.b3 still lists the unpacked bytes, packed.b3 the files as written;
+    /// `mergestream unpack` restores the plain output, and merges read it as it is.
+    #[arg(long)]
+    compress: bool,
+    /// zstd level of --compress, 1 (fastest) to 22 (smallest).
+    #[arg(long, value_name = "N", requires = "compress", default_value_t = mergestream::packed::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    compress_level: i32,
 }
 
 impl RunArgs {
     fn options(&self, layout: &LayoutArgs, lineage: &LineageArgs) -> RunOptions {
+        let threads = self.threads.unwrap_or_else(cpus);
         RunOptions {
             max_shard_size: layout.max_shard_size.0,
             memory: self.memory.0,
-            threads: self
-                .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            threads,
             chunk_bytes: self.chunk_size.map(|c| c.0 as usize),
             part: self.part,
             existing: if self.resume {
@@ -225,6 +282,11 @@ impl RunArgs {
             show_progress: !self.quiet && !self.json,
             io: self.io,
             hash_inputs: lineage.hash_inputs,
+            compress: self.compress.then(|| mergestream::packed::PackOptions {
+                level: self.compress_level,
+                threads,
+                ..Default::default()
+            }),
         }
     }
 }
@@ -442,6 +504,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Synth(args) => synth_pair(args)?,
+        Command::Pack(args) => pack(args)?,
+        Command::Unpack(args) => unpack(args)?,
     }
     Ok(())
 }
@@ -498,12 +562,24 @@ fn verify_output(
         };
         writeln!(
             out,
-            "{}: OK ({} files, {} tensors, {} checked{inputs})",
+            "{}: OK ({} files, {} tensors, {} checked{}{inputs})",
             dir.display(),
             report.files,
             report.tensors,
-            format_bytes(report.bytes)
+            format_bytes(report.bytes),
+            if report.packed {
+                " against packed.b3"
+            } else {
+                ""
+            }
         )?;
+        if report.packed {
+            writeln!(
+                out,
+                "packed: the files, the packed shards' structure and checksums.b3's listing were checked; the unpacked bytes are checked against checksums.b3 by `mergestream unpack {} --out DIR`",
+                dir.display()
+            )?;
+        }
         out.flush()?;
     }
     Ok(())
@@ -613,6 +689,53 @@ fn model_paths(sft: PathBuf, aligned: PathBuf, alphas: &[f32]) -> Result<(PathBu
             "an expo spec whose models have no directory",
         )),
     }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn pack(args: PackArgs) -> Result<()> {
+    let options = mergestream::packed::PackOptions {
+        level: args.level,
+        block_size: u32::try_from(args.block_size.0).unwrap_or(u32::MAX),
+        threads: args.threads.unwrap_or_else(cpus),
+    };
+    let s = mergestream::packed::pack_dir(&args.dir, &args.out, args.base.as_deref(), &options)?;
+    if !args.quiet {
+        note(format_args!(
+            "packed {} shard{} ({} -> {}, {:.3}x) and {} other file{} into {} in {:.1} s",
+            s.shards,
+            if s.shards == 1 { "" } else { "s" },
+            format_bytes(s.original_bytes),
+            format_bytes(s.packed_bytes),
+            s.original_bytes as f64 / s.packed_bytes.max(1) as f64,
+            s.carried,
+            if s.carried == 1 { "" } else { "s" },
+            args.out.display(),
+            s.seconds
+        ));
+    }
+    Ok(())
+}
+
+fn unpack(args: UnpackArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(cpus);
+    let s =
+        mergestream::packed::unpack_dir(&args.packed, &args.out, args.base.as_deref(), threads)?;
+    if !args.quiet {
+        note(format_args!(
+            "unpacked {} shard{} ({}) and {} other file{} into {} in {:.1} s; every file matches checksums.b3",
+            s.shards,
+            if s.shards == 1 { "" } else { "s" },
+            format_bytes(s.original_bytes),
+            s.carried,
+            if s.carried == 1 { "" } else { "s" },
+            args.out.display(),
+            s.seconds
+        ));
+    }
+    Ok(())
 }
 
 fn expo(args: ExpoArgs) -> Result<(), Failure> {
@@ -789,6 +912,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         show_progress: false,
         io: IoMode::Auto,
         hash_inputs: args.hash_inputs,
+        compress: None,
     };
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("OUT"));
     let runs: Vec<MergeJob> = match (&args.config, &args.sft, &args.aligned) {

@@ -1,5 +1,6 @@
 //! Input models: a Hugging Face model directory (sharded with an index, or one file) or a single
-//! weights file, in safetensors or PyTorch (`torch.save` zip) format.
+//! weights file, in safetensors or PyTorch (`torch.save` zip) format, or a safetensors model
+//! packed by `mergestream pack` (shards as `NAME.safetensors.mszst`).
 //!
 //! Opening a model opens every shard, validates every header (for a PyTorch checkpoint: its
 //! archive and its pickle, read by [`crate::format::torch`], which executes nothing) and
@@ -8,20 +9,23 @@
 //! files that were validated even if their paths are replaced meanwhile, and
 //! [`Shard::check_unchanged`] tells whether one was modified underneath.
 //!
-//! A directory is read as safetensors (`model.safetensors.index.json`, else `model.safetensors`)
-//! when it has safetensors weights, else as PyTorch (`pytorch_model.bin.index.json`, else
-//! `pytorch_model.bin`); [`Model::unread`] lists the weights of the other format that were
-//! left aside. A single file is read by its name: `.bin`, `.pt` and `.pth` as PyTorch, anything
-//! else as safetensors.
+//! A directory is read as safetensors (`model.safetensors.index.json`, else `model.safetensors`,
+//! either of whose shards may be packed) when it has safetensors weights, else as PyTorch
+//! (`pytorch_model.bin.index.json`, else `pytorch_model.bin`); [`Model::unread`] lists the
+//! weights of the other format that were left aside. A single file is read by its name: `.bin`,
+//! `.pt` and `.pth` as PyTorch, anything else as safetensors (packed if it starts with the packed
+//! magic number).
 //!
 //! Above this module nothing knows a shard's format: a [`Shard`] presents its tensors as byte
-//! ranges of its own *data space* and fills buffers from it ([`Shard::read_at`]). This module
-//! reads no tensor data.
+//! ranges of its own *data space* ([`ShardKind`]) and fills buffers from it
+//! ([`Shard::read_chunk`], [`Shard::read_at`]); for a packed shard the data space is the
+//! original safetensors data section, decoded block by block through the caller's
+//! [`ReadCache`]. This module reads no tensor data but what it is asked for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -29,6 +33,7 @@ use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
 use crate::format::index::{self, INDEX_FILE, MAX_INDEX_LEN};
 use crate::format::torch;
+use crate::packed::{self, BlockCache, PackedShard};
 
 /// The single-file name in a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -89,7 +94,7 @@ impl Format {
 pub struct Shard {
     /// Path as the user's directory names it (symlinks not resolved, so errors read naturally).
     pub path: PathBuf,
-    /// File name, as the index names it.
+    /// File name, as the index names it (a packed shard: the name of the file it packs).
     pub name: String,
     /// The open file: the run reads the file that was validated, whatever its path does later.
     pub file: File,
@@ -101,9 +106,11 @@ pub struct Shard {
     /// blake3 of the shard's metadata (a safetensors header's JSON; a PyTorch checkpoint's
     /// tensor table), identifying its layout.
     pub digest: [u8; 32],
-    kind: Kind,
-    /// File offset of the data space, for formats that store it as plain bytes.
-    data_start: u64,
+    /// The safetensors header: of the file, or for a packed shard of the file it packs; none
+    /// for a PyTorch checkpoint.
+    header: Option<Header>,
+    /// How the data space is stored.
+    kind: ShardKind,
     /// The same open file with `O_DIRECT`, once [`Model::use_direct_reads`] made it.
     direct: Option<File>,
     /// Set when the filesystem refused a direct read: reads go through the page cache.
@@ -111,15 +118,103 @@ pub struct Shard {
     identity: Identity,
 }
 
-/// What a shard's file is, and how its data space maps onto the file. A new format is a new
-/// variant here, with its arms in [`Shard::open`] (which sets where its data space starts) and
-/// [`Shard::format`].
+/// How a shard stores its data space. Each kind knows how to fill a buffer with any range of
+/// it; everything above [`Shard::read_chunk`] and [`Shard::read_at`] is format-blind. A new
+/// format is a new variant here, with its arms in `Shard::open` and the readers.
 #[derive(Debug)]
-enum Kind {
-    /// A safetensors file: the data space is the data section, after the header.
-    Safetensors(Header),
-    /// A PyTorch zip checkpoint: the data space is the file itself.
+#[non_exhaustive]
+pub enum ShardKind {
+    /// A safetensors file: the data space is the file's bytes from `data_start` on, read with
+    /// `pread`.
+    Safetensors {
+        /// File offset of the data section.
+        data_start: u64,
+    },
+    /// A PyTorch zip checkpoint: the data space is the file itself (each tensor's bytes lie in
+    /// one stored zip member, at absolute offsets), read with `pread`.
     Torch,
+    /// A packed shard (`docs/packed-format.md`): the data space is the original data section,
+    /// decoded from the blocks covering a range ([`PackedShard::read_at`]).
+    Packed(Box<PackedShard>),
+}
+
+impl ShardKind {
+    /// File offset of the data space, for kinds that store it as plain bytes.
+    fn plain_start(&self) -> Option<u64> {
+        match self {
+            ShardKind::Safetensors { data_start } => Some(*data_start),
+            ShardKind::Torch => Some(0),
+            ShardKind::Packed(_) => None,
+        }
+    }
+}
+
+/// What one reader of shards keeps between reads: the decoded blocks of packed shards, and the
+/// state to decode them (nothing for plain files). Bounded: it holds at most `blocks` decoded
+/// blocks whatever is read ([`ReadCache::bytes`] says how much memory that is), so a reader
+/// that reads `n` places in turn — the distinct inputs of a chunk — keeps each one's current
+/// block with `blocks = n` and decodes every block once.
+pub struct ReadCache {
+    blocks: usize,
+    cache: Option<Box<BlockCache>>,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("blocks", &self.blocks)
+            .field("decoded", &self.decoded())
+            .finish()
+    }
+}
+
+impl ReadCache {
+    /// A cache that keeps up to `blocks` decoded blocks (at least one).
+    pub fn new(blocks: usize) -> ReadCache {
+        ReadCache {
+            blocks: blocks.max(1),
+            cache: None,
+        }
+    }
+
+    /// Upper bound of the memory a `ReadCache::new(blocks)` uses reading `models`: the decoded
+    /// blocks plus the decoder's scratch ([`BlockCache`]), at the largest block size of any
+    /// packed shard among them, and, for shards packed against a packed base, the decoder's own
+    /// cache of one base block; 0 when none is packed.
+    pub fn bytes<'a>(models: impl IntoIterator<Item = &'a Model>, blocks: usize) -> u64 {
+        let packed: Vec<&PackedShard> = models
+            .into_iter()
+            .flat_map(|m| &m.shards)
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        let largest = packed.iter().map(|p| p.max_block_bytes()).max();
+        let base_block = packed
+            .iter()
+            .filter_map(|p| p.base())
+            .flat_map(|b| &b.model.shards)
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => Some(p.max_block_bytes()),
+                _ => None,
+            })
+            .max();
+        largest.map_or(0, |b| BlockCache::bytes(blocks, b))
+            + base_block.map_or(0, |b| BlockCache::bytes(1, b))
+    }
+
+    /// Blocks decoded through this cache so far.
+    pub fn decoded(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.decoded())
+    }
+
+    fn blocks(&mut self) -> Result<&mut BlockCache> {
+        if self.cache.is_none() {
+            self.cache = Some(Box::new(BlockCache::new(self.blocks)?));
+        }
+        Ok(self.cache.as_mut().expect("made above").as_mut())
+    }
 }
 
 /// Alignment of direct reads: a page, which covers 512- and 4096-byte sectors.
@@ -182,75 +277,124 @@ impl Identity {
 }
 
 impl Shard {
+    /// Opens the shard file at `path` in `format`. A safetensors shard may be packed (told by
+    /// its first bytes: a packed shard starts with [`packed::MAGIC`], which no safetensors file
+    /// can).
     fn open(path: PathBuf, name: String, format: Format) -> Result<Shard> {
         let (file, meta) = open_regular(&path, "opening shard")?;
-        let shard = match format {
-            Format::Safetensors => {
-                let header = header::read(&path, &file, meta.len())?;
-                Shard {
-                    tensors: header.tensors.clone(),
-                    data_len: header.data_len,
-                    digest: header.digest,
-                    data_start: header.data_start(),
-                    kind: Kind::Safetensors(header),
-                    direct: None,
-                    direct_refused: AtomicBool::new(false),
-                    path,
-                    name,
-                    file,
-                    identity: Identity::of(&meta),
-                }
-            }
-            Format::Torch => {
-                let checkpoint = torch::read(&path, &file, meta.len())?;
-                // Storage order: front to back in the file, ties (tied weights) in state dict
-                // order, so a sequential read of the tensors reads the file front to back.
-                let mut tensors: Vec<TensorInfo> =
-                    checkpoint.tensors.into_iter().map(|t| t.info).collect();
-                tensors.sort_by_key(|t| t.start);
-                Shard {
-                    digest: table_digest(&tensors),
-                    tensors,
-                    data_len: meta.len(),
-                    kind: Kind::Torch,
-                    data_start: 0,
-                    direct: None,
-                    direct_refused: AtomicBool::new(false),
-                    path,
-                    name,
-                    file,
-                    identity: Identity::of(&meta),
-                }
-            }
+        let identity = Identity::of(&meta);
+        let mut magic = [0u8; 8];
+        let packed = format == Format::Safetensors
+            && meta.len() >= 8
+            && file.read_exact_at(&mut magic, 0).is_ok()
+            && magic == packed::MAGIC;
+        let (name, header, tensors, data_len, digest, kind) = if packed {
+            let source = file
+                .try_clone()
+                .map_err(|e| Error::io(&path, "opening shard", e))?;
+            // A shard packed against a base opens without it; the run gives it its base
+            // (`Model::set_bases`) before reading.
+            let shard = PackedShard::from_source_without_base(&path, Box::new(source), meta.len())?;
+            let header = shard.header().clone();
+            let name = packed::unpacked_name(&name).to_owned();
+            let (tensors, data_len, digest) =
+                (header.tensors.clone(), header.data_len, header.digest);
+            let kind = ShardKind::Packed(Box::new(shard));
+            (name, Some(header), tensors, data_len, digest, kind)
+        } else if format == Format::Safetensors {
+            let header = header::read(&path, &file, meta.len())?;
+            let kind = ShardKind::Safetensors {
+                data_start: header.data_start(),
+            };
+            let (tensors, data_len, digest) =
+                (header.tensors.clone(), header.data_len, header.digest);
+            (name, Some(header), tensors, data_len, digest, kind)
+        } else {
+            let checkpoint = torch::read(&path, &file, meta.len())?;
+            // Storage order: front to back in the file, ties (tied weights) in state dict
+            // order, so a sequential read of the tensors reads the file front to back.
+            let mut tensors: Vec<TensorInfo> =
+                checkpoint.tensors.into_iter().map(|t| t.info).collect();
+            tensors.sort_by_key(|t| t.start);
+            let digest = table_digest(&tensors);
+            (name, None, tensors, meta.len(), digest, ShardKind::Torch)
         };
-        advise_sequential(&shard.file);
-        Ok(shard)
+        advise_sequential(&file);
+        Ok(Shard {
+            path,
+            name,
+            file,
+            tensors,
+            data_len,
+            digest,
+            header,
+            kind,
+            direct: None,
+            direct_refused: AtomicBool::new(false),
+            identity,
+        })
     }
 
-    /// The file's format.
+    /// The file's format (a packed shard packs a safetensors file).
     pub fn format(&self) -> Format {
         match self.kind {
-            Kind::Safetensors(_) => Format::Safetensors,
-            Kind::Torch => Format::Torch,
+            ShardKind::Torch => Format::Torch,
+            _ => Format::Safetensors,
         }
     }
 
-    /// The safetensors header, for shards that are safetensors files.
+    /// The safetensors header (a packed shard: of the file it packs); none for a PyTorch
+    /// checkpoint.
     pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+
+    /// How the data space is stored.
+    pub fn kind(&self) -> &ShardKind {
+        &self.kind
+    }
+
+    /// Where the data space's byte `offset` lies in the file; none for a packed shard, whose
+    /// file holds the data space compressed.
+    pub fn file_offset(&self, offset: u64) -> Option<u64> {
+        self.kind.plain_start().map(|start| start + offset)
+    }
+
+    /// Reads `len` bytes of the data space at `offset` into `buf`, for the pipeline's readers.
+    /// A packed shard decodes them, keeping decoded blocks in `cache`. A plain file is read with
+    /// direct I/O where it is on (the whole pages around the chunk, bypassing the page cache),
+    /// through the page cache otherwise; a filesystem that refuses a direct read turns direct
+    /// reads off for the shard. A file that ends before the bytes is an
+    /// [`Error::InputChanged`] (it was validated when opened).
+    pub fn read_chunk(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: &mut ChunkBuf,
+        cache: &mut ReadCache,
+    ) -> Result<()> {
+        assert!(len <= buf.capacity(), "a chunk larger than its buffer");
         match &self.kind {
-            Kind::Safetensors(h) => Some(h),
-            Kind::Torch => None,
+            ShardKind::Packed(p) => {
+                p.read_at(
+                    offset,
+                    &mut buf.raw[buf.start..buf.start + len],
+                    cache.blocks()?,
+                )?;
+                buf.range = 0..len;
+                Ok(())
+            }
+            ShardKind::Safetensors { data_start } => self
+                .read_plain_chunk(data_start + offset, len, buf)
+                .map_err(|e| self.read_error(offset, e)),
+            ShardKind::Torch => self
+                .read_plain_chunk(offset, len, buf)
+                .map_err(|e| self.read_error(offset, e)),
         }
     }
 
-    /// Reads `len` bytes of the data space at `offset` into `buf`: with direct I/O where it is
-    /// on (the whole pages around the chunk, bypassing the page cache) unless the page cache
-    /// holds the chunk already, through the page cache otherwise. A filesystem that refuses a
-    /// direct read turns direct reads off for the shard.
-    pub fn read_chunk(&self, offset: u64, len: usize, buf: &mut ChunkBuf) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        assert!(len <= buf.capacity(), "a chunk larger than its buffer");
-        let at = self.data_start + offset;
+    /// [`Shard::read_chunk`] of a plain file: `len` bytes at file offset `at`.
+    fn read_plain_chunk(&self, at: u64, len: usize, buf: &mut ChunkBuf) -> std::io::Result<()> {
         if let (Some(direct), false) = (&self.direct, self.direct_refused.load(Ordering::Relaxed)) {
             let align = READ_ALIGN as u64;
             let first = at / align * align;
@@ -284,29 +428,68 @@ impl Shard {
         Ok(())
     }
 
-    /// Fills `buf` with the bytes of the data space starting at `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, self.file_offset(offset))
+    /// What a failed read of a plain file at data offset `offset` is: a file that ends early
+    /// changed after it was validated.
+    fn read_error(&self, offset: u64, e: std::io::Error) -> Error {
+        let Some(data_start) = self.kind.plain_start() else {
+            return Error::io(&self.path, "reading tensor data", e);
+        };
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            let at = self.tensors.partition_point(|t| t.end <= offset);
+            Error::InputChanged {
+                path: self.path.clone(),
+                change: InputChange::EndsEarly {
+                    tensor: self
+                        .tensors
+                        .get(at)
+                        .map_or_else(String::new, |t| t.name.clone()),
+                    offset: data_start + offset,
+                },
+            }
+        } else {
+            Error::io(&self.path, "reading tensor data", e)
+        }
     }
 
-    /// Where the data space's byte `offset` is in the file, for messages.
-    pub fn file_offset(&self, offset: u64) -> u64 {
-        self.data_start + offset
+    /// Fills `buf` with the bytes of the data space starting at `offset`, through the page
+    /// cache (a packed shard: decoding, through `cache`), as [`Shard::read_chunk`] does.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+        match &self.kind {
+            ShardKind::Safetensors { data_start } => self
+                .file
+                .read_exact_at(buf, data_start + offset)
+                .map_err(|e| self.read_error(offset, e)),
+            ShardKind::Torch => self
+                .file
+                .read_exact_at(buf, offset)
+                .map_err(|e| self.read_error(offset, e)),
+            ShardKind::Packed(p) => p.read_at(offset, buf, cache.blocks()?),
+        }
     }
 
-    /// File length.
+    /// Length of the file the shard stands for, as a model's file list records it: the file's
+    /// own length, or for a packed shard the length of the safetensors file it packs (so that
+    /// a packed model is described, and merged, exactly as its unpacked form).
     pub fn len(&self) -> u64 {
-        self.identity.len
+        match &self.kind {
+            ShardKind::Packed(p) => p.original_len(),
+            _ => self.identity.len,
+        }
     }
 
     /// Whether the file is empty (never, for a shard that opened).
     pub fn is_empty(&self) -> bool {
-        self.identity.len == 0
+        self.len() == 0
     }
 
-    /// Errs if the file was truncated, extended or rewritten since it was opened.
+    /// Errs if the file (or, for a shard packed against a base, a file of the base) was
+    /// truncated, extended or rewritten since it was opened.
     pub fn check_unchanged(&self) -> Result<()> {
+        if let ShardKind::Packed(p) = &self.kind {
+            if let Some(base) = p.base() {
+                base.model.check_unchanged()?;
+            }
+        }
         let meta = self
             .file
             .metadata()
@@ -376,7 +559,12 @@ impl Model {
         let present = |format: Format| -> Vec<&'static str> {
             [format.index_file(), format.single_file()]
                 .into_iter()
-                .filter(|name| std::fs::symlink_metadata(path.join(name)).is_ok())
+                .filter(|name| {
+                    std::fs::symlink_metadata(path.join(name)).is_ok()
+                        || (format == Format::Safetensors
+                            && std::fs::symlink_metadata(path.join(packed::packed_name(name)))
+                                .is_ok())
+                })
                 .collect()
         };
         let (safetensors, pytorch) = (present(Format::Safetensors), present(Format::Torch));
@@ -388,7 +576,7 @@ impl Model {
         let mut model = if found[0] == format.index_file() {
             Model::open_indexed(path, &path.join(found[0]), format)?
         } else {
-            let shard = Shard::open(path.join(found[0]), found[0].into(), format)?;
+            let shard = Shard::open(shard_file(path, found[0]), found[0].into(), format)?;
             Model::from_shards(path, path.to_path_buf(), vec![shard], None)?
         };
         model.unread = unread.into_iter().map(String::from).collect();
@@ -410,7 +598,7 @@ impl Model {
         let shards = index
             .shards()
             .into_iter()
-            .map(|name| Shard::open(dir.join(&name), name, format))
+            .map(|name| Shard::open(shard_file(dir, &name), name, format))
             .collect::<Result<Vec<_>>>()?;
         Model::from_shards(dir, dir.to_path_buf(), shards, Some((index_path, &index)))
     }
@@ -510,6 +698,46 @@ impl Model {
         })
     }
 
+    /// The identities of the bases this model's shards were packed against and were not given
+    /// (see [`Model::set_bases`]), each once.
+    pub fn missing_bases(&self) -> Vec<[u8; 32]> {
+        let mut ids: Vec<[u8; 32]> = self
+            .shards
+            .iter()
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => p.missing_base(),
+                _ => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Gives every shard packed against a base its base, from `bases`; errs with
+    /// [`packed::PackedError::BaseNotAnInput`] for a shard whose base is not among them.
+    pub fn set_bases(&mut self, bases: &[std::sync::Arc<packed::Base>]) -> Result<()> {
+        for shard in &mut self.shards {
+            let ShardKind::Packed(p) = &mut shard.kind else {
+                continue;
+            };
+            let Some(id) = p.missing_base() else {
+                continue;
+            };
+            match bases.iter().find(|b| b.id == id) {
+                Some(base) => p.set_base(std::sync::Arc::clone(base))?,
+                None => {
+                    return Err(packed::PackedError::BaseNotAnInput {
+                        path: shard.path.clone(),
+                        expected: packed::hex(&id),
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The tensor named `name`, with where it is.
     pub fn get(&self, name: &str) -> Option<(TensorLoc, &TensorInfo)> {
         self.tensors
@@ -547,6 +775,13 @@ impl Model {
             .collect()
     }
 
+    /// Whether any shard is packed (read by decoding its blocks).
+    pub fn has_packed_shards(&self) -> bool {
+        self.shards
+            .iter()
+            .any(|s| matches!(s.kind, ShardKind::Packed(_)))
+    }
+
     /// Whether every shard's reads go around the page cache (direct reads on, none refused).
     pub fn reads_direct(&self) -> bool {
         self.shards
@@ -564,6 +799,11 @@ impl Model {
         use std::os::fd::AsRawFd;
         let mut all = true;
         for shard in &mut self.shards {
+            if !matches!(shard.kind, ShardKind::Safetensors { .. }) {
+                // Packed shards are read block by block through the page cache.
+                all = false;
+                continue;
+            }
             let proc_path = PathBuf::from(format!("/proc/self/fd/{}", shard.file.as_raw_fd()));
             let opened = std::fs::OpenOptions::new()
                 .read(true)
@@ -634,6 +874,19 @@ fn open_regular(path: &Path, what: &'static str) -> Result<(File, std::fs::Metad
         return Err(not_regular());
     }
     Ok((file, meta))
+}
+
+/// The file of the shard the index (or the single-file convention) names `name` in `dir`:
+/// `dir/name`, or where there is no such file and a packed one, `dir/name.mszst`.
+fn shard_file(dir: &Path, name: &str) -> PathBuf {
+    let plain = dir.join(name);
+    if std::fs::symlink_metadata(&plain).is_err() {
+        let packed = dir.join(packed::packed_name(name));
+        if std::fs::symlink_metadata(&packed).is_ok() {
+            return packed;
+        }
+    }
+    plain
 }
 
 fn file_name(path: &Path) -> String {

@@ -11,6 +11,13 @@
 //! finished one. Files copied from an input's subdirectories (`1_Pooling/config.json`) keep
 //! their relative paths; temporary names never contain a `/`. This module never computes tensor
 //! bytes; the pipeline hands them in through [`ShardWriter`].
+//!
+//! A compressed output (`--compress`) is the same directory with each shard written packed
+//! (`NAME.safetensors.mszst`, through [`PackWriter`], compressing on worker threads) instead of
+//! `NAME.safetensors` — exactly what `mergestream pack` makes of the uncompressed output: its
+//! `checksums.b3` lists the *unpacked* bytes (hashed as they went into the packer), so `unpack`
+//! restores files that `b3sum --check checksums.b3` accepts, and `packed.b3`, written last,
+//! lists the files as they are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -24,6 +31,7 @@ use crate::error::{Error, OutputError, PartsProblem, Result};
 use crate::format::index::INDEX_FILE;
 use crate::lineage::InputHashes;
 use crate::manifest::{self, Entry};
+use crate::packed::{self, PackOptions, PackWriter, PACKED_MANIFEST};
 use crate::pipeline::ShardSink;
 use crate::plan::{OutShard, Part, Plan, MANIFEST_FILE, PROVENANCE_FILE};
 use crate::writer::{IoMode, StreamFile, Written};
@@ -49,6 +57,17 @@ pub enum Existing {
 /// One finished file, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct FileRecord {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+    /// For a packed shard: the file it restores to, which `checksums.b3` lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked: Option<Unpacked>,
+}
+
+/// The safetensors file a packed shard restores to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Unpacked {
     pub name: String,
     pub size: u64,
     pub blake3: String,
@@ -85,6 +104,10 @@ struct PlanRecord {
     /// Whether part 0 records the inputs' SHA-256.
     #[serde(default)]
     hash_inputs: bool,
+    /// Whether the shards are written packed (`--compress`): `finalize` then writes
+    /// `packed.b3` too.
+    #[serde(default)]
+    packed: bool,
 }
 
 /// Checks, before any work, that `out` can be written: it is a writable directory, or can be
@@ -123,14 +146,16 @@ pub struct OutputDir {
     fingerprint: String,
     record: PartRecord,
     io: IoMode,
+    /// How shards are packed, for a compressed output.
+    compress: Option<PackOptions>,
     busy: Option<std::sync::Arc<crate::busy::Busy>>,
     _lock: File,
 }
 
 impl OutputDir {
     /// Creates or opens `out` for `part` of `plan` made from the input models `inputs`,
-    /// applying `existing`. Refuses, before creating anything, an `out` that overlaps an input
-    /// ([`crate::paths::check_overlap`]).
+    /// applying `existing`; with `compress`, shards are written packed. Refuses, before
+    /// creating anything, an `out` that overlaps an input ([`crate::paths::check_overlap`]).
     pub fn open(
         out: &Path,
         inputs: &[&Path],
@@ -138,22 +163,46 @@ impl OutputDir {
         part: Part,
         existing: Existing,
         io: IoMode,
+        compress: Option<&PackOptions>,
     ) -> Result<OutputDir> {
         crate::paths::check_overlap(out, inputs)?;
+        // A compressed output's files differ from a plain one's: its runs are other runs.
+        let fingerprint = match compress {
+            None => plan.fingerprint.clone(),
+            Some(o) => {
+                let mut h = blake3::Hasher::new();
+                h.update(b"packed v1\0");
+                h.update(&o.level.to_le_bytes());
+                h.update(&o.block_size.to_le_bytes());
+                h.update(plan.fingerprint.as_bytes());
+                h.finalize().to_hex().to_string()
+            }
+        };
+        let on_disk = |name: &str| match compress {
+            Some(_) => packed::packed_name(name),
+            None => name.to_owned(),
+        };
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, "creating output directory", e))?;
         // Look before touching anything, so a refusal leaves the directory as it was.
-        let ours: BTreeSet<String> = plan.output_files().into_iter().collect();
-        let writes: BTreeSet<&str> = plan
+        let mut ours: BTreeSet<String> = plan.output_files().into_iter().collect();
+        let writes: BTreeSet<String> = plan
             .shards
             .iter()
-            .map(|s| s.name.as_str())
-            .chain(plan.extra_files.iter().map(|f| f.name.as_str()))
+            .map(|s| on_disk(&s.name))
+            .chain(plan.extra_files.iter().map(|f| f.name.clone()))
             .collect();
+        if compress.is_some() {
+            for s in &plan.shards {
+                ours.remove(&s.name);
+                ours.insert(on_disk(&s.name));
+            }
+            ours.insert(PACKED_MANIFEST.into());
+        }
         // Directories holding files of ours (`1_Pooling`, `a/b`): looked into, not foreign.
         let our_dirs: BTreeSet<&str> = ours
             .iter()
             .map(String::as_str)
-            .chain(writes.iter().copied())
+            .chain(writes.iter().map(String::as_str))
             .flat_map(|n| n.match_indices('/').map(move |(i, _)| &n[..i]))
             .collect();
         let mut foreign = Vec::new();
@@ -201,7 +250,7 @@ impl OutputDir {
 
         let record_path = work.join(format!("{}.json", part.tag()));
         let fresh = PartRecord {
-            fingerprint: plan.fingerprint.clone(),
+            fingerprint: fingerprint.clone(),
             part: part.to_string(),
             complete: false,
             files: Vec::new(),
@@ -220,7 +269,7 @@ impl OutputDir {
                     },
                 ));
             }
-            (Some(old), Existing::Resume) if old.fingerprint != plan.fingerprint => {
+            (Some(old), Existing::Resume) if old.fingerprint != fingerprint => {
                 return Err(Error::output(out, OutputError::OtherRun { part }))
             }
             (Some(old), Existing::Resume) => PartRecord {
@@ -229,24 +278,26 @@ impl OutputDir {
             },
         };
         let plan_record = PlanRecord {
-            fingerprint: plan.fingerprint.clone(),
+            fingerprint: fingerprint.clone(),
             inputs: inputs.iter().map(|p| absolute(p)).collect(),
-            files: writes.iter().map(|s| s.to_string()).collect(),
+            files: writes.iter().cloned().collect(),
             index_json: plan.index_json.clone(),
             provenance_json: plan.provenance_json.clone(),
             card: plan.card.clone(),
             config_yml: plan.config_yml.clone(),
             hash_inputs: plan.hash_inputs,
+            packed: compress.is_some(),
         };
-        let plan_path = work.join(plan_record_name(&plan.fingerprint));
+        let plan_path = work.join(plan_record_name(&fingerprint));
         write_atomic(&work, &plan_path, &to_json(&plan_record))?;
         let dir = OutputDir {
             path: out.to_path_buf(),
             work,
             part,
-            fingerprint: plan.fingerprint.clone(),
+            fingerprint,
             record,
             io,
+            compress: compress.cloned(),
             busy: None,
             _lock: lock,
         };
@@ -254,9 +305,13 @@ impl OutputDir {
         Ok(dir)
     }
 
-    /// Whether this part already holds `name`, finished and intact.
+    /// Whether this part already holds `name`, finished and intact (for a shard of a
+    /// compressed output, `name` packed).
     pub fn has(&self, name: &str) -> bool {
-        self.record.files.iter().any(|f| f.name == name)
+        self.record
+            .files
+            .iter()
+            .any(|f| f.name == name || f.unpacked.as_ref().is_some_and(|u| u.name == name))
     }
 
     /// Records a finished file.
@@ -334,18 +389,27 @@ impl OutputDir {
         )
     }
 
-    /// The fingerprint of the plan this directory is being written for.
+    /// The fingerprint of the run this directory is being written for: the plan's, and for a
+    /// compressed output how it is packed.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 }
 
-/// The pipeline's sink: each shard becomes a file of the output directory.
+/// The pipeline's sink: each shard becomes a file of the output directory — packed, for a
+/// compressed output, by a [`PackWriter`] whose workers compress (and hash the original bytes)
+/// while the pipeline's writer stage only copies.
 pub struct ShardWriter<'a> {
     dir: &'a mut OutputDir,
-    current: Option<StreamFile>,
+    current: Option<OpenShard>,
     /// Whether any shard was written through the page cache.
     pub buffered: bool,
+}
+
+/// The shard a [`ShardWriter`] is writing.
+enum OpenShard {
+    Plain(Box<StreamFile>),
+    Packed(Box<PackWriter<StreamFile>>),
 }
 
 impl<'a> ShardWriter<'a> {
@@ -364,41 +428,91 @@ fn record(name: &str, written: &Written) -> FileRecord {
         name: name.to_owned(),
         size: written.size,
         blake3: written.blake3.to_hex().to_string(),
+        unpacked: None,
     }
 }
 
 impl ShardSink for ShardWriter<'_> {
     fn begin(&mut self, shard: &OutShard) -> Result<()> {
-        let mut file = self.dir.create(&shard.name)?;
-        self.buffered |= !file.is_direct();
-        file.write(&shard.prefix)?;
-        self.current = Some(file);
+        let open = match &self.dir.compress {
+            None => {
+                let mut file = self.dir.create(&shard.name)?;
+                self.buffered |= !file.is_direct();
+                file.write(&shard.prefix)?;
+                OpenShard::Plain(Box::new(file))
+            }
+            Some(options) => {
+                let name = packed::packed_name(&shard.name);
+                let file = self.dir.create(&name)?;
+                self.buffered |= !file.is_direct();
+                let path = self.dir.path.join(&name);
+                let options = options.clone();
+                OpenShard::Packed(Box::new(PackWriter::new_unhashed(
+                    &path,
+                    &shard.prefix,
+                    shard.data_len,
+                    None,
+                    &options,
+                    file,
+                )?))
+            }
+        };
+        self.current = Some(open);
         Ok(())
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.current
-            .as_mut()
-            .ok_or_else(|| Error::internal("a shard's bytes came before its begin"))?
-            .write(bytes)
+        match self.current.as_mut() {
+            Some(OpenShard::Plain(file)) => file.write(bytes),
+            Some(OpenShard::Packed(writer)) => writer.write(bytes),
+            None => Err(Error::internal("a shard's bytes came before its begin")),
+        }
     }
 
     fn finish(&mut self, shard: &OutShard) -> Result<()> {
-        let file = self
+        let open = self
             .current
             .take()
             .ok_or_else(|| Error::internal("a shard finished before it began"))?;
-        let written = file.persist()?;
-        if written.size != shard.file_len() {
-            return Err(Error::internal(format!(
-                "{} came out {} bytes long; its plan says {}",
-                shard.name,
-                written.size,
+        let wrong_length = |name: &str, size: u64| {
+            Error::internal(format!(
+                "{name} came out {size} bytes long; its plan says {}",
                 shard.file_len()
-            )));
-        }
+            ))
+        };
+        let record = match open {
+            OpenShard::Plain(file) => {
+                let written = file.persist()?;
+                if written.size != shard.file_len() {
+                    return Err(wrong_length(&shard.name, written.size));
+                }
+                record(&shard.name, &written)
+            }
+            OpenShard::Packed(writer) => {
+                let (file, summary) = writer.finish()?;
+                if summary.original_len != shard.file_len() {
+                    return Err(wrong_length(&shard.name, summary.original_len));
+                }
+                let name = packed::packed_name(&shard.name);
+                let written = file.persist()?;
+                if written.size != summary.packed_len {
+                    return Err(Error::internal(format!(
+                        "{name}: {} bytes written but {} packed",
+                        written.size, summary.packed_len
+                    )));
+                }
+                FileRecord {
+                    unpacked: Some(Unpacked {
+                        name: shard.name.clone(),
+                        size: summary.original_len,
+                        blake3: summary.original_blake3.to_hex().to_string(),
+                    }),
+                    ..record(&name, &written)
+                }
+            }
+        };
         crate::failpoint::hit("shard-renamed", &|| false);
-        self.dir.add(record(&shard.name, &written))
+        self.dir.add(record)
     }
 }
 
@@ -546,7 +660,10 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
     let plan: PlanRecord = read_json(&work.join(plan_record_name(&fingerprint)))?
         .ok_or_else(|| Error::output(out, OutputError::PlanRecordMissing))?;
 
+    // `checksums.b3` lists the files as they are, but packed shards as the files they restore
+    // to; `packed.b3` (for a compressed output) lists every file as it is.
     let mut entries = Vec::new();
+    let mut packed_entries = Vec::new();
     let mut have = BTreeSet::new();
     for (_, r) in &records {
         for f in &r.files {
@@ -556,17 +673,30 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
                     name: f.name.clone(),
                 });
             }
-            let hash = blake3::Hash::from_hex(&f.blake3).map_err(|_| {
-                Error::output(
-                    out,
-                    OutputError::FileRecordCorrupt {
-                        name: f.name.clone(),
-                    },
-                )
-            })?;
-            entries.push(Entry {
+            let parse = |hex: &str| {
+                blake3::Hash::from_hex(hex).map_err(|_| {
+                    Error::output(
+                        out,
+                        OutputError::FileRecordCorrupt {
+                            name: f.name.clone(),
+                        },
+                    )
+                })
+            };
+            let hash = parse(&f.blake3)?;
+            packed_entries.push(Entry {
                 name: f.name.clone(),
                 hash,
+            });
+            entries.push(match &f.unpacked {
+                Some(u) => Entry {
+                    name: u.name.clone(),
+                    hash: parse(&u.blake3)?,
+                },
+                None => Entry {
+                    name: f.name.clone(),
+                    hash,
+                },
             });
             have.insert(f.name.clone());
         }
@@ -595,6 +725,10 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
             name: INDEX_FILE.into(),
             hash,
         });
+        packed_entries.push(Entry {
+            name: INDEX_FILE.into(),
+            hash,
+        });
         crate::failpoint::hit("finalize-index", &|| false);
     }
     let card = plan.card.render(lineage.as_deref());
@@ -608,6 +742,10 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
             name: name.into(),
             hash,
         });
+        packed_entries.push(Entry {
+            name: name.into(),
+            hash,
+        });
     }
     let provenance = match &lineage {
         None => plan.provenance_json.clone(),
@@ -618,11 +756,26 @@ pub fn finalize(out: &Path, only: Option<Part>) -> Result<Finalized> {
         name: PROVENANCE_FILE.into(),
         hash,
     });
-    write_atomic(
+    packed_entries.push(Entry {
+        name: PROVENANCE_FILE.into(),
+        hash,
+    });
+    let hash = write_atomic(
         &work,
         &out.join(MANIFEST_FILE),
         manifest::encode(&entries).as_bytes(),
     )?;
+    if plan.packed {
+        packed_entries.push(Entry {
+            name: MANIFEST_FILE.into(),
+            hash,
+        });
+        write_atomic(
+            &work,
+            &out.join(PACKED_MANIFEST),
+            manifest::encode(&packed_entries).as_bytes(),
+        )?;
+    }
     std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, "removing work directory", e))?;
     sync_dir(out)?;
     Ok(Finalized {
@@ -733,8 +886,10 @@ fn keep_intact(out: &Path, files: Vec<FileRecord>) -> Result<Vec<FileRecord>> {
 /// Names an earlier mergestream (or Hugging Face) output may have left.
 fn looks_like_output(name: &str) -> bool {
     name.ends_with(".safetensors")
+        || name.ends_with(&format!(".safetensors.{}", packed::PACKED_EXT))
         || name.ends_with(".index.json")
         || name == MANIFEST_FILE
+        || name == PACKED_MANIFEST
         || name == PROVENANCE_FILE
 }
 

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::busy::{Busy, Stage};
-use crate::error::{Error, InputChange, MethodFailure, Result, UsageError};
+use crate::error::{Error, MethodFailure, Result, UsageError};
 use crate::kernel::{self, methods, Isa};
 use crate::method::{Input, Op};
-use crate::model::{ChunkBuf, Model};
+use crate::model::{ChunkBuf, Model, ReadCache};
 use crate::plan::{OutShard, Plan};
 
 /// How the engine runs. None of it changes the output bytes.
@@ -34,7 +34,8 @@ pub struct Settings {
     pub chunk_bytes: usize,
     /// Chunks in flight: the pool holds this many slots.
     pub slots: usize,
-    /// Reader threads, each with one chunk's reads in flight.
+    /// Reader threads, each with one chunk's reads in flight. A run reading packed inputs has
+    /// one: consecutive chunks fall in one decoded block, which each reader would decode again.
     pub readers: usize,
     /// The kernel to run.
     pub isa: Isa,
@@ -374,7 +375,7 @@ pub fn run(
         for _ in 0..settings.readers.max(1) {
             let (rx, tx) = (fill_rx.clone(), read_tx.clone());
             scope.spawn(move || {
-                if let Err(e) = reader(run, rx, tx) {
+                if let Err(e) = reader(run, rx, tx, reads) {
                     fail(e);
                 }
             });
@@ -593,7 +594,13 @@ fn read_round(
 /// A reader thread: fills each job's input buffers, then hands it to the compute workers.
 /// Several readers keep several chunks' reads in flight; jobs leave in any order (the writer
 /// restores it).
-fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>) -> Result<()> {
+///
+/// Packed inputs are decoded here, through the reader's own [`ReadCache`] holding a decoded
+/// block per distinct input of a chunk (`reads`), so each block is decoded once when the
+/// inputs are read front to back by one reader (a run with packed inputs has one: see
+/// [`Settings::readers`]).
+fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>, reads: usize) -> Result<()> {
+    let mut cache = ReadCache::new(reads);
     for mut job in input {
         if run.cancel.aborted() {
             return Ok(());
@@ -607,10 +614,10 @@ fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>) -> Result<()> {
             read_chunk(
                 &run.models[read.model],
                 read,
-                &run.plans[step.work[0].output].tensors[step.tensor].name,
                 first * width,
                 (n * width) as usize,
                 &mut job.slot.inputs[*i],
+                &mut cache,
             )?;
         }
         run.busy.add(Stage::Read, started.elapsed());
@@ -625,27 +632,14 @@ fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>) -> Result<()> {
 fn read_chunk(
     model: &Model,
     input: &Input,
-    name: &str,
     at: u64,
     len: usize,
     buf: &mut ChunkBuf,
+    cache: &mut ReadCache,
 ) -> Result<()> {
     let shard = &model.shards[input.loc.shard];
     let info = &shard.tensors[input.loc.entry];
-    shard.read_chunk(info.start + at, len, buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            let offset = shard.file_offset(info.start + at);
-            Error::InputChanged {
-                path: shard.path.clone(),
-                change: InputChange::EndsEarly {
-                    tensor: name.to_owned(),
-                    offset,
-                },
-            }
-        } else {
-            Error::io(&shard.path, "reading tensor data", e)
-        }
-    })
+    shard.read_chunk(info.start + at, len, buf, cache)
 }
 
 fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {

@@ -334,8 +334,9 @@ pub(crate) fn shard_name(k: usize, count: usize) -> String {
 
 /// Whether a file of a model directory holds weights (in any format) or is an index of them.
 fn is_weight_file(name: &str) -> bool {
-    const WEIGHT_SUFFIXES: [&str; 12] = [
+    const WEIGHT_SUFFIXES: [&str; 13] = [
         ".safetensors",
+        ".mszst",
         ".bin",
         ".pt",
         ".pth",
@@ -409,7 +410,7 @@ fn list_dir(
         }
         let rel = format!("{prefix}{name}");
         let why = match () {
-            _ if top && (name == PROVENANCE_FILE || name == MANIFEST_FILE) => continue,
+            _ if top && [PROVENANCE_FILE, MANIFEST_FILE, crate::packed::PACKED_MANIFEST].contains(&name.as_str()) => continue,
             _ if top && is_weight_file(&name) => continue,
             _ if top && name == CARD_FILE => Some(
                 "it is the input's model card, about another model; mergestream writes this output's own",
@@ -472,6 +473,7 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
     h.update(plan.config_yml.as_deref().unwrap_or("").as_bytes());
     h.update(&[u8::from(plan.hash_inputs)]);
     let mut buf = vec![0u8; SAMPLE as usize];
+    let mut cache = crate::model::ReadCache::new(1);
     for model in inputs {
         for shard in &model.shards {
             h.update(shard.name.as_bytes());
@@ -481,9 +483,7 @@ fn fingerprint(plan: &Plan, inputs: &[&Model]) -> Result<String> {
             let head = len.min(SAMPLE);
             for (at, n) in [(0, head), (len - head, head)] {
                 let buf = &mut buf[..n as usize];
-                shard
-                    .read_at(at, buf)
-                    .map_err(|e| Error::io(&shard.path, "reading data", e))?;
+                shard.read_at(at, buf, &mut cache)?;
                 h.update(buf);
             }
         }

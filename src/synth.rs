@@ -3,7 +3,9 @@
 //! `write_pair` writes `OUT/sft` and `OUT/aligned`: the same tensors (Llama/Mistral names and
 //! shapes), the aligned one a small perturbation of the SFT one, laid out in *different* shard
 //! splits and tensor orders, with `config.json` and tokenizer stand-ins beside them. Values come
-//! from a seeded generator, so a pair is reproducible. This module has its own minimal
+//! from a seeded generator, so a pair is reproducible, and are distributed like trained weights
+//! (normal, with a per-tensor scale; see `Dist`), so that compression figures measured on them
+//! mean something. This module has its own minimal
 //! safetensors writer, independent of the merge's, so the merge is tested against files it did
 //! not make.
 
@@ -323,13 +325,14 @@ pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
     for (t, tensor) in tensors.iter().enumerate() {
         let (s_dtype, a_dtype) = (sft_tensors[t].dtype, tensor.dtype);
         let numel = tensor.nbytes() / a_dtype.size() as u64;
+        let dist = Dist::of(tensor, &mut rng);
         let mut done = 0;
         while done < numel {
             let n = (numel - done).min(CHUNK);
             s_bytes.clear();
             a_bytes.clear();
             for _ in 0..n {
-                let (s, a) = sample(&mut rng, spec.specials);
+                let (s, a) = sample(&mut rng, &dist, spec.specials);
                 s_bytes.extend_from_slice(&encode(s_dtype, s)[..s_dtype.size()]);
                 a_bytes.extend_from_slice(&encode(a_dtype, a)[..a_dtype.size()]);
             }
@@ -345,13 +348,46 @@ pub fn write_pair(out: &Path, spec: &PairSpec) -> Result<u64> {
     Ok(tensors.iter().map(Tensor::nbytes).sum())
 }
 
-/// One element of each model: (sft, aligned).
-fn sample(rng: &mut Rng, specials: bool) -> (f32, f32) {
+/// How a tensor's values are distributed, as in trained checkpoints: matrices centred on 0
+/// with a per-tensor standard deviation (0.01–0.03, like the 0.02 initialisation of Llama and
+/// Mistral), norm weights centred on 1 (sd 0.05). The aligned model differs from the SFT model
+/// by a further normal step of 1% of the tensor's standard deviation (about one BF16 ulp).
+struct Dist {
+    center: f32,
+    sd: f32,
+}
+
+impl Dist {
+    fn of(tensor: &Tensor, rng: &mut Rng) -> Dist {
+        let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+        if tensor.shape.len() == 1 {
+            Dist {
+                center: 1.0,
+                sd: 0.05,
+            }
+        } else {
+            Dist {
+                center: 0.0,
+                sd: 0.01 + 0.02 * u,
+            }
+        }
+    }
+}
+
+/// A standard normal variate, approximately: the Irwin–Hall sum of four uniforms, scaled to unit
+/// variance (tails end at ±3.46; cheap enough to generate gigabytes).
+fn normal(rng: &mut Rng) -> f32 {
     let r = rng.next();
-    let s = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.12;
-    let delta = (((r >> 16) & 0xFFFF) as f32 / 65536.0 - 0.5) * 0.004;
+    let sum: u64 = (0..4).map(|i| (r >> (16 * i)) & 0xFFFF).sum();
+    (sum as f32 / 65536.0 - 2.0) * 3f32.sqrt()
+}
+
+/// One element of each model: (sft, aligned).
+fn sample(rng: &mut Rng, dist: &Dist, specials: bool) -> (f32, f32) {
+    let s = dist.center + dist.sd * normal(rng);
+    let delta = 0.01 * dist.sd * normal(rng);
     let (mut s, mut a) = (s, s + delta);
-    if specials && r.is_multiple_of(61) {
+    if specials && rng.next().is_multiple_of(61) {
         let pick = rng.next();
         let bits = f32::from_bits(SPECIALS[(pick % SPECIALS.len() as u64) as usize]);
         if pick & (1 << 40) != 0 {

@@ -303,7 +303,7 @@ fn subdirectories_are_copied_listed_and_verified() {
     let mut seen: Vec<String> = problems
         .iter()
         .map(|p| match &p.cause {
-            C::Unlisted { name } => format!("unlisted {name}"),
+            C::Unlisted { name, .. } => format!("unlisted {name}"),
             C::HashMismatch { name, .. } => format!("changed {name}"),
             other => panic!("unexpected problem: {other}"),
         })

@@ -233,6 +233,56 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     );
 }
 
+/// Files of a merge output that name its inputs as they were given (the model card, the merge
+/// config), so that merges of the same weights found at other paths differ in them.
+pub const NAMES_INPUTS: [&str; 2] = ["README.md", "mergekit_config.yml"];
+
+/// Panics unless `a` and `b` are the same merge of inputs given by other paths: the same files
+/// with the same bytes, but for those in [`NAMES_INPUTS`], and manifests (`checksums.b3`, and
+/// `packed.b3` of a compressed output) listing the same hashes for every other file.
+pub fn assert_same_merge(a: &Path, b: &Path) {
+    const MANIFESTS: [&str; 2] = ["checksums.b3", "packed.b3"];
+    let strip = |dir: &Path| {
+        let mut files = tree_digest(dir);
+        for name in NAMES_INPUTS.iter().chain(&MANIFESTS) {
+            files.remove(*name);
+        }
+        let manifests: Vec<Vec<String>> = MANIFESTS
+            .iter()
+            .map(|m| manifest_without_names_of_inputs(&dir.join(m)))
+            .collect();
+        (files, manifests)
+    };
+    assert_eq!(
+        strip(a),
+        strip(b),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
+}
+
+/// The lines of a manifest (`DIR/checksums.b3` when given a directory) but for files in
+/// [`NAMES_INPUTS`] and for `checksums.b3`, which hashes them.
+pub fn manifest_without_names_of_inputs(path: &Path) -> Vec<String> {
+    let path = if path.is_dir() {
+        path.join("checksums.b3")
+    } else {
+        path.to_path_buf()
+    };
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            !NAMES_INPUTS
+                .iter()
+                .chain(&["checksums.b3"])
+                .any(|n| l.ends_with(&format!("  {n}")))
+        })
+        .map(String::from)
+        .collect()
+}
+
 /// Runs `mergestream ARGS` to completion and returns its exit status, its peak resident memory
 /// in bytes and its stderr.
 ///

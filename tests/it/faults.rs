@@ -395,3 +395,39 @@ fn send(child: &Child, signal: i32) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn a_compressed_run_killed_then_resumed_unpacks_to_the_uninterrupted_bytes() {
+    let f = Fixture::new();
+    for point in ["shard-data", "shard-renamed", "before-finalize"] {
+        let out = f.path(&format!("compressed-{point}"));
+        let r = f
+            .command(&out, &["--compress"])
+            .env("MERGESTREAM_FAILPOINT", format!("{point}:kill"))
+            .output()
+            .unwrap();
+        assert_eq!(r.status.signal(), Some(9), "{point}: {:?}", r.status);
+        for name in tree_digest(&out).into_keys() {
+            assert!(
+                name != "checksums.b3" && name != "packed.b3",
+                "{point}: an interrupted run left {name}"
+            );
+        }
+        let resumed = f
+            .command(&out, &["--compress", "--resume"])
+            .output()
+            .unwrap();
+        assert!(resumed.status.success(), "{point}: {}", stderr(&resumed));
+        assert!(temporaries(&out).is_empty());
+        run_ok(&["verify", out.to_str().unwrap(), "-q"]);
+        let restored = f.path(&format!("restored-{point}"));
+        run_ok(&[
+            "unpack",
+            out.to_str().unwrap(),
+            "--out",
+            restored.to_str().unwrap(),
+            "-q",
+        ]);
+        assert_same_tree(&f.reference(), &restored);
+    }
+}

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("header", mergestream::fuzzing::header),
     ("differential", mergestream::fuzzing::differential),
     ("index", mergestream::fuzzing::index),
     ("merge", mergestream::fuzzing::merge),
     ("pickle", mergestream::fuzzing::pickle),
     ("torch", mergestream::fuzzing::torch),
+    ("packed", mergestream::fuzzing::packed),
 ];
 
 fn fuzz_dir() -> PathBuf {

@@ -9,6 +9,8 @@
 //! - `card`, `lineage`: the output's model card, subdirectories, and input hashes;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
 //!   kernels against independent numpy references of mergekit's arithmetic;
+//! - `packed`: the packed format (`pack`/`unpack`, random access, malformed files, bases);
+//!   `packed_merge`: merges reading packed models, and `--compress` output, through the binary;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
@@ -34,6 +36,8 @@ mod malformed;
 mod memory;
 mod mergekit_ref;
 mod overlap;
+mod packed;
+mod packed_merge;
 mod parts;
 mod pipes;
 mod product;

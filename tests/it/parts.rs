@@ -511,6 +511,7 @@ fn same_part_twice_at_once_is_refused_by_the_lock() {
         mergestream::plan::Part::parse("1/2").unwrap(),
         mergestream::output::Existing::Resume,
         mergestream::writer::IoMode::Auto,
+        None,
     )
     .unwrap();
     let o = part_with(&pair, &out, ALPHA, "1/2", &["--resume"]);

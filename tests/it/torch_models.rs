@@ -379,7 +379,7 @@ fn plan_fingerprint_sees_torch_shards() {
     // One byte of lm_head's data, at the offset the reader reports.
     let model = Model::open(&copy).unwrap();
     let (loc, t) = model.get("lm_head.weight").unwrap();
-    let at = model.shards[loc.shard].file_offset(t.start);
+    let at = model.shards[loc.shard].file_offset(t.start).unwrap();
     drop(model);
     let path = copy.join("pytorch_model.bin");
     let mut bytes = std::fs::read(&path).unwrap();

@@ -168,7 +168,7 @@ fn every_independent_cause_is_listed() {
         matches!(causes[..], [
             VerifyCause::HashMismatch { name: a, .. },
             VerifyCause::Unreadable { name: b, .. },
-            VerifyCause::Unlisted { name: c },
+            VerifyCause::Unlisted { name: c, .. },
         ] if a == LAST && b == "tokenizer.json" && c == "stray.txt"),
         "{found:#?}"
     );
