@@ -353,14 +353,22 @@ fn an_unwritable_output_is_refused_before_any_work() {
     let Some(mount) = tmpfs(&f.path("ro"), "ro,size=64k") else {
         return;
     };
-    // The SFT path is bad too: the output is checked first, so that is the error reported.
+    // The inputs are not models (empty directories): the output is checked first, so that is
+    // the error reported.
+    let inputs = tempdir();
+    let (sft, aligned) = (
+        inputs.path().join("nonmodel-a"),
+        inputs.path().join("nonmodel-b"),
+    );
+    std::fs::create_dir(&sft).unwrap();
+    std::fs::create_dir(&aligned).unwrap();
     for out in [mount.0.clone(), mount.0.join("new")] {
         let r = run(&[
             "expo",
             "--sft",
-            "/nonexistent",
+            sft.to_str().unwrap(),
             "--aligned",
-            "/nonexistent",
+            aligned.to_str().unwrap(),
             "--alpha",
             "0.3",
             "--out",
@@ -369,7 +377,7 @@ fn an_unwritable_output_is_refused_before_any_work() {
         assert_eq!(r.status.code(), Some(2));
         let err = stderr(&r);
         assert!(err.contains("is not writable"), "{err}");
-        assert!(!err.contains("nonexistent"), "{err}");
+        assert!(!err.contains("nonmodel"), "{err}");
     }
     let file = f.path("a-file");
     std::fs::write(&file, "x").unwrap();
