@@ -248,6 +248,7 @@ def run_engine(template: str, config: Path, out: Path, threads: Optional[int]) -
     Returns the wall time; raises if the command fails."""
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = template.format(config=shlex.quote(str(config)), out=shlex.quote(str(out)),
                           threads=threads or os.cpu_count() or 1)
     t0 = time.monotonic()

@@ -13,6 +13,7 @@
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
 //! - [`output`] is that sink: temporary files, renames, records, locks, finalizing (and
 //!   `checksums.b3`, the blake3 manifest);
+//! - [`check`] compares a recomputed merge with an existing model instead of writing it;
 //! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
 //!
 //! What the library does not do: print (only `main.rs` does), parse command lines, or read
@@ -21,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod busy;
+pub mod check;
 pub mod error;
 mod failpoint;
 pub mod format;
@@ -350,6 +352,80 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     run(&job.to_merge_job()?, cancel)
 }
 
+/// The kernel a run uses and the bytes its chunk buffers may take, from its options; checked
+/// before anything is created.
+fn engine(opts: &RunOptions) -> Result<(Isa, u64)> {
+    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
+    let budget = opts
+        .memory
+        .checked_sub(MEMORY_RESERVE)
+        .filter(|&b| b > 0)
+        .ok_or(UsageError::MemoryBelowReserve {
+            reserve: MEMORY_RESERVE,
+        })?;
+    Ok((isa, budget))
+}
+
+/// Whether two outputs can share one read of their inputs: they list the same tensors in the
+/// same order, and where either runs a statistics method (whose op must see its segment whole)
+/// both cut the tensor into the same segments.
+fn share_a_read(a: &Plan, b: &Plan) -> bool {
+    a.tensor_names().eq(b.tensor_names())
+        && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
+            let method = |t: &plan::PlannedTensor| {
+                t.segments
+                    .iter()
+                    .any(|s| matches!(s.op, plan::Op::Method(_)))
+            };
+            !(method(x) || method(y))
+                || x.segments
+                    .iter()
+                    .map(|s| s.elems.clone())
+                    .eq(y.segments.iter().map(|s| s.elems.clone()))
+        })
+}
+
+/// Streams the selected shards of every output into its sink: the engine behind [`run`] (whose
+/// sinks write output directories) and [`check::check`] (whose sinks compare with existing
+/// ones), and open to any other [`pipeline::ShardSink`]. Outputs that can share a read of their
+/// inputs ([`Plan::tensor_names`] in the same order) are streamed together, reading each input
+/// once; the others one group after another. Returns the kernel that ran.
+pub fn stream(
+    models: &[Model],
+    outputs: Vec<pipeline::Output<'_>>,
+    options: &RunOptions,
+    progress: &dyn pipeline::Progress,
+    cancel: &Cancel,
+    busy: &busy::Busy,
+) -> Result<Isa> {
+    let (isa, budget) = engine(options)?;
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for k in 0..outputs.len() {
+        match groups
+            .iter_mut()
+            .find(|g| share_a_read(outputs[g[0]].plan, outputs[k].plan))
+        {
+            Some(g) => g.push(k),
+            None => groups.push(vec![k]),
+        }
+    }
+    let mut outputs: Vec<Option<pipeline::Output<'_>>> = outputs.into_iter().map(Some).collect();
+    for group in groups {
+        let mut members: Vec<pipeline::Output<'_>> = group
+            .iter()
+            .map(|&k| outputs[k].take().expect("each output is in one group"))
+            .collect();
+        let shapes: Vec<(&Plan, &[usize])> = members.iter().map(|o| (o.plan, o.shards)).collect();
+        let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+        let mut settings = Settings::for_budget(budget, options.threads, isa, reads + computed)?;
+        if let Some(chunk) = options.chunk_bytes {
+            settings.chunk_bytes = chunk.max(8) & !7;
+        }
+        pipeline::run(models, &mut members, &settings, progress, cancel, busy)?;
+    }
+    Ok(isa)
+}
+
 /// Runs `job`: plans, then writes this part's shards of every output (all of them for a whole
 /// run), reading each input once, and for a whole run finalizes every output.
 pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
@@ -371,14 +447,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             }
         }
     }
-    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
-    let budget = opts
-        .memory
-        .checked_sub(MEMORY_RESERVE)
-        .filter(|&b| b > 0)
-        .ok_or(UsageError::MemoryBelowReserve {
-            reserve: MEMORY_RESERVE,
-        })?;
+    let (isa, _) = engine(opts)?;
     let (models, plans) = plan_job(job)?;
     let part = opts.part.unwrap_or(Part::WHOLE);
     if let Some(root) = &job.root {
@@ -411,50 +480,20 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     for dir in &mut dirs {
         dir.count_busy(std::sync::Arc::clone(&busy));
     }
-    let mut buffered = false;
-    let result = (|| {
-        // Outputs listing the same tensors in the same order share one read of the inputs.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for k in 0..plans.len() {
-            match groups
-                .iter_mut()
-                .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
-            {
-                Some(g) => g.push(k),
-                None => groups.push(vec![k]),
-            }
-        }
-        for group in groups {
-            let shapes: Vec<(&Plan, &[usize])> = group
-                .iter()
-                .map(|&k| (&plans[k], todo[k].as_slice()))
-                .collect();
-            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
-            if let Some(chunk) = opts.chunk_bytes {
-                settings.chunk_bytes = chunk.max(8) & !7;
-            }
-            let mut writers: Vec<ShardWriter> = Vec::new();
-            for (k, dir) in dirs.iter_mut().enumerate() {
-                if group.contains(&k) {
-                    writers.push(ShardWriter::new(dir));
-                }
-            }
-            let mut outputs: Vec<pipeline::Output> = writers
-                .iter_mut()
-                .zip(&group)
-                .map(|(w, &k)| pipeline::Output {
-                    plan: &plans[k],
-                    shards: &todo[k],
-                    sink: w,
-                })
-                .collect();
-            pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
-            drop(outputs);
-            buffered |= writers.iter().any(|w| w.buffered);
-        }
-        Ok::<(), Error>(())
-    })();
+    let mut writers: Vec<ShardWriter> = dirs.iter_mut().map(ShardWriter::new).collect();
+    let outputs: Vec<pipeline::Output> = writers
+        .iter_mut()
+        .zip(&plans)
+        .zip(&todo)
+        .map(|((w, plan), todo)| pipeline::Output {
+            plan,
+            shards: todo,
+            sink: w,
+        })
+        .collect();
+    let result = stream(&models, outputs, opts, &bar, cancel, &busy);
+    let buffered = writers.iter().any(|w| w.buffered);
+    drop(writers);
     bar.finish();
     result?;
     for (plan, dir) in plans.iter().zip(&mut dirs) {
