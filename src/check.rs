@@ -313,7 +313,7 @@ impl<'a> Comparer<'a> {
             .ok_or_else(|| Error::internal("--check received bytes past a shard's tensors"))?;
         let ours = &self.plan.tensors[c.tensor];
         let width = ours.dtype.size() as u64;
-        if c.received % width != 0 || piece.len() as u64 % width != 0 {
+        if !c.received.is_multiple_of(width) || !(piece.len() as u64).is_multiple_of(width) {
             return Err(Error::internal(format!(
                 "tensor '{}': --check received a piece that is not whole elements",
                 ours.name
