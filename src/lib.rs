@@ -120,6 +120,7 @@ impl ExpoJob {
             models: vec![self.sft.clone(), self.aligned.clone()],
             root: (self.alphas.len() > 1).then(|| self.out.clone()),
             outputs,
+            earlier_outputs: Vec::new(),
             options: self.options.clone(),
         })
     }
@@ -165,6 +166,9 @@ pub struct MergeJob {
     pub root: Option<PathBuf>,
     /// The outputs, each a method over some of `models`.
     pub outputs: Vec<OutputJob>,
+    /// Inputs (indices into `models`) that earlier runs of the same config wrote into
+    /// `root`: `root` may hold them (each output is still kept off every input).
+    pub earlier_outputs: Vec<usize>,
     /// How the run goes about its work.
     pub options: RunOptions,
 }
@@ -268,14 +272,18 @@ pub fn config_runs(
             ));
         }
         let mut models: Vec<PathBuf> = Vec::new();
+        let mut earlier_outputs = Vec::new();
         let mut outputs = Vec::new();
         for &k in &now {
             let o = &spec.outputs[k];
             let mut indices = Vec::new();
             for entry in &o.models {
-                let path = match &entry.model.location {
-                    ModelLocation::Output { index, .. } => dir_of(*index),
-                    _ => entry.model.dir().expect("not another output").to_path_buf(),
+                let (path, earlier) = match &entry.model.location {
+                    ModelLocation::Output { index, .. } => (dir_of(*index), true),
+                    _ => (
+                        entry.model.dir().expect("not another output").to_path_buf(),
+                        false,
+                    ),
                 };
                 let i = match models.iter().position(|m| *m == path) {
                     Some(i) => i,
@@ -284,6 +292,9 @@ pub fn config_runs(
                         models.len() - 1
                     }
                 };
+                if earlier && !earlier_outputs.contains(&i) {
+                    earlier_outputs.push(i);
+                }
                 indices.push(i);
             }
             outputs.push(OutputJob {
@@ -304,6 +315,7 @@ pub fn config_runs(
             models,
             root: (!single).then(|| out.to_path_buf()),
             outputs,
+            earlier_outputs,
             options: options.clone(),
         });
         remaining = later;
@@ -434,7 +446,11 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     // Before anything is created or removed (the precheck creates a probe file).
     let inputs: Vec<&std::path::Path> = job.models.iter().map(PathBuf::as_path).collect();
     if let Some(root) = &job.root {
-        paths::check_overlap(root, &inputs)?;
+        let outside: Vec<&std::path::Path> = (0..inputs.len())
+            .filter(|i| !job.earlier_outputs.contains(i))
+            .map(|i| inputs[i])
+            .collect();
+        paths::check_overlap(root, &outside)?;
     }
     for o in &job.outputs {
         paths::check_overlap(&o.out, &inputs)?;

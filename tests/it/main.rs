@@ -5,6 +5,8 @@
 //! - `common`: running the binary, generating inputs, reading outputs, the ExPO reference;
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`, `sweep`, `checkpoints`: the
 //!   command line, area by area;
+//! - `configs`: merge configs through the binary against the numpy reference, `--check`,
+//!   sweeps, staged configs, vocabularies, bad configs;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
 //!   kernels against independent numpy references of mergekit's arithmetic;
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
@@ -19,6 +21,7 @@
 mod common;
 
 mod checkpoints;
+mod configs;
 mod expo;
 #[cfg(feature = "failpoints")]
 mod faults;
