@@ -76,7 +76,7 @@ fn values(rng: &mut Rng, base: Option<&[f32]>, n: usize, norm: bool) -> Vec<f32>
     const SPECIALS: [f32; 6] = [f32::NAN, f32::INFINITY, -0.0, 0.0, 1e-40, -3e-39];
     (0..n)
         .map(|i| {
-            if rng.next() % 400 == 0 {
+            if rng.next().is_multiple_of(400) {
                 return SPECIALS[(rng.next() % 6) as usize];
             }
             match base {
@@ -445,6 +445,16 @@ fn weights(kind: usize, n: usize) -> Vec<Setting> {
     all[..n].to_vec()
 }
 
+/// Storage, compute dtype, out_dtype, normalize, lambda (task arithmetic only), weight kind.
+type Case = (
+    &'static str,
+    Option<Dtype>,
+    Option<Dtype>,
+    Option<bool>,
+    Option<f64>,
+    usize,
+);
+
 #[test]
 fn linear_and_task_arithmetic_configs_match_the_reference_bit_for_bit() {
     use Dtype::*;
@@ -471,14 +481,7 @@ fn linear_and_task_arithmetic_configs_match_the_reference_bit_for_bit() {
             sets.insert((n, storage), set);
         }
         // (storage, compute dtype, out_dtype, normalize, lambda, weight kind) for each method.
-        let cases: [(
-            &str,
-            Option<Dtype>,
-            Option<Dtype>,
-            Option<bool>,
-            Option<f64>,
-            usize,
-        ); 4] = [
+        let cases: [Case; 4] = [
             ("bf16", None, None, None, None, 0),
             ("mixed", Some(F32), Some(BF16), Some(false), Some(0.6), 1),
             ("f32", Some(F16), None, Some(true), Some(1.25), 2),
