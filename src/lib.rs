@@ -379,11 +379,15 @@ fn engine(opts: &RunOptions) -> Result<(Isa, u64)> {
 }
 
 /// Whether two outputs can share one read of their inputs: they list the same tensors in the
-/// same order, and where either runs a statistics method (whose op must see its segment whole)
-/// both cut the tensor into the same segments.
+/// same order with the same element counts (vocabularies of one size), and where either runs a
+/// statistics method (whose op must see its segment whole) both cut the tensor into the same
+/// segments.
 fn share_a_read(a: &Plan, b: &Plan) -> bool {
     a.tensor_names().eq(b.tensor_names())
         && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
+            if x.numel() != y.numel() {
+                return false;
+            }
             let method = |t: &plan::PlannedTensor| {
                 t.segments
                     .iter()

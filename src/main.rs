@@ -40,13 +40,13 @@ struct Cli {
 enum Command {
     /// Write aligned + alpha * (aligned - sft) for every tensor (ExPO).
     #[command(
-        after_help = "Examples:\n  mergestream expo --sft Meta-Llama-3-70B-Instruct --aligned Llama3-70B-Chinese-Chat --alpha 0.3 --out ExPO\n  mergestream expo ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --resume   (then: mergestream finalize OUT)"
+        after_help = "Examples:\n  mergestream expo --sft Meta-Llama-3-70B-Instruct --aligned Llama3-70B-Chinese-Chat --alpha 0.3 --out ExPO\n  mergestream expo ... --alpha 0.1,0.2,0.3 --out SWEEP   (SWEEP/alpha-0.1/, … from one read)\n  mergestream expo ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --resume   (then: mergestream finalize OUT)\n  mergestream expo ... --alpha 0.3 --check ./Llama3-70B-Chinese-Chat-ExPO   (recompute, compare, write nothing)"
     )]
     Expo(ExpoArgs),
     /// Run a mergekit merge config (linear, task_arithmetic, ties, dare, slerp, model_stock,
     /// breadcrumbs, della, and expo), with mergekit's arithmetic.
     #[command(
-        after_help = "Examples:\n  mergestream merge examples/configs/ties.yml --out TIES\n  mergestream merge sweep.yml --out SWEEP        (a multi-document config: SWEEP/<name>/ each)\n  mergestream plan examples/configs/ties.yml      (check the config and models; writes nothing)"
+        after_help = "Examples:\n  mergestream merge examples/configs/ties.yml --out TIES\n  mergestream merge sweep.yml --out SWEEP        (a multi-document config: SWEEP/<name>/ each)\n  mergestream merge mergekit_config.yml --check ./published-merge   (recompute, compare, write nothing)\n  mergestream plan examples/configs/ties.yml      (check the config and models; writes nothing)"
     )]
     Merge(MergeArgs),
     /// Check the models (of two for ExPO, or of a merge config) and show the output layout;

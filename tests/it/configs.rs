@@ -146,6 +146,17 @@ fn write_model(dir: &Path, tensors: &[(String, Dtype, Vec<u64>, Vec<u8>)], shard
 /// A base model (`m0`) and `dtypes.len() - 1` fine-tunes of it, model `i` stored as
 /// `dtypes[i]` with `vocabs[i]` rows of embeddings (rows all share come from the same values).
 fn make_set(root: &Path, dtypes: &[Dtype], vocabs: &[u64], seed: u64) -> Vec<PathBuf> {
+    make_set_sharded(root, dtypes, vocabs, seed, |i| 1 + i % 3)
+}
+
+/// [`make_set`] with model `i` in `shards(i)` shards.
+fn make_set_sharded(
+    root: &Path,
+    dtypes: &[Dtype],
+    vocabs: &[u64],
+    seed: u64,
+    shards: impl Fn(usize) -> usize,
+) -> Vec<PathBuf> {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let widest = *vocabs.iter().max().unwrap();
     let mut base: BTreeMap<String, Vec<f32>> = BTreeMap::new();
@@ -172,7 +183,7 @@ fn make_set(root: &Path, dtypes: &[Dtype], vocabs: &[u64], seed: u64) -> Vec<Pat
             tensors.push((name, dtype, shape, encode(&v, dtype)));
         }
         let path = root.join(format!("m{i}"));
-        write_model(&path, &tensors, 1 + i % 3);
+        write_model(&path, &tensors, shards(i));
         paths.push(path);
     }
     paths
@@ -1166,4 +1177,48 @@ fn vocabularies_of_different_sizes_merge_shared_rows_and_copy_the_base_rows() {
         stderr(&o)
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn documents_that_cut_a_statistics_method_differently_still_merge() {
+    // Two TIES documents over the same models, their layout (base) models of 105 and 101 rows
+    // stored in the same order: one merges rows [0, 101) and copies 4, the other merges all
+    // its rows; a third document's tensors have the same names and fewer rows. Such documents
+    // are streamed one after the other, each whole, and each writes what it writes alone.
+    let dir = tempdir();
+    let root = dir.path();
+    let set = make_set_sharded(
+        &root.join("set"),
+        &[Dtype::BF16; 3],
+        &[VOCAB + 5, VOCAB + 1, VOCAB + 3],
+        17,
+        |_| 1,
+    );
+    let doc = |name: &str, base: &Path, others: [&Path; 2]| {
+        format!(
+            "name: {name}\nmerge_method: ties\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 0.6\n      density: 0.5\n  - model: {}\n    parameters:\n      weight: 0.4\n      density: 0.7\n",
+            base.display(),
+            others[0].display(),
+            others[1].display()
+        )
+    };
+    // And a linear merge of the narrow model alone: same tensor names, fewer rows.
+    let alone = format!(
+        "name: alone\nmerge_method: linear\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n",
+        set[1].display()
+    );
+    let docs = [
+        doc("wide", &set[0], [&set[1], &set[2]]),
+        doc("narrow", &set[1], [&set[0], &set[2]]),
+        alone,
+    ];
+    let both = write(&root.join("both.yml"), &docs.join("---\n"));
+    let out = root.join("out");
+    merge_ok(&both, &out, &["--vocab-mismatch", "copy-base"]);
+    for (doc, name) in docs.iter().zip(["wide", "narrow", "alone"]) {
+        let alone = write(&root.join(format!("{name}.yml")), doc);
+        let single = root.join(format!("single-{name}"));
+        merge_ok(&alone, &single, &["--vocab-mismatch", "copy-base"]);
+        assert_same_tree(&single, &out.join(name));
+    }
 }
