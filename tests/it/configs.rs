@@ -1180,7 +1180,7 @@ fn vocabularies_of_different_sizes_merge_shared_rows_and_copy_the_base_rows() {
 }
 
 #[test]
-fn documents_that_cut_a_statistics_method_differently_still_merge() {
+fn documents_with_vocabularies_of_other_sizes_merge_as_they_do_alone() {
     // Two TIES documents over the same models, their layout (base) models of 105 and 101 rows
     // stored in the same order: one merges rows [0, 101) and copies 4, the other merges all
     // its rows; a third document's tensors have the same names and fewer rows. Such documents
@@ -1202,20 +1202,27 @@ fn documents_that_cut_a_statistics_method_differently_still_merge() {
             others[1].display()
         )
     };
-    // And a linear merge of the narrow model alone: same tensor names, fewer rows.
-    let alone = format!(
-        "name: alone\nmerge_method: linear\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n",
-        set[1].display()
-    );
+    // And linear merges of the narrow and of the wide model alone: the same tensor names, rows
+    // of two sizes.
+    let alone = |name: &str, model: &Path| {
+        format!(
+            "name: {name}\nmerge_method: linear\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n",
+            model.display()
+        )
+    };
     let docs = [
+        alone("alone-wide", &set[0]),
+        alone("alone-narrow", &set[1]),
         doc("wide", &set[0], [&set[1], &set[2]]),
         doc("narrow", &set[1], [&set[0], &set[2]]),
-        alone,
     ];
     let both = write(&root.join("both.yml"), &docs.join("---\n"));
     let out = root.join("out");
     merge_ok(&both, &out, &["--vocab-mismatch", "copy-base"]);
-    for (doc, name) in docs.iter().zip(["wide", "narrow", "alone"]) {
+    for (doc, name) in docs
+        .iter()
+        .zip(["alone-wide", "alone-narrow", "wide", "narrow"])
+    {
         let alone = write(&root.join(format!("{name}.yml")), doc);
         let single = root.join(format!("single-{name}"));
         merge_ok(&alone, &single, &["--vocab-mismatch", "copy-base"]);
