@@ -67,7 +67,7 @@ fn sparse_bf16_model(path: &std::path::Path, tensors: &[(&str, &[u64])]) {
         offset += bytes;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
