@@ -73,6 +73,10 @@ struct Args {
     /// (default: direct if an O_DIRECT file can be written in --dir).
     #[arg(long, value_enum)]
     io: Option<IoMode>,
+    /// Also print the read-strategy table (reads in flight, direct or buffered, piece size) for
+    /// each size, cold (needs root).
+    #[arg(long)]
+    reads: bool,
     /// Measured runs of the floor and of mergestream, per size.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -537,6 +541,9 @@ fn bench_size(
             tool.arg("merge").arg(&linear_config);
         }
     }
+    if args.reads {
+        read_strategies(&inputs[0], &inputs[1])?;
+    }
     tool.arg("--out").arg(&out).arg("--force");
     if ctx.tool_has_io {
         tool.args(["--io", ctx.io.name()]);
@@ -819,51 +826,111 @@ impl AlignedBuf {
     }
 }
 
-/// Files read one after another in `PIECE`-sized `pread`s.
-struct Stream {
-    files: Vec<File>,
-    file: usize,
-    offset: u64,
+/// The pieces of every input's files in the order the tool reads them: a piece of each model in
+/// turn, every file front to back.
+fn pieces(models: &[&[PathBuf]], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> {
+    let mut lists: Vec<Vec<(PathBuf, u64, usize)>> = Vec::new();
+    for files in models {
+        let mut list = Vec::new();
+        for p in files.iter() {
+            let len = std::fs::metadata(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .len();
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(piece) as usize;
+                list.push((p.clone(), at, n));
+                at += n as u64;
+            }
+        }
+        lists.push(list);
+    }
+    let mut out = Vec::new();
+    let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    for k in 0..longest {
+        for list in &lists {
+            out.extend(list.get(k).cloned());
+        }
+    }
+    Ok(out)
 }
 
-impl Stream {
-    fn open(paths: &[PathBuf]) -> Res<Stream> {
-        let files = paths
-            .iter()
-            .map(|p| File::open(p).map_err(|e| format!("opening {}: {e}", p.display())))
-            .collect::<Res<_>>()?;
-        Ok(Stream {
-            files,
-            file: 0,
-            offset: 0,
-        })
-    }
-
-    /// Reads the next piece into `buf`; 0 at the end of the last file.
-    fn next(&mut self, buf: &mut [u8]) -> Res<usize> {
-        while let Some(f) = self.files.get(self.file) {
-            let n = f.read_at(buf, self.offset).map_err(|e| e.to_string())?;
-            if n > 0 {
-                self.offset += n as u64;
-                return Ok(n);
+/// Reads `pieces` on `readers` threads (each with one read in flight), with `O_DIRECT` when
+/// `direct`, handing each filled buffer to `full` (taking empty ones from `free`).
+fn read_pieces(
+    pieces: &[(PathBuf, u64, usize)],
+    readers: usize,
+    direct: bool,
+    full: &crossbeam_channel::Sender<AlignedBuf>,
+    free: &crossbeam_channel::Receiver<AlignedBuf>,
+) -> Res<()> {
+    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    for (p, _, _) in pieces {
+        if files.iter().all(|(q, _)| q != p) {
+            let mut o = OpenOptions::new();
+            o.read(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
             }
-            self.file += 1;
-            self.offset = 0;
+            let f = o.open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            files.push((p.clone(), f));
         }
-        Ok(0)
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..readers.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Res<()> {
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((path, at, n)) = pieces.get(k) else {
+                            return Ok(());
+                        };
+                        let Ok(mut buf) = free.recv() else {
+                            return Ok(());
+                        };
+                        let file = &files.iter().find(|(q, _)| q == path).expect("opened").1;
+                        let len = if direct {
+                            n.next_multiple_of(ALIGN)
+                        } else {
+                            *n
+                        };
+                        let mut got = 0;
+                        while got < *n {
+                            let r = file
+                                .read_at(&mut buf.as_mut_slice()[got..len], at + got as u64)
+                                .map_err(|e| format!("{}: {e}", path.display()))?;
+                            if r == 0 {
+                                break;
+                            }
+                            got += r;
+                        }
+                        if full.send(buf).is_err() {
+                            return Ok(());
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("readers do not panic"))
+    })
 }
 
 /// The disk floor: reads every input's files once (a piece of each in turn, as the tool reads
-/// a chunk of each tensor from every input) on one thread while another writes files of `sizes`
-/// into `out` and fsyncs them. Returns the wall time in seconds.
+/// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
+/// reader threads), while another thread writes files of `sizes` (every output's) into `out`
+/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct, as the tool does.
+/// Returns the wall time.
 fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
-    let mut streams = inputs
-        .iter()
-        .map(|files| Stream::open(files))
-        .collect::<Res<Vec<_>>>()?;
-    const IN_FLIGHT: usize = 6;
+    let direct = io == IoMode::Direct;
+    // The tool's chunk and reader count (src/pipeline.rs: Settings).
+    let (piece, readers) = if direct { (256 << 10, 4) } else { (PIECE, 1) };
+    let lists: Vec<&[PathBuf]> = inputs.iter().map(Vec::as_slice).collect();
+    let pieces = pieces(&lists, piece as u64)?;
+    const IN_FLIGHT: usize = 8;
     let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT);
     let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT + 1);
     for _ in 0..IN_FLIGHT {
@@ -871,35 +938,66 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
     }
     let start = Instant::now();
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> Res<()> {
-            let mut spare = AlignedBuf::new(PIECE);
-            loop {
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Ok(());
-                };
-                // Every input but the last into a spare buffer, the last into the one sent on.
-                let mut n = 0;
-                let last = streams.len() - 1;
-                for s in &mut streams[..last] {
-                    n += s.next(spare.as_mut_slice())?;
-                }
-                n += streams[last].next(buf.as_mut_slice())?;
-                if n == 0 {
-                    return Ok(());
-                }
-                if full_tx.send(buf).is_err() {
-                    return Ok(());
-                }
-            }
+        let pieces = &pieces;
+        let reader = scope.spawn(move || {
+            let r = read_pieces(pieces, readers, direct, &full_tx, &free_rx);
+            drop(full_tx);
+            r
         });
         let written = write_files(out, sizes, io, &full_rx, &free_tx);
         drop(free_tx);
-        // Let the reader finish reading everything even once the writer has its bytes.
+        // Let the readers finish reading everything even once the writer has its bytes.
         for _ in full_rx.iter() {}
         reader.join().expect("reader does not panic")?;
         written
     })?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// `--reads`: the read strategies behind the tool's reader settings, cold, on one pair: a piece
+/// of each input in turn, as the tool reads, with 1–8 reads in flight, through the page cache
+/// or with `O_DIRECT`, in 256 KiB and 1 MiB pieces. Needs root (drop_caches).
+fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
+    println!("\n### Read strategies (cold cache, both inputs, a piece of each in turn)\n");
+    println!("| reads in flight | I/O | piece | seconds | GB/s |");
+    println!("|---:|---|---:|---:|---:|");
+    for (readers, direct, piece) in [
+        (1, false, 256 << 10),
+        (4, false, 256 << 10),
+        (1, true, 256 << 10),
+        (2, true, 256 << 10),
+        (4, true, 256 << 10),
+        (8, true, 256 << 10),
+        (4, true, 1 << 20),
+    ] {
+        let pieces = pieces(&[sft, aligned], piece as u64)?;
+        let bytes: u64 = pieces.iter().map(|p| p.2 as u64).sum();
+        drop_caches()?;
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(16);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(17);
+        for _ in 0..16 {
+            free_tx.send(AlignedBuf::new(piece)).expect("room");
+        }
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for b in full_rx.iter() {
+                    let _ = free_tx.send(b);
+                }
+            });
+            let r = read_pieces(&pieces, readers, direct, &full_tx, &free_rx);
+            drop(full_tx);
+            r
+        })?;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "| {readers} | {} | {} KiB | {secs:.2} | {:.2} |",
+            if direct { "direct" } else { "buffered" },
+            piece >> 10,
+            bytes as f64 / GB / secs
+        );
+    }
+    Ok(())
 }
 
 /// The floor's writer: files of `sizes` from pieces off `full` (contents do not matter),

@@ -23,6 +23,7 @@ use crate::format::Dtype;
 use crate::model::{Model, TensorLoc};
 use crate::pipeline::{Cancel, ShardSink};
 use crate::plan::{OutShard, Part, Plan};
+use crate::writer::IoMode;
 use crate::{busy, pipeline, plan_job, progress, stream, MergeJob};
 
 /// How one recomputed tensor compares with the existing model's.
@@ -117,7 +118,13 @@ impl CheckReport {
 /// Recomputes every output of `job` and compares it with the existing model directory named as
 /// its output (`outputs[k].out`). Reads each input once; writes nothing.
 pub fn check(job: &MergeJob, cancel: &Cancel) -> Result<Vec<CheckReport>> {
-    let (models, plans) = plan_job(job)?;
+    let (mut models, plans) = plan_job(job)?;
+    // Inputs are read as a run that writes reads them.
+    if job.options.io != IoMode::Buffered {
+        for model in &mut models {
+            model.use_direct_reads(job.options.io == IoMode::Direct)?;
+        }
+    }
     let existing = job
         .outputs
         .iter()

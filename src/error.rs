@@ -146,6 +146,10 @@ pub enum Error {
         #[source]
         source: Box<crate::spec::SpecError>,
     },
+    /// A model named on the command line (a path, or a Hugging Face id looked up in the local
+    /// cache) cannot be found.
+    #[error("{0}")]
+    ModelReference(Box<crate::spec::SpecError>),
     /// A tensor's merge cannot be set up or run with the parameters it resolved to.
     #[error("tensor '{tensor}': {source}")]
     Method {

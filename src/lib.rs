@@ -8,6 +8,9 @@
 //!
 //! - [`mod@format`] parses and writes safetensors headers and shard indexes;
 //! - [`model`] opens and validates input models;
+//! - [`spec`] reads a merge request (a mergekit YAML config, or `expo` flags) into a
+//!   [`spec::MergeSpec`], refusing every mistake before any weight is read ([`config_runs`]
+//!   turns one into runs);
 //! - [`plan`] decides every byte of the output from the headers and options;
 //! - [`kernel`] is the arithmetic, on slices;
 //! - [`pipeline`] moves chunks from the inputs through the kernel to a sink, in bounded memory;
@@ -38,7 +41,6 @@ pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
-#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod spec;
 pub mod synth;
 pub mod units;
@@ -193,6 +195,9 @@ pub struct Summary {
     /// How shards were written: [`IoMode::Direct`], or [`IoMode::Buffered`] when the output
     /// filesystem refused direct I/O (or it was asked for).
     pub io: IoMode,
+    /// How inputs were read: [`IoMode::Direct`] when every shard was read around the page
+    /// cache, else [`IoMode::Buffered`].
+    pub reads: IoMode,
     /// Whether this run also finalized the output (a whole run does).
     pub finalized: bool,
     /// Files of the aligned model directory not copied to the output, with why.
@@ -201,18 +206,21 @@ pub struct Summary {
     pub notes: Vec<Note>,
     /// Compute workers.
     pub threads: usize,
+    /// Reader threads.
+    pub readers: usize,
     /// Working time of each stage (see [`busy::Busy`]).
     pub busy: Vec<(busy::Stage, std::time::Duration)>,
 }
 
 impl Summary {
-    /// How busy `stage` was over the run, as a fraction of the wall time of one of its threads
-    /// (compute has `threads` of them; hashing and disk writes one per output).
+    /// How busy `stage` was over the run, as a fraction of the wall time of its threads
+    /// (reading has `readers` of them, compute `threads`, hashing and disk writes one per output).
     pub fn busy_fraction(&self, stage: busy::Stage) -> f64 {
         let threads = match stage {
             busy::Stage::Compute => self.threads,
+            busy::Stage::Read => self.readers,
             busy::Stage::Hash | busy::Stage::Io => self.outputs,
-            busy::Stage::Read | busy::Stage::Write => 1,
+            busy::Stage::Write => 1,
         };
         let spent = self
             .busy
@@ -468,7 +476,12 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         }
     }
     let (isa, _) = engine(opts)?;
-    let (models, plans) = plan_job(job)?;
+    let (mut models, plans) = plan_job(job)?;
+    if opts.io != IoMode::Buffered {
+        for model in &mut models {
+            model.use_direct_reads(opts.io == IoMode::Direct)?;
+        }
+    }
     let part = opts.part.unwrap_or(Part::WHOLE);
     if let Some(root) = &job.root {
         std::fs::create_dir_all(root)
@@ -563,6 +576,11 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         } else {
             IoMode::Direct
         },
+        reads: if models.iter().all(Model::reads_direct) {
+            IoMode::Direct
+        } else {
+            IoMode::Buffered
+        },
         finalized: finalize,
         skipped_files,
         notes: {
@@ -572,6 +590,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             notes
         },
         threads: opts.threads.max(1),
+        readers: Settings::READERS,
         busy: busy::Stage::ALL.iter().map(|&s| (s, busy.get(s))).collect(),
     })
 }

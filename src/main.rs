@@ -476,13 +476,46 @@ fn cancel_on_signals() -> Result<Cancel> {
     Ok(cancel)
 }
 
+/// `--sft` and `--aligned` as paths: as given when they exist, else looked up as Hugging Face
+/// ids (`org/name[@revision]`) in the local cache, as configs' models are.
+fn model_paths(sft: PathBuf, aligned: PathBuf, alphas: &[f32]) -> Result<(PathBuf, PathBuf)> {
+    if sft.exists() && aligned.exists() {
+        return Ok((sft, aligned));
+    }
+    let cwd =
+        std::env::current_dir().map_err(|e| Error::io(".", "finding the working directory", e))?;
+    let spec = spec::expo_spec(
+        &sft.to_string_lossy(),
+        &aligned.to_string_lossy(),
+        alphas,
+        &cwd,
+        &spec::HfCache::from_env(),
+    )
+    .map_err(|e| Error::ModelReference(Box::new(e)))?;
+    let doc = &spec.outputs[0];
+    let base = doc.base.unwrap_or(1);
+    let dir = |i: usize| doc.models[i].model.dir().map(std::path::Path::to_path_buf);
+    let aligned_at = (0..doc.models.len()).find(|&i| i != base).unwrap_or(0);
+    match (dir(base), dir(aligned_at)) {
+        (Some(s), Some(a)) => Ok((s, a)),
+        _ => Err(Error::internal(
+            "an expo spec whose models have no directory",
+        )),
+    }
+}
+
 fn expo(args: ExpoArgs) -> Result<(), Failure> {
     let cancel = cancel_on_signals()?;
+    let (sft, aligned) = model_paths(
+        args.pair.sft.clone(),
+        args.pair.aligned.clone(),
+        &args.pair.alpha,
+    )?;
     let job = ExpoJob {
         policy: args.pair.policy(),
         options: args.run.options(&args.pair.layout),
-        sft: args.pair.sft,
-        aligned: args.pair.aligned,
+        sft,
+        aligned,
         out: args.run.dir()?,
         alphas: args.pair.alpha,
     };
@@ -622,7 +655,9 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "peak_rss_bytes": peak,
             "kernel": summary.isa.to_string(),
             "io": summary.io.to_string(),
+            "reads": summary.reads.to_string(),
             "threads": summary.threads,
+            "readers": summary.readers,
             "busy": busy,
             "notes": summary.notes.iter().map(|n| serde_json::json!({"tensor": n.tensor, "note": n.note})).collect::<Vec<_>>(),
             "not_copied": summary.skipped_files.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect::<Vec<_>>(),
@@ -665,7 +700,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         String::new()
     };
     note(format_args!(
-        "{what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} I/O",
+        "{what}: {outputs}{} tensors, {} written in {} shard{}{kept}, {:.1} s ({}/s){peak}, kernel {}, {} reads, {} writes",
         summary.tensors,
         format_bytes(summary.bytes_written),
         summary.shards_written,
@@ -673,12 +708,14 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
         summary.seconds,
         format_bytes(rate as u64),
         summary.isa,
+        summary.reads,
         summary.io
     ));
     let busy: Vec<String> = Stage::ALL
         .iter()
         .map(|&stage| {
             let of = match stage {
+                Stage::Read if summary.readers > 1 => format!(" of {} threads", summary.readers),
                 Stage::Compute if summary.threads > 1 => {
                     format!(" of {} threads", summary.threads)
                 }

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, IndexError, InputChange, ModelError, Result};
 use crate::format::header::{self, Header, TensorInfo};
@@ -42,7 +43,50 @@ pub struct Shard {
     pub header: Option<Header>,
     /// File offset of the data space, for formats that store it as plain bytes.
     data_start: u64,
+    /// The same open file with `O_DIRECT`, once [`Model::use_direct_reads`] made it.
+    direct: Option<File>,
+    /// Set when the filesystem refused a direct read: reads go through the page cache.
+    direct_refused: AtomicBool,
     identity: Identity,
+}
+
+/// Alignment of direct reads: a page, which covers 512- and 4096-byte sectors.
+pub const READ_ALIGN: usize = 4096;
+
+/// A buffer one chunk of one input is read into. It is page-aligned with a page of slack at
+/// each end, so a direct read can fetch the whole pages around the chunk (tensor data starts
+/// anywhere in a file); [`ChunkBuf::bytes`] is the chunk itself. Made without `unsafe` by
+/// over-allocating and slicing.
+#[derive(Debug)]
+pub struct ChunkBuf {
+    raw: Vec<u8>,
+    /// Index of the first aligned byte of `raw`.
+    start: usize,
+    /// Where the chunk's bytes are, relative to `start`.
+    range: std::ops::Range<usize>,
+}
+
+impl ChunkBuf {
+    /// A buffer for chunks of up to `capacity` bytes.
+    pub fn new(capacity: usize) -> ChunkBuf {
+        let raw = vec![0u8; capacity + 3 * READ_ALIGN];
+        let start = raw.as_ptr().align_offset(READ_ALIGN);
+        ChunkBuf {
+            raw,
+            start,
+            range: 0..0,
+        }
+    }
+
+    /// The bytes of the chunk last read.
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw[self.start + self.range.start..self.start + self.range.end]
+    }
+
+    /// The largest chunk it holds.
+    pub fn capacity(&self) -> usize {
+        self.raw.len() - self.start - 2 * READ_ALIGN
+    }
 }
 
 /// What identifies a file's content for change detection.
@@ -79,8 +123,51 @@ impl Shard {
             digest: header.digest,
             data_start: header.data_start(),
             header: Some(header),
+            direct: None,
+            direct_refused: AtomicBool::new(false),
             identity: Identity::of(&meta),
         })
+    }
+
+    /// Reads `len` bytes of the data space at `offset` into `buf`: with direct I/O where it is
+    /// on (the whole pages around the chunk, bypassing the page cache) unless the page cache
+    /// holds the chunk already, through the page cache otherwise. A filesystem that refuses a
+    /// direct read turns direct reads off for the shard.
+    pub fn read_chunk(&self, offset: u64, len: usize, buf: &mut ChunkBuf) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        assert!(len <= buf.capacity(), "a chunk larger than its buffer");
+        let at = self.data_start + offset;
+        if let (Some(direct), false) = (&self.direct, self.direct_refused.load(Ordering::Relaxed)) {
+            let align = READ_ALIGN as u64;
+            let first = at / align * align;
+            let need = (at + len as u64 - first) as usize;
+            let span = need.div_ceil(READ_ALIGN) * READ_ALIGN;
+            let dst = &mut buf.raw[buf.start..buf.start + span];
+            let mut got = 0;
+            while got < need {
+                match direct.read_at(&mut dst[got..], first + got as u64) {
+                    Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    // Only the end of the file makes a direct read short, so `got` stays
+                    // aligned for the next read.
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        self.direct_refused.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if got >= need {
+                let from = (at - first) as usize;
+                buf.range = from..from + len;
+                return Ok(());
+            }
+        }
+        self.file
+            .read_exact_at(&mut buf.raw[buf.start..buf.start + len], at)?;
+        buf.range = 0..len;
+        Ok(())
     }
 
     /// Fills `buf` with the bytes of the data space starting at `offset`.
@@ -321,6 +408,54 @@ impl Model {
             .iter()
             .map(|s| (s.name.clone(), s.len()))
             .collect()
+    }
+
+    /// Whether every shard's reads go around the page cache (direct reads on, none refused).
+    pub fn reads_direct(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|s| s.direct.is_some() && !s.direct_refused.load(Ordering::Relaxed))
+    }
+
+    /// Opens every shard a second time with `O_DIRECT`, so that reads bypass the page cache
+    /// (measured on this project's test machine: 1.7 GB/s with four 256 KiB reads in flight
+    /// against 1.0 GB/s through the cache; see `benches/e2e.rs`). The second descriptor is
+    /// opened through `/proc/self/fd`, so it is the very file that was validated, whatever its
+    /// path does meanwhile. Returns whether every shard can read directly; with `required`, a
+    /// filesystem that refuses direct I/O is an error.
+    pub fn use_direct_reads(&mut self, required: bool) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut all = true;
+        for shard in &mut self.shards {
+            let proc_path = PathBuf::from(format!("/proc/self/fd/{}", shard.file.as_raw_fd()));
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+                )
+                .open(&proc_path);
+            match opened {
+                Ok(file) => {
+                    let same = file
+                        .metadata()
+                        .is_ok_and(|m| m.dev() == shard.identity.dev && m.ino() == shard.identity.ino);
+                    if same {
+                        shard.direct = Some(file);
+                    } else {
+                        all = false;
+                    }
+                }
+                Err(e) if required => {
+                    return Err(Error::io(
+                        &shard.path,
+                        "opening for direct reads (--io direct; this filesystem may not support direct I/O)",
+                        e,
+                    ))
+                }
+                Err(_) => all = false,
+            }
+        }
+        Ok(all)
     }
 
     /// Errs if any shard changed since it was opened.

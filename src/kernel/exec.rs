@@ -1,10 +1,11 @@
 //! A reference driver for [`super::methods::Op`]: runs a method over whole in-memory tensors
 //! cut into chunks at any multiple of the op's granule, with any number of threads that take
 //! chunks in a scrambled order, combining partials in chunk order as the real pipeline must.
-//! Tests use it to show that output bytes do not depend on chunking or threads.
+//! Tests use it to show that output bytes do not depend on chunking or threads; a library user
+//! can use it to merge one tensor held in memory, and read it as the protocol's example.
 //!
-//! What it deliberately does not do: bound memory (it holds whole tensors), overlap passes, or
-//! read files; it is for tests and examples, not for the merge pipeline.
+//! What it deliberately does not do: bound memory (it holds whole tensors and the whole
+//! output), overlap passes, or read files; the merge pipeline drives ops itself.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -14,8 +15,18 @@ use super::methods::{MethodError, Op, Partial};
 /// One chunk's output buffer, taken by whichever worker gets there first.
 type Piece<'a> = Mutex<Option<(usize, &'a mut [u8])>>;
 
-/// Runs `op` to completion over `inputs` (whole tensors, storage bytes, base first) and returns
-/// the output bytes. `chunk` is rounded down to a multiple of [`Op::granule`] (at least one).
+/// Runs `op` to completion over `inputs` (whole tensors, little-endian storage bytes, in the
+/// order of [`TensorCtx::inputs`](super::methods::TensorCtx::inputs): base first) and returns
+/// the output bytes. `out_size` is the byte size of one output element (the op's output
+/// dtype's [`size`](super::FloatDtype::size)); `chunk` is the chunk length in elements, rounded
+/// down to a multiple of [`Op::granule`] (at least one granule); `threads` (at least one) work
+/// on each pass. The bytes do not depend on `chunk` or `threads`.
+///
+/// # Errors
+///
+/// A [`MethodError`] from a pass or from the output, including the protocol errors
+/// ([`MethodError::ChunkLengths`], …) that slices not holding [`Op::numel`] elements each, or a
+/// wrong `out_size`, lead to.
 pub fn run(
     op: &mut Op,
     inputs: &[&[u8]],

@@ -60,13 +60,13 @@ use super::scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16_rne, f32_to_f16_rne};
 use super::{FloatDtype, Isa};
 
 /// The x86 default NaN, produced by invalid operations (`0 * Inf`, `Inf - Inf`, `0 / 0`).
-pub const DEFAULT_NAN: u32 = 0xFFC0_0000;
+pub(crate) const DEFAULT_NAN: u32 = 0xFFC0_0000;
 /// The quiet bit of a binary32 NaN.
 const QUIET: u32 = 0x0040_0000;
 /// BF16 bits of every NaN that torch's vectorised f32 -> bf16 rounding produces.
-pub const BF16_NAN_VECTOR: u16 = 0xFFFF;
+pub(crate) const BF16_NAN_VECTOR: u16 = 0xFFFF;
 /// BF16 bits of every NaN that torch's scalar f32 -> bf16 rounding produces.
-pub const BF16_NAN_SCALAR: u16 = 0x7FC0;
+pub(crate) const BF16_NAN_SCALAR: u16 = 0x7FC0;
 
 /// The merge methods this kernel implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,28 +102,38 @@ impl fmt::Display for Method {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CombineError {
-    /// No input models.
+    /// No input models (no weights).
     #[error("{method} needs at least one input model")]
-    NoInputs { method: Method },
-    /// Task arithmetic without any model besides the base.
+    NoInputs {
+        /// The method.
+        method: Method,
+    },
+    /// Task arithmetic without any model besides the base (no weights).
     #[error("task_arithmetic needs at least one model besides the base model")]
     NoTaskModels,
     /// A weight is NaN or infinite, or overflows when rounded to the dtype it is used in.
     #[error("weight {value} of input {index} is not a finite {dtype} number")]
     NonFiniteWeight {
+        /// Index in [`CombineParams::weights`] (for task arithmetic, among the non-base
+        /// inputs).
         index: usize,
+        /// The weight as given.
         value: f64,
+        /// The dtype it overflows in: F32 for linear, the compute dtype for task arithmetic.
         dtype: FloatDtype,
     },
     /// `lambda` is NaN or infinite as an `f32`.
     #[error("lambda {value} is not a finite float32 number")]
-    NonFiniteLambda { value: f64 },
+    NonFiniteLambda {
+        /// `lambda` as given.
+        value: f64,
+    },
 }
 
 /// The arithmetic sequence of a [`Combine`]; the rounding points follow from it and from the
 /// compute dtype (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Sequence {
+pub(crate) enum Sequence {
     /// `r = +0; r = fma(x_i, w_i, r)` in `f32`; `[r = r / divisor]`; round to compute, out.
     FusedSum,
     /// Input 0 is the base: `m = sum_i c(c(x_i - b) * w_i)` (torch's order, rounded once);
@@ -133,15 +143,19 @@ pub enum Sequence {
 
 /// Which of torch's reduction code paths sums the task vectors of a given element.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SumOrder {
+pub(crate) enum SumOrder {
     /// Cascade sum (left to right from `+0` for up to 16 vectors), vectorised in groups of
-    /// 32 elements; `level_first` says whether, in the final fold of the cascade, the level
-    /// accumulator is the first operand (visible only in NaN payloads, depends on the
-    /// element's 8-lane group).
-    Cascade { level_first: bool },
-    /// Four interleaved partial sums (torch `row_sum`); `partial_first[k]`: partial `k` is
-    /// the first operand when folded into partial 0.
-    Interleaved { partial_first: [bool; 4] },
+    /// 32 elements.
+    Cascade {
+        /// Whether, in the final fold of the cascade, the level accumulator is the first
+        /// operand (visible only in NaN payloads; depends on the element's 8-lane group).
+        level_first: bool,
+    },
+    /// Four interleaved partial sums (torch `row_sum`).
+    Interleaved {
+        /// `partial_first[k]`: partial `k` is the first operand when folded into partial 0.
+        partial_first: [bool; 4],
+    },
     /// The tensor has one element: a contiguous (inner) reduction over the inputs.
     Inner,
 }
@@ -149,16 +163,16 @@ pub enum SumOrder {
 /// Where torch's task-vector sum switches code paths inside one tensor; pure function of
 /// the tensor's element count and the compute dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SumRegions {
+pub(crate) struct SumRegions {
     /// Element count of the tensor.
-    pub numel: u64,
+    pub(crate) numel: u64,
     /// Elements `[0, cascade_end)` use the cascade order.
-    pub cascade_end: u64,
+    pub(crate) cascade_end: u64,
     /// Elements `[cascade_end, vector_rows_end)` use vectorised interleaved sums; the rest
     /// scalar interleaved sums.
-    pub vector_rows_end: u64,
+    pub(crate) vector_rows_end: u64,
     /// Whether the cascade part is torch's vectorised code (else 4-element scalar groups).
-    pub vectorised: bool,
+    pub(crate) vectorised: bool,
 }
 
 /// f32 lanes of torch's AVX2 accumulator vector.
@@ -166,7 +180,7 @@ const ACC_LANES: u64 = 8;
 
 impl SumRegions {
     /// The regions of a `numel`-element tensor summed in `compute`.
-    pub fn new(numel: u64, compute: FloatDtype) -> SumRegions {
+    pub(crate) fn new(numel: u64, compute: FloatDtype) -> SumRegions {
         // torch's sum kernel is compiled for AVX2 even on AVX-512 machines; it compares the
         // column count with one vector of the stored dtype.
         let vec_elems = match compute {
@@ -194,7 +208,7 @@ impl SumRegions {
     }
 
     /// The order used for element `index` (in `0..numel`) when summing in `compute`.
-    pub fn order(&self, index: u64, compute: FloatDtype) -> SumOrder {
+    pub(crate) fn order(&self, index: u64, compute: FloatDtype) -> SumOrder {
         if self.numel == 1 {
             return SumOrder::Inner;
         }
@@ -220,41 +234,50 @@ impl SumRegions {
 }
 
 /// What one output tensor is, as data: the sequence, its constants (already rounded the way
-/// mergekit rounds them) and the dtypes. Build it with [`Combine::new`].
+/// mergekit rounds them) and the dtypes. Build it with [`Combine::new`] (or
+/// [`Combine::linear`], [`Combine::task_arithmetic`]), which checks every value a config can
+/// get wrong; the fields stay private because [`combine`] relies on their agreeing with each
+/// other.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Combine {
     /// The arithmetic sequence.
-    pub sequence: Sequence,
+    pub(crate) sequence: Sequence,
     /// The dtype every operation rounds to.
-    pub compute: FloatDtype,
+    pub(crate) compute: FloatDtype,
     /// The dtype written.
-    pub out: FloatDtype,
+    pub(crate) out: FloatDtype,
     /// One coefficient per weighted input (for [`Sequence::TaskVectors`], per non-base
     /// input), as used: `f32(weight)` for the fused sum, `c(f32(weight))` for task vectors.
-    pub coefficients: Vec<f32>,
+    pub(crate) coefficients: Vec<f32>,
     /// The normalising divisor, if normalising (already as torch computes it).
-    pub divisor: Option<f32>,
+    pub(crate) divisor: Option<f32>,
     /// `f32(lambda)` when `lambda != 1` (task vectors only).
-    pub lambda: Option<f32>,
+    pub(crate) lambda: Option<f32>,
     /// Where the task-vector sum changes order inside the tensor.
-    pub regions: SumRegions,
+    pub(crate) regions: SumRegions,
     /// Elements `[0, simd_end)` may use the SIMD paths (their order is plain left to right).
-    pub simd_end: u64,
+    pub(crate) simd_end: u64,
 }
 
 /// Everything [`Combine::new`] needs for one tensor.
 #[derive(Clone, Copy, Debug)]
 pub struct CombineParams<'a> {
+    /// The method.
     pub method: Method,
     /// One weight per weighted input in config order (task arithmetic: non-base inputs),
     /// the Python floats mergekit resolved for this tensor.
     pub weights: &'a [f64],
+    /// Divide by the sum of the weights (mergekit's `normalize`; see
+    /// [`Method::default_normalize`] for its default).
     pub normalize: bool,
     /// Task arithmetic's `lambda` (ignored for linear).
     pub lambda: f64,
+    /// The compute dtype: the config's `dtype:`, else [`promote`] of the inputs' dtypes.
     pub compute: FloatDtype,
+    /// The dtype written: the config's `out_dtype:`, else `compute`.
     pub out: FloatDtype,
-    /// Element count of the tensor.
+    /// Element count of the tensor (task arithmetic sums elements in an order that depends
+    /// on it; linear ignores it).
     pub numel: u64,
 }
 
@@ -402,8 +425,9 @@ impl Combine {
         }
     }
 
-    /// Feeds every field that determines the output bytes into `hasher` (plans fingerprint
-    /// their ops; parts and resume depend on it).
+    /// Feeds every field that determines the output bytes into `hasher`: ops with equal
+    /// fingerprints write equal bytes from equal inputs. (A [`Plan`](crate::plan::Plan)'s
+    /// fingerprint does not call this: it covers the config text and the tool's version.)
     pub fn fingerprint(&self, hasher: &mut blake3::Hasher) {
         hasher.update(b"mergestream.combine.v1");
         hasher.update(&[
@@ -736,8 +760,9 @@ pub(crate) fn write(bytes: &mut [u8], i: usize, dtype: FloatDtype, bits: u32) {
 
 /// Computes `op` for the elements `offset .. offset + n` of the tensor: `inputs` hold `n`
 /// little-endian elements each (in their own storage dtypes, in the order of
-/// [`Combine::inputs`]), `out` receives `n` elements of `op.out`. Slices need not be
-/// aligned. The result does not depend on `isa` or on how a tensor is cut into chunks.
+/// [`Combine::inputs`]), `out` receives `n` elements of the op's output dtype (`out` of
+/// [`CombineParams`]). Slices need not be aligned. The result does not depend on `isa` or on
+/// how a tensor is cut into chunks.
 ///
 /// Dispatch happens once per call.
 ///

@@ -29,12 +29,13 @@
 //! element-wise step is an f32 operation rounded to `c` (as torch computes bf16/f16 ops), sums
 //! over the models axis are sequential f32 from `+0.0` rounded once to `c`, and the result is
 //! rounded to the output dtype (NaN becomes the dtype's canonical positive quiet NaN).
-//! Whole-tensor sums and rank thresholds come from [`super::stats`] (fixed association, tie
-//! rule: lower index first); randomness from [`super::rng`]; SLERP's `acos`/`sin` from
-//! [`super::detmath`].
+//! Whole-tensor sums and rank thresholds come from the crate's streamed statistics (fixed
+//! association, tie rule: lower index first); randomness from a counter-based generator
+//! (Philox4x32-10 keyed by the seed and the tensor name); SLERP's `acos`/`sin` from plain IEEE
+//! f64 arithmetic, so every machine computes the same bits.
 //!
-//! Pass structure per method, the streaming design and the agreement figures with mergekit:
-//! `docs/mergekit-methods.md`.
+//! Also in `docs/mergekit-methods.md`: the exact construction of the three above, the pass
+//! structure per method, the streaming design and the agreement figures with mergekit.
 //!
 //! What this module deliberately does not do: no I/O, no threads (see [`super::exec`] for a
 //! reference driver), no config parsing (callers hand in resolved per-tensor values), no SIMD
@@ -52,17 +53,30 @@ use super::stats::{
 };
 use super::FloatDtype;
 
-/// A merge method of this module.
+/// A merge method of this module (mergekit's names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {
+    /// `ties`: keep each task vector's largest magnitudes (`density`), elect a sign.
     Ties,
+    /// `dare_linear`: drop task-vector elements at random (keep probability `density`),
+    /// rescale, no sign election.
     DareLinear,
+    /// `dare_ties`: DARE's random drop, then sign election.
     DareTies,
+    /// `breadcrumbs`: drop the largest (`gamma`) and the smallest magnitudes, keeping
+    /// `density`.
     Breadcrumbs,
+    /// `breadcrumbs_ties`: breadcrumbs, then sign election.
     BreadcrumbsTies,
+    /// `della`: random drop with keep probabilities ranked by magnitude within each row
+    /// (`density ± epsilon`), then sign election.
     Della,
+    /// `della_linear`: DELLA's drop, no sign election.
     DellaLinear,
+    /// `slerp`: spherical interpolation between the base and one other model at `t`.
     Slerp,
+    /// `model_stock`: interpolation between the base and the models' average, with a ratio
+    /// from the task vectors' cosines.
     ModelStock,
 }
 
@@ -103,6 +117,7 @@ impl Method {
         }
     }
 
+    /// The method named `name` (exact, as mergekit matches it).
     pub fn from_name(name: &str) -> Option<Method> {
         Method::ALL.into_iter().find(|m| m.name() == name)
     }
@@ -142,6 +157,7 @@ impl Method {
 /// Per-model parameters of the task-arithmetic family (mergekit's `NON_BASE` scope).
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputParams {
+    /// Weight of the model's task vector (rounded to the compute dtype); must be finite.
     pub weight: f64,
     /// Fraction kept; mergekit's default 1.0.
     pub density: f64,
@@ -166,6 +182,7 @@ impl InputParams {
 /// One tensor's resolved parameters (what the config layer hands over).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MethodParams {
+    /// The method.
     pub method: Method,
     /// The non-base models' parameters, in config order (task-arithmetic family only).
     pub inputs: Vec<InputParams>,
@@ -173,6 +190,7 @@ pub struct MethodParams {
     pub normalize: Option<bool>,
     /// `None`: the method's default.
     pub rescale: Option<bool>,
+    /// Scale of the merged task vector (task-arithmetic family; 1 leaves it unscaled).
     pub lambda: f64,
     /// Accepted and ignored: the mask dtype cannot change a result (signs are −1, 0, 1 in any
     /// dtype, NaN's sign is 0 in both).
@@ -181,11 +199,16 @@ pub struct MethodParams {
     pub t: f64,
     /// model_stock: cosines per row (last axis) instead of over the whole tensor.
     pub filter_wise: bool,
-    /// DARE/DELLA seed ([`rng::DEFAULT_SEED`] unless the config says otherwise).
+    /// DARE/DELLA seed: with the tensor's name, it keys the random drop masks (`0` unless the
+    /// config says otherwise).
     pub seed: u64,
 }
 
 impl MethodParams {
+    /// Parameters for `method`: mergekit's defaults (`normalize` and `rescale` the method's,
+    /// `lambda` 1, no `filter_wise`), `t` 0.5 (mergekit has none: set it for SLERP), seed 0,
+    /// and no per-model entries (the task-arithmetic family needs one per non-base model in
+    /// [`MethodParams::inputs`]).
     pub fn new(method: Method) -> MethodParams {
         MethodParams {
             method,
@@ -204,7 +227,12 @@ impl MethodParams {
 /// What the op needs to know about the tensor.
 #[derive(Clone, Debug)]
 pub struct TensorCtx<'a> {
+    /// The tensor's name: with [`MethodParams::seed`], it keys the random drop masks; it also
+    /// names the tensor in errors.
     pub name: &'a str,
+    /// The tensor's shape; its product is the element count. DELLA ranks within rows (the
+    /// last axis of a 1-D or 2-D tensor); model_stock with `filter_wise` takes one ratio per
+    /// row (the last axis).
     pub shape: &'a [u64],
     /// mergekit's `dtype:` (or the promoted input dtype).
     pub compute: FloatDtype,
@@ -214,73 +242,134 @@ pub struct TensorCtx<'a> {
     pub out: FloatDtype,
 }
 
-/// Why an op cannot be built or driven.
+/// Why an op cannot be built or driven. The first five variants are problems with the
+/// parameters or the tensor ([`Op::new`]); the rest are a driver breaking the protocol of the
+/// module documentation (a bug in the caller, not in the input).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MethodError {
+    /// The method does not take this many inputs.
     #[error("{tensor}: {method} takes {expected} inputs (base included), got {got}")]
     InputCount {
+        /// The tensor.
         tensor: String,
+        /// The method's name.
         method: &'static str,
+        /// How many it takes (`"exactly 2"`, `"at least 3"`, …).
         expected: &'static str,
+        /// How many [`TensorCtx::inputs`] lists.
         got: usize,
     },
+    /// [`MethodParams::inputs`] does not have one entry per non-base model.
     #[error("{tensor}: {method}: {got} sets of per-model parameters for {models} non-base models")]
     ParamCount {
+        /// The tensor.
         tensor: String,
+        /// The method's name.
         method: &'static str,
+        /// Entries given.
         got: usize,
+        /// Non-base models.
         models: usize,
     },
+    /// A per-model parameter is out of range: `density`, `gamma` or `epsilon` negative or
+    /// NaN, or `weight` not finite.
     #[error("{tensor}: {method}: parameter {param} of model {input} is {value}; it must be a number >= 0")]
     BadParam {
+        /// The tensor.
         tensor: String,
+        /// The method's name.
         method: &'static str,
+        /// Index of the model among the non-base models.
         input: usize,
+        /// The parameter's name.
         param: &'static str,
+        /// Its value.
         value: f64,
     },
+    /// DELLA's keep probabilities `density ± epsilon` do not stay inside (0, 1).
     #[error("{tensor}: {method}: density {density} ± epsilon {epsilon} of model {input} must stay inside (0, 1)")]
     DellaEpsilon {
+        /// The tensor.
         tensor: String,
+        /// The method's name.
         method: &'static str,
+        /// Index of the model among the non-base models.
         input: usize,
+        /// Its `density`.
         density: f64,
+        /// Its `epsilon`.
         epsilon: f64,
     },
+    /// DELLA ranks within rows, which needs a tensor of at most two axes.
     #[error("{tensor}: {method} ranks within rows of 1-D and 2-D tensors; shape {shape:?} has {dims} axes")]
     RowShape {
+        /// The tensor.
         tensor: String,
+        /// The method's name.
         method: &'static str,
+        /// Its shape.
         shape: Vec<u64>,
+        /// Its number of axes.
         dims: usize,
     },
+    /// A chunk does not start on a multiple of [`Op::granule`], is not a multiple of it long
+    /// (only the tensor's last chunk may be), or runs past the end of the tensor.
     #[error("{tensor}: chunk at element {offset} of {len} elements is not on a {granule}-element boundary (tensor of {numel})")]
     Misaligned {
+        /// The tensor.
         tensor: String,
+        /// The chunk's first element.
         offset: u64,
+        /// The chunk's length in elements.
         len: u64,
+        /// [`Op::granule`].
         granule: u64,
+        /// The tensor's element count.
         numel: u64,
     },
+    /// A chunk's slices do not all hold the same whole number of elements of their dtypes,
+    /// or there are not as many input slices as inputs.
     #[error("{tensor}: chunk byte lengths {lens:?} do not hold the same number of elements")]
-    ChunkLengths { tensor: String, lens: Vec<usize> },
+    ChunkLengths {
+        /// The tensor.
+        tensor: String,
+        /// Byte lengths of the input slices (then of the output slice, for [`Op::output`]).
+        lens: Vec<usize>,
+    },
+    /// A partial was pushed out of chunk order, or after a gap.
     #[error("{tensor}: partial for elements from {got} pushed where {expected} was next")]
     OutOfOrder {
+        /// The tensor.
         tensor: String,
+        /// The first element of the chunk that comes next.
         expected: u64,
+        /// The first element of the partial's chunk.
         got: u64,
     },
+    /// A partial was asked for when no pass is pending, or pushed into the combiner of
+    /// another pass.
     #[error("{tensor}: a partial of another pass was pushed")]
-    WrongPass { tensor: String },
+    WrongPass {
+        /// The tensor.
+        tensor: String,
+    },
+    /// A pass was finished before its partials covered the whole tensor.
     #[error("{tensor}: pass finished after {got} of {numel} elements")]
     Incomplete {
+        /// The tensor.
         tensor: String,
+        /// Elements covered by the partials pushed.
         got: u64,
+        /// The tensor's element count.
         numel: u64,
     },
+    /// [`Op::output`] was called while a reduction pass is pending.
     #[error("{tensor}: statistics requested while a reduction pass is pending")]
-    PassPending { tensor: String },
+    PassPending {
+        /// The tensor.
+        tensor: String,
+    },
 }
 
 /// The kind of reduction pass an op wants next.
@@ -659,10 +748,12 @@ impl Op {
         self.row
     }
 
+    /// Element count of the tensor (the product of its shape).
     pub fn numel(&self) -> u64 {
         self.n
     }
 
+    /// The method.
     pub fn method(&self) -> Method {
         self.method
     }

@@ -1,7 +1,19 @@
-//! Arithmetic kernel of the ExPO merge: `out = round(a + alpha * (a - s))`,
-//! element-wise over little-endian tensor bytes, with runtime ISA dispatch.
+//! The arithmetic of every merge, as pure functions over little-endian tensor bytes, with
+//! runtime ISA dispatch. This module is the ExPO kernel, [`expo`]:
+//! `out = round(a + alpha * (a - s))`, element-wise. The other methods live in submodules:
 //!
-//! # Semantics ("IEEE f32, unfused")
+//! * [`linear`]: mergekit's `linear` and `task_arithmetic`, N inputs, bit for bit as mergekit
+//!   computes them ([`linear::Combine`], [`linear::combine`]);
+//! * [`methods`]: the methods that need whole-tensor or per-row statistics (TIES, DARE,
+//!   breadcrumbs, DELLA, SLERP, model_stock), driven in reduction passes ([`methods::Op`]);
+//! * [`exec`]: a reference driver that runs a [`methods::Op`] over tensors held in memory.
+//!
+//! Internal to the crate: the scalar reference and its AVX2/AVX-512 twins, the streamed
+//! statistics (fixed-order sums, radix rank selection), the counter-based random numbers of
+//! DARE and DELLA, and the deterministic `acos`/`sin` of SLERP (`docs/mergekit-methods.md`
+//! documents all three).
+//!
+//! # ExPO semantics ("IEEE f32, unfused")
 //!
 //! For every element, `a` (aligned) and `s` (SFT) are widened from the
 //! storage dtype to `f32` (exact for BF16 and F16), then
@@ -23,12 +35,14 @@
 //! makes the output bytes a pure function of the input bytes and `alpha`, so
 //! every [`Isa`] produces byte-identical results (this is tested).
 //!
-//! # What this module deliberately does not do
+//! # What the ExPO kernel deliberately does not do
 //!
-//! * No I/O, no tensor metadata, no threading, no allocation on the hot path:
+//! No kernel module does I/O or knows about files; each submodule says what else it leaves out.
+//!
+//! * No tensor metadata, no threading, no allocation on the hot path:
 //!   callers hand in equal-length byte slices and get bytes back.
-//! * No other merge formulas and no dtype conversion between input and output:
-//!   `out` has the dtype of the inputs.
+//! * No dtype conversion between input and output in [`expo`]: `out` has the dtype of the
+//!   inputs ([`expo_mixed`] is the rare mixed-dtype path).
 //! * No "faster but different" modes: no FMA, no flush-to-zero, no use of the
 //!   AVX512-BF16 `vcvtneps2bf16` instruction (it flushes subnormals). Speed
 //!   never changes the bytes.
@@ -36,18 +50,13 @@
 
 use std::fmt;
 
-#[allow(missing_docs)] // being documented: see the `docs` branch
-pub mod detmath;
+pub(crate) mod detmath;
 pub mod exec;
-#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod linear;
-#[allow(missing_docs)] // being documented: see the `docs` branch
 pub mod methods;
-#[allow(missing_docs)] // being documented: see the `docs` branch
-pub mod rng;
+pub(crate) mod rng;
 pub(crate) mod scalar;
-#[allow(missing_docs)] // being documented: see the `docs` branch
-pub mod stats;
+pub(crate) mod stats;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;

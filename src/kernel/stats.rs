@@ -81,6 +81,7 @@ pub struct PairwiseTree {
 }
 
 impl PairwiseTree {
+    /// Adds the next block's sum.
     pub fn push(&mut self, x: f64) {
         let mut cur = (0u32, x);
         while let Some(&(level, left)) = self.stack.last() {
@@ -176,9 +177,14 @@ pub enum Cut {
     /// Elements strictly before key `key`, plus the ties (`key` itself) of blocks before
     /// `tie_block` and the first `tie_rem` ties of block `tie_block`.
     At {
+        /// The selection's order.
         order: Order,
+        /// The threshold key.
         key: u32,
+        /// The [`BLOCK`] holding the boundary inside the threshold's tie group (`0` when no
+        /// tie comes first, `u64::MAX` when all do).
         tie_block: u64,
+        /// How many ties of `tie_block` come first.
         tie_rem: u64,
     },
 }
@@ -226,9 +232,19 @@ pub enum SelectPhase {
     High,
     /// Needs the low-digit histogram among keys with high digit `high`; `rem` elements of that
     /// bin come before position `p`.
-    Low { high: u32, rem: u64 },
+    Low {
+        /// The selected high digit.
+        high: u32,
+        /// Elements of that bin before position `p`.
+        rem: u64,
+    },
     /// Needs tie counts of key `key`; `rem` of its ties come before position `p`.
-    Ties { key: u32, rem: u64 },
+    Ties {
+        /// The threshold key.
+        key: u32,
+        /// Ties before position `p`.
+        rem: u64,
+    },
     /// Done.
     Done(Cut),
 }
@@ -236,12 +252,17 @@ pub enum SelectPhase {
 /// One rank selection: position `pos` of `n` elements in `order`, over keys of `bits` bits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selection {
+    /// The order.
     pub order: Order,
+    /// Width of the keys ([`key_bits`]).
     pub bits: u32,
+    /// Where the selection stands.
     pub phase: SelectPhase,
 }
 
 impl Selection {
+    /// A selection of position `pos` among `n` elements (done at once when `pos` is 0 or
+    /// at least `n`).
     pub fn new(order: Order, bits: u32, pos: u64, n: u64) -> Selection {
         let phase = if pos == 0 {
             SelectPhase::Done(Cut::Nothing)
@@ -333,6 +354,7 @@ impl Selection {
         }
     }
 
+    /// The result, once the selection is done.
     pub fn cut(&self) -> Option<Cut> {
         match self.phase {
             SelectPhase::Done(c) => Some(c),
@@ -353,6 +375,7 @@ pub struct TieFinder {
 }
 
 impl TieFinder {
+    /// A finder for the boundary after `rem` ties of `key`, in `order`.
     pub fn new(order: Order, key: u32, rem: u64) -> TieFinder {
         TieFinder {
             key,

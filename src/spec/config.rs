@@ -43,7 +43,7 @@ use super::{
 use crate::kernel::FloatDtype;
 
 /// The keys of a config document.
-pub const TOP_KEYS: &[&str] = &[
+pub(crate) const TOP_KEYS: &[&str] = &[
     "merge_method",
     "models",
     "base_model",

@@ -44,7 +44,7 @@ pub enum Method {
 
 /// mergekit 0.1.5 methods that mergestream does not implement (named in errors so that a user
 /// learns the method exists but is not supported here, rather than that it is misspelt).
-pub const MERGEKIT_ONLY_METHODS: &[&str] = &[
+pub(crate) const MERGEKIT_ONLY_METHODS: &[&str] = &[
     "arcee_fusion",
     "karcher",
     "multislerp",
@@ -56,24 +56,37 @@ pub const MERGEKIT_ONLY_METHODS: &[&str] = &[
     "sce",
 ];
 
-/// A parameter name.
+/// A parameter name. Which methods take which parameter, and how, is [`Method::params`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Param {
+    /// `weight`: a model's weight (linear), or the weight of its task vector.
     Weight,
+    /// `density`: the fraction of a task vector's elements kept.
     Density,
+    /// `epsilon`: DELLA's spread of keep probabilities around `density`.
     Epsilon,
+    /// `gamma`: breadcrumbs' fraction of the largest magnitudes removed.
     Gamma,
+    /// `lambda`: scale of the merged task vector.
     Lambda,
+    /// `t`: SLERP's interpolation position.
     T,
+    /// `normalize`: divide by the sum of the weights.
     Normalize,
+    /// `int8_mask`: mergekit's mask storage dtype (no effect on the result).
     Int8Mask,
+    /// `rescale`: restore a sparsified task vector's L1 norm.
     Rescale,
+    /// `filter_wise`: model_stock's ratio per row instead of per tensor.
     FilterWise,
+    /// `seed` (ours): key of the random drop masks.
     Seed,
+    /// `alpha` (ours): ExPO's extrapolation strength.
     Alpha,
 }
 
 impl Param {
+    /// Every parameter, in declaration order.
     pub const ALL: [Param; 12] = [
         Param::Weight,
         Param::Density,
@@ -107,6 +120,7 @@ impl Param {
         }
     }
 
+    /// The parameter named `name` (exact, as configs write it).
     pub fn from_name(name: &str) -> Option<Param> {
         Param::ALL.into_iter().find(|p| p.name() == name)
     }
@@ -150,17 +164,24 @@ pub enum ParamDefault {
     /// No default: the config must give it (for per-model parameters: for every model it
     /// applies to, directly or through the top-level `parameters:`).
     Required,
+    /// A number.
     Float(f64),
+    /// A flag.
     Bool(bool),
+    /// A non-negative integer.
     Int(u64),
 }
 
 /// One parameter of one method.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ParamSpec {
+    /// The parameter.
     pub param: Param,
+    /// The type of its values.
     pub kind: ParamKind,
+    /// Where it may be given and whom it applies to.
     pub scope: Scope,
+    /// Its default, or that it has none.
     pub default: ParamDefault,
     /// Whether filters and per-layer lists are allowed (mergekit allows them for every one of
     /// its parameters; ours are single values).
@@ -185,7 +206,9 @@ pub enum BaseRule {
 /// Everything about one method that a config can get wrong.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MethodSpec {
+    /// The method.
     pub method: Method,
+    /// Whether it needs `base_model:`.
     pub base: BaseRule,
     /// Fewest inputs, the base model included.
     pub min_inputs: usize,
@@ -193,6 +216,7 @@ pub struct MethodSpec {
     pub max_inputs: Option<usize>,
     /// How the limits read in an error ("the base model and exactly one other model").
     pub inputs_text: &'static str,
+    /// The parameters it takes, in mergekit's declaration order.
     pub params: &'static [ParamSpec],
     /// Added by mergestream (not a mergekit method).
     pub ours: bool,

@@ -3,7 +3,8 @@
 //!
 //! Two front-ends build one: [`parse_config`] reads a mergekit YAML config (single or
 //! multi-document, see [`config`]), [`expo_spec`] turns `mergestream expo --sft --aligned
-//! --alpha a,b,c` into the same thing. Every error about the request is raised here, before any
+//! --alpha a,b,c` into the same thing. (The `expo` command does not go through [`expo_spec`]
+//! yet: [`crate::ExpoJob`] builds its run from the flags directly, taking them as paths.) Every error about the request is raised here, before any
 //! weight is read: unknown keys and methods, parameters a method does not take, values of the
 //! wrong kind, missing base models, models absent from disk and from the Hugging Face cache
 //! ([`SpecError`], each with its key path and line). The spec reads no tensor and does no
@@ -59,10 +60,7 @@ pub use crate::kernel::FloatDtype;
 pub use config::parse_config;
 pub use error::{Location, RefProblem, SearchOutcome, Searched, SpecError};
 pub use hf::{download_command, is_commit_hash, is_repo_id, HfCache, Snapshot};
-pub use methods::{
-    BaseRule, Method, MethodSpec, Param, ParamDefault, ParamKind, ParamSpec, Scope,
-    MERGEKIT_ONLY_METHODS,
-};
+pub use methods::{BaseRule, Method, MethodSpec, Param, ParamDefault, ParamKind, ParamSpec, Scope};
 pub use params::{
     gradient_t, layer_index, Given, Params, Resolved, Rule, RuleValue, Setting, Value,
 };
@@ -80,6 +78,7 @@ pub struct OutputSpec {
     /// The document's `name:` (mergekit-multimerge), or `alpha-…` in an `expo` sweep; `None`
     /// for a single unnamed output. Checked to be usable as a directory name.
     pub name: Option<String>,
+    /// `merge_method:` (`expo` for a request built from flags).
     pub method: Method,
     /// The inputs in mergekit's order: `models:` as written, then the base model if it is not
     /// among them (mergekit appends it; for `linear` it is then an ordinary input with a weight).
@@ -97,7 +96,10 @@ pub struct OutputSpec {
     /// `out_dtype:`: the merged tensor is converted to it when saved; `None` keeps the compute
     /// result's dtype.
     pub out_dtype: Option<FloatDtype>,
+    /// `tokenizer_source:`: whose tokenizer the output gets. [`crate::config_runs`] refuses
+    /// anything but [`TokenizerSource::Default`] so far.
     pub tokenizer_source: TokenizerSource,
+    /// `chat_template:`, if given ([`crate::config_runs`] refuses it so far).
     pub chat_template: Option<ChatTemplate>,
     /// The document as written (for a config), or an equivalent `expo` document (for flags):
     /// what to store as the output's `mergekit_config.yml`.
@@ -107,6 +109,7 @@ pub struct OutputSpec {
 /// One input model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
+    /// The model, resolved.
     pub model: ModelRef,
     /// Its `parameters:` (empty for a base model that mergekit adds as an input).
     pub params: Params,
@@ -119,6 +122,7 @@ pub struct ModelEntry {
 pub struct ModelRef {
     /// As written in the config (`org/name@rev`, `./m`, `other-doc`).
     pub written: String,
+    /// Where it resolved to.
     pub location: ModelLocation,
 }
 
@@ -129,6 +133,7 @@ pub enum ModelLocation {
     Local(PathBuf),
     /// A Hugging Face model found in the local cache.
     Hub {
+        /// The repository id (`org/name`), without the revision.
         repo: String,
         /// As written after `@` (`None`: `main`).
         revision: Option<String>,
@@ -139,7 +144,12 @@ pub enum ModelLocation {
     },
     /// The output of another document of the same config (its index in
     /// [`MergeSpec::outputs`]); it must be merged first.
-    Output { index: usize, name: String },
+    Output {
+        /// The document's index in [`MergeSpec::outputs`].
+        index: usize,
+        /// The document's `name:`.
+        name: String,
+    },
 }
 
 impl ModelRef {
@@ -204,7 +214,8 @@ impl OutputSpec {
     }
 
     /// A method-level parameter (`normalize`, `lambda`, `t`, …) for `tensor` at gradient
-    /// position `t` ([`gradient_t`]).
+    /// position `t` ([`gradient_t`]): the top-level setting, else the method's default.
+    /// [`SpecError::Unresolved`] when neither applies (or the method does not take `param`).
     pub fn global(&self, param: Param, tensor: &str, t: f64) -> Result<Value, SpecError> {
         params::resolve_one(
             self.method,
@@ -216,8 +227,10 @@ impl OutputSpec {
         )
     }
 
-    /// A per-model parameter (`weight`, `density`, …) of input `input` for `tensor`; `None` if
-    /// the parameter does not apply to that input (the base model's `weight` in TIES).
+    /// A per-model parameter (`weight`, `density`, …) of input `input` for `tensor`: the
+    /// model's setting, else the top-level one, else the default; `None` if the parameter does
+    /// not apply to that input (the base model's `weight` in TIES) or `input` is out of range.
+    /// [`SpecError::Unresolved`] when no setting applies and there is no default.
     pub fn for_model(
         &self,
         input: usize,
@@ -245,7 +258,8 @@ impl OutputSpec {
         .map(Some)
     }
 
-    /// Every parameter of the method for `tensor` at gradient position `t`.
+    /// Every parameter of the method for `tensor` at gradient position `t`, as mergekit 0.1.5
+    /// resolves them ([`params`]); the first [`SpecError::Unresolved`] if one cannot be.
     pub fn resolve(&self, tensor: &str, t: f64) -> Result<Resolved, SpecError> {
         let mut out = Resolved {
             per_model: vec![Default::default(); self.models.len()],

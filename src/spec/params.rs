@@ -5,7 +5,7 @@
 //! (`- {filter: self_attn, value: 0.3}`, the value itself one value or a gradient). Resolving
 //! one for a tensor reproduces mergekit 0.1.5 exactly (`mergekit/config.py:evaluate_setting`,
 //! `mergekit/parameter_resolver.py`, `mergekit/plan.py`), checked value for value (bit for bit)
-//! against mergekit's own planner by `tests/spec.rs`:
+//! against mergekit's own planner by `tests/it/spec.rs`:
 //!
 //! - **Scopes.** A per-model parameter is looked up in that model's `parameters:`, then in the
 //!   top-level `parameters:`, then the method's default; a method-level one in the top-level
@@ -36,11 +36,14 @@ use std::collections::BTreeMap;
 use super::error::SpecError;
 use super::methods::{Method, Param, ParamDefault, Scope};
 
-/// A parameter value.
+/// A parameter value, of the parameter's [`ParamKind`](crate::spec::ParamKind).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
+    /// A number, as mergekit holds it (a Python float).
     Float(f64),
+    /// A flag.
     Bool(bool),
+    /// A non-negative integer (`seed`).
     Int(u64),
 }
 
@@ -53,6 +56,7 @@ impl Value {
         }
     }
 
+    /// The flag, if this is a boolean.
     pub fn as_bool(self) -> Option<bool> {
         match self {
             Value::Bool(v) => Some(v),
@@ -60,6 +64,7 @@ impl Value {
         }
     }
 
+    /// The integer, if this is one.
     pub fn as_u64(self) -> Option<u64> {
         match self {
             Value::Int(v) => Some(v),
@@ -86,14 +91,16 @@ pub enum Setting {
 pub struct Rule {
     /// Matches tensors whose name contains it; `None` (no filter, or `"*"`) matches all.
     pub filter: Option<String>,
+    /// What the rule gives a matching tensor.
     pub value: RuleValue,
 }
 
 /// The value of a rule: one value or a gradient.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuleValue {
+    /// The same value for every matching tensor.
     Value(Value),
-    /// Non-empty.
+    /// Values spread over the layers, as [`Setting::Gradient`] (non-empty).
     Gradient(Vec<Value>),
 }
 
@@ -149,7 +156,8 @@ fn interpolate(values: &[Value], t: f64) -> Option<Value> {
     })
 }
 
-/// The gradient position of a tensor: `None` for tensors outside the layers.
+/// The gradient position `t` of a tensor in layer `layer` of a model with `num_layers` layers
+/// (`layer` is `None` for tensors outside the layers, which get `t = 0`).
 ///
 /// ```
 /// use mergestream::spec::gradient_t;
@@ -196,21 +204,26 @@ pub fn layer_index(tensor: &str) -> Option<usize> {
 /// A setting and where it was written (`models[1].parameters.weight`), for errors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Given {
+    /// The setting.
     pub setting: Setting,
+    /// Its key path (`models[1].parameters.weight`, or a flag such as `--alpha`).
     pub path: String,
 }
 
 /// The parameters written at one place.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Params {
+    /// Each parameter given there (checked to be one the method takes at this place).
     pub given: BTreeMap<Param, Given>,
 }
 
 impl Params {
+    /// `param`'s setting, if given here.
     pub fn get(&self, param: Param) -> Option<&Given> {
         self.given.get(&param)
     }
 
+    /// Whether no parameter is given here.
     pub fn is_empty(&self) -> bool {
         self.given.is_empty()
     }

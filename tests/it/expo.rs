@@ -461,3 +461,56 @@ fn inspect_and_plan_describe_without_writing() {
     assert!(text.contains("model-00001-of-"), "{text}");
     assert_eq!(before, tree_digest(&pair.join("aligned")));
 }
+
+/// `--sft` and `--aligned` may be Hugging Face ids found in the local cache (`HF_HUB_CACHE`),
+/// with a revision; a missing one is an error naming where it looked and how to download it.
+#[test]
+fn models_given_as_hugging_face_ids_come_from_the_local_cache() {
+    let dir = tempdir();
+    let pair = dir.path().join("pair");
+    synth(
+        &pair,
+        &["--preset", "tiny-llama", "--layers", "1", "--seed", "31"],
+    );
+    let cache = dir.path().join("hub");
+    let snapshot = as_hf_cache(&pair.join("sft"), &cache.join("models--org--base"));
+    let commit = snapshot.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::create_dir_all(cache.join("models--org--base/refs")).unwrap();
+    std::fs::write(
+        cache.join("models--org--base/refs/main"),
+        format!("{commit:0<40}"),
+    )
+    .unwrap();
+    std::fs::rename(&snapshot, snapshot.with_file_name(format!("{commit:0<40}"))).unwrap();
+
+    let by_path = dir.path().join("by-path");
+    let o = expo(&pair, &by_path, "0.3", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let by_id = dir.path().join("by-id");
+    let aligned = pair.join("aligned");
+    let run_with_cache = |sft: &str, out: &Path| {
+        std::process::Command::new(bin())
+            .env("HF_HUB_CACHE", &cache)
+            .args(["expo", "--sft", sft, "--aligned"])
+            .arg(&aligned)
+            .args(["--alpha", "0.3", "--quiet", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let o = run_with_cache("org/base@main", &by_id);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_matches_reference(&pair, &by_id, 0.3);
+
+    let missing = dir.path().join("missing");
+    let o = run_with_cache("org/absent", &missing);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let msg = stderr(&o);
+    assert!(
+        msg.contains("--sft: model 'org/absent' not found")
+            && msg.contains("models--org--absent")
+            && msg.contains("download org/absent"),
+        "{msg}"
+    );
+    assert!(!missing.exists());
+}
