@@ -1,22 +1,30 @@
-//! End-to-end benchmark: `mergestream expo` on generated checkpoint pairs, against the disk floor.
+//! End-to-end benchmark: `mergestream expo` (and merge configs) on generated checkpoints, against
+//! the disk floor.
 //!
 //! For each requested size (GB per model) this generates an SFT/aligned pair with
-//! `mergestream synth`, then measures, several times each and interleaved:
+//! `mergestream synth` (and, for the 3-model merge, a second pair), then for each workload
+//! (`--workloads`: `expo`, one ExPO output; `linear3`, a mergekit `linear` config over three
+//! models; `sweep5`, `expo --alpha 0.1,0.2,0.3,0.4,0.5`, five outputs from one read) measures,
+//! several times each and interleaved:
 //!
-//! - the **floor**: this process reading both inputs' files sequentially in 4 MiB `pread`s and
-//!   writing files of exactly the sizes the merge writes, then `fsync` — the tool's I/O pattern
+//! - the **floor**: this process reading every input's files once, sequentially in 4 MiB
+//!   `pread`s, and writing files of exactly the sizes the merge writes (every output's), then
+//!   `fsync` — the tool's I/O pattern
 //!   with no arithmetic, hashing or bookkeeping. A reader thread and a writer thread overlap, as
 //!   the tool's stages do. Writes go through `O_DIRECT` (4096-aligned buffers and lengths, the
 //!   tail fixed with `ftruncate`) or the page cache (`--io`);
-//! - **`mergestream expo`** as a child process: wall time, and user+sys CPU time and peak RSS
+//! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
-//! - with `--mergekit`, mergekit 0.1.5's `task_arithmetic` (the same ExPO formula) in a
-//!   throwaway venv, timed the same way.
+//! - with `--mergekit`, mergekit 0.1.5 on the same merges (ExPO as `task_arithmetic`, the same
+//!   formula; the same `linear` config; the sweep as five runs, mergekit having no one-read
+//!   sweep), in a throwaway venv or `--mergekit-venv`, timed the same way (the sweep's time is
+//!   the sum of its runs, its memory the largest).
 //!
 //! It prints the machine, the date and the commit, and a markdown table. It deliberately checks
 //! nothing about the output's bytes (the tests do that) and never changes the library.
 //!
-//! `cargo bench --bench e2e -- [--sizes 0.1,2,10] [--cold] [--mergekit] [--dir PATH] [--keep]`
+//! `cargo bench --bench e2e -- [--sizes 0.1,2,10] [--workloads expo,linear3,sweep5] [--cold]
+//! [--mergekit [--mergekit-venv DIR]] [--dir PATH] [--keep]`
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -45,9 +53,16 @@ struct Args {
     /// Drop the page cache before every run (needs root).
     #[arg(long)]
     cold: bool,
+    /// What to run on each size: expo (one output), linear3 (a 3-model linear config),
+    /// sweep5 (five alphas from one read).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Expo])]
+    workloads: Vec<Workload>,
     /// Also time mergekit 0.1.5 (installed from PyPI into a venv under --dir, kept for reuse).
     #[arg(long)]
     mergekit: bool,
+    /// A venv that already has mergekit 0.1.5 (instead of installing one).
+    #[arg(long, value_name = "DIR")]
+    mergekit_venv: Option<PathBuf>,
     /// Where pairs, outputs and the venv go (default: target/bench-e2e).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -74,6 +89,30 @@ struct Args {
     #[arg(long, hide = true)]
     bench: bool,
 }
+
+/// A merge to time.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// `mergestream expo`: two inputs, one output.
+    Expo,
+    /// `mergestream merge` of a `linear` config: three inputs, one output.
+    Linear3,
+    /// `mergestream expo --alpha 0.1,0.2,0.3,0.4,0.5`: two inputs, five outputs.
+    Sweep5,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Expo => "expo",
+            Workload::Linear3 => "linear x3",
+            Workload::Sweep5 => "expo sweep x5",
+        }
+    }
+}
+
+/// The alphas of the sweep workload.
+const SWEEP: [&str; 5] = ["0.1", "0.2", "0.3", "0.4", "0.5"];
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum IoMode {
@@ -159,7 +198,11 @@ fn run(args: &Args) -> Res<()> {
         args.alpha
     );
 
-    let mergekit = if args.mergekit {
+    let mergekit = if let Some(venv) = &args.mergekit_venv {
+        let m = Mergekit::at(venv);
+        println!("- mergekit: {}\n", m.versions);
+        Some(m)
+    } else if args.mergekit {
         match install_mergekit(&dir) {
             Ok(m) => {
                 println!("- mergekit: {}\n", m.versions);
@@ -185,19 +228,25 @@ fn run(args: &Args) -> Res<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for spec in &specs {
-        match bench_size(&ctx, spec, mergekit.as_ref(), args, &mut notes) {
-            Ok(row) => rows.push(row),
-            Err(why) => notes.push(format!("{}: skipped: {why}", spec.label())),
+        for &workload in &args.workloads {
+            match bench_size(&ctx, spec, workload, mergekit.as_ref(), args, &mut notes) {
+                Ok(row) => rows.push(row),
+                Err(why) => notes.push(format!(
+                    "{} {}: skipped: {why}",
+                    spec.label(),
+                    workload.name()
+                )),
+            }
         }
     }
 
-    println!("| size | I/O | cache | floor s | floor GB/s | mergestream s | mergestream GB/s | ratio to floor | CPU s | peak RSS MiB | mergekit s | speedup |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| size | merge | I/O | cache | floor s | floor GB/s | mergestream s | mergestream GB/s | ratio to floor | CPU s | peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown());
     }
     println!();
-    println!("Times are median (min) of the measured runs; GB/s = output bytes / s (each run reads twice that); ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
+    println!("Times are median (min) of the measured runs; GB/s = output bytes / s; the floor reads every input once and writes every output; ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
     for n in &notes {
         println!("- {n}");
     }
@@ -288,9 +337,10 @@ fn model_bytes(preset: Preset, layers: u64) -> u64 {
     2 * (2 * v * h + h + layers * per_layer)
 }
 
-/// One size's results.
+/// One size's and workload's results.
 struct Row {
     label: String,
+    workload: Workload,
     io: String,
     cache: &'static str,
     out_bytes: u64,
@@ -298,20 +348,25 @@ struct Row {
     tool: Stats,
     tool_cpu: Stats,
     tool_rss_mib: u64,
-    mergekit: Option<Result<Stats, String>>,
+    mergekit: Option<Result<(Stats, u64), String>>,
 }
 
 impl Row {
     fn markdown(&self) -> String {
         let rate = |s: f64| self.out_bytes as f64 / GB / s;
         let mergekit = match &self.mergekit {
-            None => ("—".to_string(), "—".to_string()),
-            Some(Err(_)) => ("failed".to_string(), "—".to_string()),
-            Some(Ok(m)) => (m.show(), format!("{:.1}×", m.median / self.tool.median)),
+            None => ("—".to_string(), "—".to_string(), "—".to_string()),
+            Some(Err(_)) => ("failed".to_string(), "—".to_string(), "—".to_string()),
+            Some(Ok((m, rss))) => (
+                m.show(),
+                rss.to_string(),
+                format!("{:.1}×", m.median / self.tool.median),
+            ),
         };
         format!(
-            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             self.label,
+            self.workload.name(),
             self.io,
             self.cache,
             self.floor.show(),
@@ -322,7 +377,8 @@ impl Row {
             self.tool_cpu.show(),
             self.tool_rss_mib,
             mergekit.0,
-            mergekit.1
+            mergekit.1,
+            mergekit.2
         )
     }
 }
@@ -351,9 +407,51 @@ impl Stats {
     }
 }
 
+/// Generates (or reuses) a synth pair of `spec` at `pair` with `seed`.
+fn make_pair(ctx: &Ctx, spec: &PairSpec, pair: &Path, seed: u64, keep: bool) -> Res<()> {
+    let marker = pair.join("bench-pair.json");
+    if marker.is_file() {
+        return Ok(());
+    }
+    remove_dir(pair)?;
+    let size = spec.bytes();
+    let sft_shards = 1 + size.div_ceil(4_000_000_000);
+    let aligned_shards = sft_shards + 1;
+    eprintln!("e2e: {}: generating {} per model…", spec.label(), gb(size));
+    let t = Instant::now();
+    run_quiet(
+        Command::new(BIN).arg("synth").arg(pair).args([
+            "--preset",
+            spec.preset.name(),
+            "--layers",
+            &spec.layers.to_string(),
+            "--sft-shards",
+            &sft_shards.to_string(),
+            "--aligned-shards",
+            &aligned_shards.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]),
+        &ctx.dir.join("synth.log"),
+    )?;
+    eprintln!("e2e: generated in {:.0} s", t.elapsed().as_secs_f64());
+    if keep {
+        std::fs::write(
+            &marker,
+            format!(
+                "{{\"preset\":\"{}\",\"layers\":{},\"seed\":{seed}}}\n",
+                spec.preset, spec.layers
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn bench_size(
     ctx: &Ctx,
     spec: &PairSpec,
+    workload: Workload,
     mergekit: Option<&Mergekit>,
     args: &Args,
     notes: &mut Vec<String>,
@@ -361,22 +459,30 @@ fn bench_size(
     let pair = ctx
         .dir
         .join(format!("pair-{}-L{}", spec.preset, spec.layers));
+    // The third model of the linear merge: the aligned model of a second pair.
+    let pair2 = ctx
+        .dir
+        .join(format!("pair-{}-L{}-seed2", spec.preset, spec.layers));
     let out = ctx.dir.join("out-mergestream");
     let floor_out = ctx.dir.join("out-floor");
     let mk_out = ctx.dir.join("out-mergekit");
     for d in [&out, &floor_out, &mk_out] {
         remove_dir(d)?;
     }
-    let marker = pair.join("bench-pair.json");
-    let reuse = marker.is_file();
-    if !reuse {
-        remove_dir(&pair)?;
-    }
-
-    // Two inputs and one output at a time (each output is removed before the next run), plus
-    // room for everything else on the disk.
+    let (inputs_n, outputs_n) = match workload {
+        Workload::Expo => (2, 1),
+        Workload::Linear3 => (3, 1),
+        Workload::Sweep5 => (2, SWEEP.len() as u64),
+    };
+    // The inputs (a second pair for the third model) and every output, at once (each output is
+    // removed before the next run), plus room for everything else on the disk.
     let size = spec.bytes();
-    let need = if reuse { size } else { 3 * size } + size / 20 + (1 << 30);
+    let have = [&pair, &pair2]
+        .iter()
+        .filter(|p| p.join("bench-pair.json").is_file())
+        .count() as u64;
+    let pairs: u64 = if workload == Workload::Linear3 { 2 } else { 1 };
+    let need = 2 * size * pairs.saturating_sub(have) + outputs_n * size + size / 20 + (1 << 30);
     let free = free_bytes(&ctx.dir)?;
     if free < need {
         return Err(format!(
@@ -386,88 +492,103 @@ fn bench_size(
             free as f64 / GB
         ));
     }
+    make_pair(ctx, spec, &pair, 1, args.keep)?;
+    if workload == Workload::Linear3 {
+        make_pair(ctx, spec, &pair2, 2, args.keep)?;
+    }
+    let models: Vec<PathBuf> = match workload {
+        Workload::Linear3 => vec![
+            pair.join("sft"),
+            pair.join("aligned"),
+            pair2.join("aligned"),
+        ],
+        _ => vec![pair.join("sft"), pair.join("aligned")],
+    };
+    let inputs: Vec<Vec<PathBuf>> = models
+        .iter()
+        .map(|m| safetensors_files(m))
+        .collect::<Res<_>>()?;
+    let in_bytes: u64 = file_sizes(&inputs[1])?.iter().sum();
+    debug_assert_eq!(inputs.len(), inputs_n);
 
-    let sft_shards = 1 + size.div_ceil(4_000_000_000);
-    let aligned_shards = sft_shards + 1;
-    if !reuse {
-        eprintln!("e2e: {}: generating {} per model…", spec.label(), gb(size));
-        let t = Instant::now();
-        run_quiet(
-            Command::new(BIN).arg("synth").arg(&pair).args([
-                "--preset",
-                spec.preset.name(),
-                "--layers",
-                &spec.layers.to_string(),
-                "--sft-shards",
-                &sft_shards.to_string(),
-                "--aligned-shards",
-                &aligned_shards.to_string(),
-            ]),
-            &ctx.dir.join("synth.log"),
-        )?;
-        eprintln!("e2e: generated in {:.0} s", t.elapsed().as_secs_f64());
-        if args.keep {
-            std::fs::write(
-                &marker,
-                format!(
-                    "{{\"preset\":\"{}\",\"layers\":{}}}\n",
-                    spec.preset, spec.layers
-                ),
-            )
-            .map_err(|e| e.to_string())?;
+    let linear_config = ctx.dir.join("linear3.yml");
+    let mut tool = Command::new(BIN);
+    match workload {
+        Workload::Expo | Workload::Sweep5 => {
+            let alpha = if workload == Workload::Expo {
+                ctx.alpha.to_string()
+            } else {
+                SWEEP.join(",")
+            };
+            tool.arg("expo")
+                .arg("--sft")
+                .arg(&models[0])
+                .arg("--aligned")
+                .arg(&models[1])
+                .arg("--alpha")
+                .arg(alpha);
+        }
+        Workload::Linear3 => {
+            let mut yaml = String::from("merge_method: linear\nmodels:\n");
+            for (m, w) in models.iter().zip([0.5, 0.3, 0.2]) {
+                yaml += &format!(
+                    "  - model: {}\n    parameters:\n      weight: {w}\n",
+                    m.display()
+                );
+            }
+            yaml += "dtype: bfloat16\n";
+            std::fs::write(&linear_config, yaml).map_err(|e| e.to_string())?;
+            tool.arg("merge").arg(&linear_config);
         }
     }
-    let sft = safetensors_files(&pair.join("sft"))?;
-    let aligned = safetensors_files(&pair.join("aligned"))?;
     if args.reads {
-        read_strategies(&sft, &aligned)?;
+        read_strategies(&inputs[0], &inputs[1])?;
     }
-    let in_bytes: u64 = file_sizes(&aligned)?.iter().sum();
-
-    let mut expo = Command::new(BIN);
-    expo.arg("expo")
-        .arg("--sft")
-        .arg(pair.join("sft"))
-        .arg("--aligned")
-        .arg(pair.join("aligned"))
-        .arg("--alpha")
-        .arg(ctx.alpha.to_string())
-        .arg("--out")
-        .arg(&out)
-        .arg("--force");
+    tool.arg("--out").arg(&out).arg("--force");
     if ctx.tool_has_io {
-        expo.args(["--io", ctx.io.name()]);
+        tool.args(["--io", ctx.io.name()]);
     }
+    let label = format!("{} {}", spec.label(), workload.name());
 
     // Warm-up: warms the cache, shows the tool's own summary, and tells the output's sizes.
-    eprintln!("e2e: {}: warm-up run", spec.label());
+    eprintln!("e2e: {label}: warm-up run");
     let log = ctx.dir.join("mergestream.log");
-    measure(&mut expo, &log)?;
+    measure(&mut tool, &log)?;
     let summary = std::fs::read_to_string(&log).unwrap_or_default();
     if let Some(line) = summary.lines().rev().find(|l| l.contains("done")) {
-        notes.push(format!("{}: warm-up said: {}", spec.label(), line.trim()));
+        notes.push(format!("{label}: warm-up said: {}", line.trim()));
     }
-    let out_files = safetensors_files(&out)?;
+    let out_dirs: Vec<PathBuf> = match workload {
+        Workload::Sweep5 => SWEEP
+            .iter()
+            .map(|a| out.join(format!("alpha-{a}")))
+            .collect(),
+        _ => vec![out.clone()],
+    };
+    let mut out_files = Vec::new();
+    for d in &out_dirs {
+        out_files.extend(safetensors_files(d)?);
+    }
     let out_sizes = file_sizes(&out_files)?;
     let out_bytes: u64 = out_sizes.iter().sum();
-    expo.arg("--quiet");
+    tool.arg("--quiet");
 
     let mut floor_t = Vec::new();
     let mut tool_t = Vec::new();
     let mut tool_cpu = Vec::new();
     let mut tool_rss = 0;
     for i in 0..ctx.runs {
-        eprintln!("e2e: {}: run {}/{}", spec.label(), i + 1, ctx.runs);
+        eprintln!("e2e: {label}: run {}/{}", i + 1, ctx.runs);
         remove_dir(&out)?;
         if ctx.cold {
             drop_caches()?;
         }
-        floor_t.push(floor(&sft, &aligned, &floor_out, &out_sizes, ctx.io)?);
+        floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io)?);
         remove_dir(&floor_out)?;
         if ctx.cold {
             drop_caches()?;
         }
-        let m = measure(&mut expo, &log)?;
+        let m = measure(&mut tool, &log)?;
         tool_t.push(m.wall);
         tool_cpu.push(m.cpu);
         tool_rss = tool_rss.max(m.max_rss_kib >> 10);
@@ -475,9 +596,31 @@ fn bench_size(
 
     let mk = mergekit.map(|mk| {
         remove_dir(&out)?;
-        let r = time_mergekit(ctx, mk, &pair, &mk_out, args.mergekit_runs.max(1), notes);
+        let configs: Vec<(String, PathBuf)> = match workload {
+            Workload::Linear3 => vec![("linear x3".into(), linear_config.clone())],
+            Workload::Expo => vec![(
+                format!("alpha {}", ctx.alpha),
+                expo_config(ctx, &pair, ctx.alpha as f64, "expo")?,
+            )],
+            Workload::Sweep5 => SWEEP
+                .iter()
+                .map(|a| {
+                    let alpha: f64 = a.parse().expect("a number");
+                    Ok((format!("alpha {a}"), expo_config(ctx, &pair, alpha, a)?))
+                })
+                .collect::<Res<_>>()?,
+        };
+        let r = time_mergekit(
+            ctx,
+            mk,
+            &configs,
+            &label,
+            &mk_out,
+            args.mergekit_runs.max(1),
+            notes,
+        );
         if let Err(why) = &r {
-            notes.push(format!("{}: mergekit failed: {why}", spec.label()));
+            notes.push(format!("{label}: mergekit failed: {why}"));
         }
         r
     });
@@ -489,19 +632,22 @@ fn bench_size(
     if !args.keep {
         remove_dir(&out)?;
         remove_dir(&pair)?;
+        remove_dir(&pair2)?;
     }
+    remove_dir(&out)?;
     remove_dir(&mk_out)?;
     notes.push(format!(
-        "{}: inputs {} per model (sft {} shards, aligned {}), output {} in {} files",
-        spec.label(),
+        "{label}: {} inputs of {} each, {} output{} of {} in {} files",
+        inputs.len(),
         gb(in_bytes),
-        sft.len(),
-        aligned.len(),
+        out_dirs.len(),
+        if out_dirs.len() == 1 { "" } else { "s" },
         gb(out_bytes),
         out_files.len()
     ));
     Ok(Row {
         label: format!("{} GB ({} L{})", fmt_gb(in_bytes), spec.preset, spec.layers),
+        workload,
         io: if ctx.tool_has_io {
             ctx.io.name().to_string()
         } else {
@@ -680,13 +826,13 @@ impl AlignedBuf {
     }
 }
 
-/// The pieces of both inputs' files in the order the tool reads them: a piece of each model in
+/// The pieces of every input's files in the order the tool reads them: a piece of each model in
 /// turn, every file front to back.
-fn pieces(models: [&[PathBuf]; 2], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> {
+fn pieces(models: &[&[PathBuf]], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> {
     let mut lists: Vec<Vec<(PathBuf, u64, usize)>> = Vec::new();
     for files in models {
         let mut list = Vec::new();
-        for p in files {
+        for p in files.iter() {
             let len = std::fs::metadata(p)
                 .map_err(|e| format!("{}: {e}", p.display()))?
                 .len();
@@ -700,10 +846,11 @@ fn pieces(models: [&[PathBuf]; 2], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>
         lists.push(list);
     }
     let mut out = Vec::new();
-    let (a, b) = (&lists[0], &lists[1]);
-    for k in 0..a.len().max(b.len()) {
-        out.extend(a.get(k).cloned());
-        out.extend(b.get(k).cloned());
+    let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    for k in 0..longest {
+        for list in &lists {
+            out.extend(list.get(k).cloned());
+        }
     }
     Ok(out)
 }
@@ -771,16 +918,18 @@ fn read_pieces(
     })
 }
 
-/// The disk floor: reads all of `sft` and `aligned` (a piece of each in turn, as the tool reads
-/// a chunk of each tensor from both) with as many reads in flight as the tool keeps (its reader
-/// threads), while another thread writes files of `sizes` into `out` and fsyncs them. Reads and
-/// writes use `O_DIRECT` when `io` is direct, as the tool does. Returns the wall time.
-fn floor(sft: &[PathBuf], aligned: &[PathBuf], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
+/// The disk floor: reads every input's files once (a piece of each in turn, as the tool reads
+/// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
+/// reader threads), while another thread writes files of `sizes` (every output's) into `out`
+/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct, as the tool does.
+/// Returns the wall time.
+fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     let direct = io == IoMode::Direct;
     // The tool's chunk and reader count (src/pipeline.rs: Settings).
     let (piece, readers) = if direct { (256 << 10, 4) } else { (PIECE, 1) };
-    let pieces = pieces([sft, aligned], piece as u64)?;
+    let lists: Vec<&[PathBuf]> = inputs.iter().map(Vec::as_slice).collect();
+    let pieces = pieces(&lists, piece as u64)?;
     const IN_FLIGHT: usize = 8;
     let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT);
     let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT + 1);
@@ -821,7 +970,7 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
         (8, true, 256 << 10),
         (4, true, 1 << 20),
     ] {
-        let pieces = pieces([sft, aligned], piece as u64)?;
+        let pieces = pieces(&[sft, aligned], piece as u64)?;
         let bytes: u64 = pieces.iter().map(|p| p.2 as u64).sum();
         drop_caches()?;
         let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(16);
@@ -1086,52 +1235,64 @@ fn run_with_limit(cmd: &mut Command, log: &Path, limit: Duration) -> Res<Option<
     }
 }
 
-/// Times mergekit's `task_arithmetic` with base = sft, model = aligned at weight 1 + alpha:
-/// sft + (1+α)(aligned − sft) = aligned + α(aligned − sft), the ExPO formula.
-fn time_mergekit(
-    ctx: &Ctx,
-    mk: &Mergekit,
-    pair: &Path,
-    out: &Path,
-    runs: usize,
-    notes: &mut Vec<String>,
-) -> Res<Stats> {
-    let config = ctx.dir.join("mergekit-expo.yml");
+/// mergekit's config for ExPO at `alpha`: `task_arithmetic` with base = sft, model = aligned at
+/// weight 1 + alpha: sft + (1+α)(aligned − sft) = aligned + α(aligned − sft), the ExPO formula.
+fn expo_config(ctx: &Ctx, pair: &Path, alpha: f64, tag: &str) -> Res<PathBuf> {
+    let config = ctx.dir.join(format!("mergekit-expo-{tag}.yml"));
     let yaml = format!(
         "merge_method: task_arithmetic\nbase_model: {sft}\nmodels:\n  - model: {aligned}\n    parameters:\n      weight: {w}\ndtype: bfloat16\n",
         sft = pair.join("sft").display(),
         aligned = pair.join("aligned").display(),
-        w = 1.0 + ctx.alpha as f64,
+        w = 1.0 + alpha,
     );
     std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Times mergekit on `configs` run one after the other (a sweep is one run per alpha): the
+/// total wall time per measured run, and the largest peak RSS of any of its processes (MiB).
+fn time_mergekit(
+    ctx: &Ctx,
+    mk: &Mergekit,
+    configs: &[(String, PathBuf)],
+    label: &str,
+    out: &Path,
+    runs: usize,
+    notes: &mut Vec<String>,
+) -> Res<(Stats, u64)> {
     let log = ctx.dir.join("mergekit.log");
     let mut times = Vec::new();
+    let mut peak = 0;
     for i in 0..runs {
-        eprintln!("e2e: mergekit run {}/{runs}", i + 1);
-        remove_dir(out)?;
-        if ctx.cold {
-            drop_caches()?;
+        let mut total = 0.0;
+        for (what, config) in configs {
+            eprintln!("e2e: {label}: mergekit {what}, run {}/{runs}", i + 1);
+            remove_dir(out)?;
+            if ctx.cold {
+                drop_caches()?;
+            }
+            let mut cmd = Command::new(&mk.yaml);
+            cmd.arg(config).arg(out).args([
+                "--lazy-unpickle",
+                // Parameters per shard: 2.5B bf16 parameters = 5 GB, mergestream's default.
+                "--out-shard-size",
+                "2500M",
+                // The synthetic tokenizer files are stand-ins that transformers cannot load.
+                "--no-copy-tokenizer",
+            ]);
+            let m = measure(&mut cmd, &log)?;
+            notes.push(format!(
+                "{label}: mergekit {what}, run {}: {:.1} s wall, {:.1} s CPU, {} MiB peak RSS",
+                i + 1,
+                m.wall,
+                m.cpu,
+                m.max_rss_kib >> 10
+            ));
+            total += m.wall;
+            peak = peak.max(m.max_rss_kib >> 10);
         }
-        let mut cmd = Command::new(&mk.yaml);
-        cmd.arg(&config).arg(out).args([
-            "--lazy-unpickle",
-            // Parameters per shard: 2.5B bf16 parameters = 5 GB, mergestream's default.
-            "--out-shard-size",
-            "2500M",
-            // The synthetic tokenizer files are stand-ins that transformers cannot load.
-            "--no-copy-tokenizer",
-        ]);
-        let m = measure(&mut cmd, &log)?;
-        notes.push(format!(
-            "{}: mergekit run {}: {:.1} s wall, {:.1} s CPU, {} MiB peak RSS",
-            pair.file_name().unwrap_or_default().to_string_lossy(),
-            i + 1,
-            m.wall,
-            m.cpu,
-            m.max_rss_kib >> 10
-        ));
-        times.push(m.wall);
+        times.push(total);
     }
     remove_dir(out)?;
-    Ok(Stats::of(times))
+    Ok((Stats::of(times), peak))
 }

@@ -8,9 +8,15 @@ mixed storage; NaN/Inf/subnormal/zero values sprinkled in), writes `linear` and
 name filters, normalize on and off, lambda, `dtype` and `out_dtype`; runs `mergekit-yaml`
 on each, computes the same merge with the numpy reference (weights resolved from the YAML
 by this script's own small resolver, not by mergekit), and compares every output tensor
-byte for byte. Extra engines (e.g. mergestream) are added with `--engine NAME=TEMPLATE`,
-where TEMPLATE is a command line with `{config}` and `{out}` placeholders; their outputs
-are compared with mergekit's and the reference's the same way.
+byte for byte. Extra engines are added with `--engine NAME=TEMPLATE`, where TEMPLATE is a
+command line with `{config}` and `{out}` placeholders; their outputs are compared with
+mergekit's and the reference's the same way. `--mergestream BIN` adds mergestream itself:
+`BIN merge CONFIG --out OUT` as an engine column, `BIN merge CONFIG --check MERGEKIT_OUT`
+on every merge (mergestream's own audit of mergekit's output: exit 0 means identical), and
+a "vocab" category: models whose vocabularies differ, merged by mergekit with
+`--unsafe-truncate-embeddings` (the rows all models have) and by mergestream with
+`--vocab-mismatch copy-base` (those rows, then the base model's extra rows): the shared rows
+and every other tensor must be identical, the extra rows the base model's.
 
 Sets whose tensors have element counts that are multiples of 64 ("aligned", what real
 checkpoints have) must be 100 % identical. The "ragged" sets (odd widths) expose torch's
@@ -23,6 +29,7 @@ anything, or test YAML features beyond what the arithmetic needs.
 
 Usage (inside a venv with mergekit==0.1.5, numpy):
     mergekit-compare.py [--work DIR] [--quick] [--engine NAME=TEMPLATE ...] [--threads N]
+                        [--mergestream target/release/mergestream]
 """
 
 from __future__ import annotations
@@ -184,10 +191,12 @@ class Merge:
     def __init__(self, name: str, method: str, models: List[Path], weights: List,
                  base: Optional[Path] = None, dtype: Optional[str] = None,
                  out_dtype: Optional[str] = None, normalize: Optional[bool] = None,
-                 lam: Optional[float] = None, arch: dict = ALIGNED):
+                 lam: Optional[float] = None, arch: dict = ALIGNED, truncate: bool = False):
         self.name, self.method, self.models, self.weights = name, method, models, weights
         self.base, self.dtype, self.out_dtype = base, dtype, out_dtype
         self.normalize, self.lam, self.arch = normalize, lam, arch
+        # vocabularies differ: the reference merges the rows all models have
+        self.truncate = truncate
 
     def yaml(self) -> str:
         lines = ["models:"]
@@ -219,12 +228,17 @@ class Merge:
             t = layer_t(tname, self.arch["layers"])
             w = [resolve(s, tname, t) for s in self.weights]
             ts = [(m[tname][0], m[tname][1]) for m in models]
+            b = (base[tname][0], base[tname][1]) if base else None
+            if self.truncate:
+                rows = min(t.shape[0] for t, _ in ts + ([b] if b else []))
+                ts = [(t[:rows], d) for t, d in ts]
+                b = (b[0][:rows], b[1]) if b else None
             if self.method == "linear":
                 out[tname] = mr.linear(ts, w, normalize=normalize, compute=self.dtype,
                                        out_dtype=self.out_dtype)
             else:
                 out[tname] = mr.task_arithmetic(
-                    (base[tname][0], base[tname][1]), ts, w, normalize=normalize,
+                    b, ts, w, normalize=normalize,
                     lam=1.0 if self.lam is None else self.lam, compute=self.dtype,
                     out_dtype=self.out_dtype)
         return out
@@ -248,6 +262,7 @@ def run_engine(template: str, config: Path, out: Path, threads: Optional[int]) -
     Returns the wall time; raises if the command fails."""
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = template.format(config=shlex.quote(str(config)), out=shlex.quote(str(out)),
                           threads=threads or os.cpu_count() or 1)
     t0 = time.monotonic()
@@ -291,6 +306,27 @@ def compare(a: Output, b: Output) -> dict:
             f"{name}[{i}]: {x[i]:#x} vs {y[i]:#x} ({int(both.sum())} NaN-encoding, "
             f"{int((~both).sum())} value differences)")
     return res
+
+
+def make_vocab_set(root: Path, name: str, vocabs: Sequence[int], dtype: str,
+                   seed: int) -> List[Path]:
+    """Models as make_set makes them, model i with vocabs[i] rows of embed_tokens and lm_head
+    (the rows they share hold the same values a common vocabulary would)."""
+    arch = dict(ALIGNED, vocab=max(vocabs))
+    paths = make_set(root, name, arch, [dtype] * len(vocabs), seed, 0.002)
+    for p, v in zip(paths, vocabs):
+        tensors, _ = mr._read_safetensors(str(p / "model.safetensors"))
+        out = []
+        for tname, _shape in tensor_shapes(arch):
+            bits, dt, _ = tensors[tname]
+            if tname in ("model.embed_tokens.weight", "lm_head.weight"):
+                bits = bits[:v]
+            out.append((tname, bits, dt))
+        mr._write_safetensors(str(p / "model.safetensors"), out)
+        cfg = json.loads((p / "config.json").read_text())
+        cfg["vocab_size"] = v
+        (p / "config.json").write_text(json.dumps(cfg, indent=1))
+    return paths
 
 
 def build_merges(root: Path, quick: bool) -> List[Tuple[str, Merge]]:
@@ -347,6 +383,75 @@ def build_merges(root: Path, quick: bool) -> List[Tuple[str, Merge]]:
     return merges
 
 
+def vocab_category(root: Path, mk_template: str, ms: str, threads: Optional[int],
+                   totals: Dict[Tuple[str, str], dict]) -> int:
+    """Vocabularies of different sizes: mergekit refuses them by default and, with
+    --unsafe-truncate-embeddings, merges the rows all models have; mergestream with
+    --vocab-mismatch copy-base merges the same rows and copies the base model's extra rows.
+    Returns the number of failed checks."""
+    failures = 0
+    vocabs = [260, 256, 258, 256, 256, 257]  # base first: 4 more rows than the fewest
+    merges = []
+    for dtype in ("bfloat16", "float32"):
+        paths = make_vocab_set(root / "models", f"vocab-{dtype}", vocabs, dtype, 7 + len(dtype))
+        base, tuned = paths[0], paths[1:]
+        merges += [
+            Merge(f"vocab task_arithmetic {dtype} x5", "task_arithmetic", tuned,
+                  [0.5, -0.2, [0.2, 0.5, 0.3], 0.3, 0.25], base=base, dtype="float32",
+                  out_dtype=dtype, truncate=True),
+            Merge(f"vocab linear {dtype} x6 (base first)", "linear", [base, *tuned],
+                  [0.3, 0.2, 0.1, 0.2, 0.1, 0.1], dtype=dtype, truncate=True),
+        ]
+    embeds = ("model.embed_tokens.weight", "lm_head.weight")
+    for k, merge in enumerate(merges):
+        cfg = root / "configs" / f"vocab-{k:02d}.yml"
+        cfg.write_text(merge.yaml())
+        mk_out = root / "out" / "mergekit" / f"vocab-{k:02d}"
+        ms_out = root / "out" / "mergestream" / f"vocab-{k:02d}"
+        line = [f"[vocab] {merge.name}:"]
+        try:
+            run_engine(mk_template, cfg, mk_out, threads)
+            line.append("mergekit without the flag: merged?! (expected a size-mismatch error)")
+            failures += 1
+        except RuntimeError as e:
+            said = "size mismatch" in str(e).lower()
+            line.append("mergekit without the flag: " + ("refused (size mismatch)" if said
+                                                         else "failed otherwise"))
+            failures += not said
+        run_engine(mk_template + " --unsafe-truncate-embeddings", cfg, mk_out, threads)
+        run_engine(f"{ms} merge {{config}} --out {{out}} --quiet --vocab-mismatch copy-base",
+                   cfg, ms_out, threads)
+        mk, ms_full = read_output_dir(mk_out), read_output_dir(ms_out)
+        layout = mr._read_safetensors(str(merge.base or merge.models[0]) + "/model.safetensors")[0]
+        ms_shared, extra_ok = {}, True
+        for name, (bits, dt) in ms_full.items():
+            if name in embeds:
+                rows = mk[name][0].shape[0]
+                ms_shared[name] = (bits[:rows], dt)
+                want = layout[name][0][rows:]
+                extra_ok &= bool(np.array_equal(bits[rows:], want)) and want.shape[0] == 4
+            else:
+                ms_shared[name] = (bits, dt)
+        for a, b, other in (("mergekit", "reference", mk), ("mergestream", "mergekit", ms_shared)):
+            r = compare(other, merge.reference() if b == "reference" else mk)
+            tot = totals.setdefault(("vocab", f"{a} vs {b}"), dict(
+                merges=0, tensors=0, identical_tensors=0, elements=0,
+                identical_elements=0, bytes=0, nan_elements=0, nan_encoding=0, value=0,
+                missing=0))
+            tot["merges"] += 1
+            for key in tot:
+                if key != "merges":
+                    tot[key] += r[key]
+            bad = r["value"] or r["missing"] or r["nan_encoding"]
+            failures += bool(bad)
+            line.append(f"{a} vs {b} (shared rows): {r['identical_tensors']}/{r['tensors']} "
+                        f"tensors identical" + (f", FAIL {r['first']}" if bad else ""))
+        line.append("mergestream's extra rows: " + ("the base model's" if extra_ok else "FAIL"))
+        failures += not extra_ok
+        print("  ".join(line), flush=True)
+    return failures
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=None,
@@ -358,6 +463,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="another engine: a command with {config} and {out} (and {threads})")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for mergekit (-j); default: mergekit's default")
+    ap.add_argument("--mergestream", default=None, metavar="BIN",
+                    help="add mergestream (this binary): a `merge` column, `merge --check` of "
+                         "mergekit's output, and the vocab category")
     args = ap.parse_args(argv)
 
     mk = args.mergekit or str(Path(sys.executable).with_name("mergekit-yaml"))
@@ -371,6 +479,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not template or "{config}" not in template or "{out}" not in template:
             ap.error(f"--engine {e!r}: expected NAME=TEMPLATE with {{config}} and {{out}}")
         engines[name] = template
+    ms = args.mergestream
+    if ms:
+        ms = shlex.quote(str(Path(ms).resolve()))
+        engines["mergestream"] = f"{ms} merge {{config}} --out {{out}} --quiet"
 
     tmp = None
     if args.work is None:
@@ -384,6 +496,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     failures = 0
     totals: Dict[Tuple[str, str], dict] = {}
     merges = build_merges(root / "models", args.quick)
+    checks = dict(merges=0, identical=0, failed=[])
     print(f"{len(merges)} merges; engines: {', '.join(engines)} vs the numpy reference",
           flush=True)
     for k, (category, merge) in enumerate(merges):
@@ -414,7 +527,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             line.append(f"{a} vs {b}: {r['identical_tensors']}/{r['tensors']} tensors identical"
                         + (f", {r['nan_encoding']} NaN-encoding diffs" if r["nan_encoding"] else "")
                         + (f", FAIL {r['first']}" if bad else ""))
+        if ms:
+            # mergestream's audit of mergekit's output: exit 0 only if every tensor is
+            # identical (expected for every aligned merge).
+            r = subprocess.run(f"{ms} merge {shlex.quote(str(cfg))} --check "
+                               f"{shlex.quote(str(root / 'out' / 'mergekit' / f'{k:02d}'))} --quiet",
+                               shell=True, capture_output=True, text=True)
+            checks["merges"] += 1
+            if r.returncode == 0:
+                checks["identical"] += 1
+            else:
+                checks["failed"].append(f"[{category}] {merge.name}: exit {r.returncode}: "
+                                        + (r.stdout.strip().splitlines() or [r.stderr])[0])
+                failures += category == "aligned"
+            line.append("mergestream --check mergekit: "
+                        + ("identical" if r.returncode == 0 else f"exit {r.returncode}"))
         print("  ".join(line), flush=True)
+
+    if ms:
+        failures += vocab_category(root, mk_template, ms, args.threads, totals)
 
     print("\nsummary")
     for (category, pair), t in sorted(totals.items()):
@@ -424,6 +555,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"and {pct:.4f} % of {t['elements']} elements ({t['nan_elements']} of them NaN) "
               f"byte-identical; NaN-encoding diffs {t['nan_encoding']}, other diffs "
               f"{t['value']}, missing {t['missing']}")
+    if ms:
+        print(f"  mergestream merge --check of mergekit's outputs: {checks['identical']} of "
+              f"{checks['merges']} merges reported identical (exit 0)")
+        for f in checks["failed"]:
+            print(f"    {f}")
     print("RESULT:", "FAIL" if failures else "PASS")
     if tmp is not None:
         tmp.cleanup()

@@ -162,6 +162,21 @@ pub enum Error {
     /// A packed shard or directory is malformed, or packing cannot proceed.
     #[error(transparent)]
     Packed(Box<crate::packed::PackedError>),
+    /// `--check`: the recomputed merge is not what the existing model holds (each tensor's
+    /// outcome is in the report printed before).
+    #[error("{}: not identical to the recomputed merge: {differing} of {tensors} tensors differ, {missing} missing, {extra} not produced by the merge", path.display())]
+    CheckDiffers {
+        /// The existing model directory (or the directory holding several).
+        path: PathBuf,
+        /// Tensors the merge produces.
+        tensors: usize,
+        /// Of those, tensors the existing model holds with other bytes, dtype or shape.
+        differing: usize,
+        /// Of those, tensors the existing model lacks.
+        missing: usize,
+        /// Tensors of the existing model the merge does not produce.
+        extra: usize,
+    },
     /// The request cannot be done as asked (options, environment).
     #[error("{0}")]
     Usage(UsageError),
@@ -194,14 +209,15 @@ impl From<crate::format::torch::TorchError> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The process exit code for this error: 1 when the models do not match, `verify` found
-    /// problems or `finalize` found the parts wanting; 128+N on signal N; 70 (`EX_SOFTWARE`)
+    /// The process exit code for this error: 1 when the models do not match, `verify` or
+    /// `--check` found problems or `finalize` found the parts wanting; 128+N on signal N; 70 (`EX_SOFTWARE`)
     /// for an internal error; 2 for everything else (usage, input and I/O errors).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Mismatch { .. }
             | Error::Disagree { .. }
             | Error::Verify { .. }
+            | Error::CheckDiffers { .. }
             | Error::Parts { .. } => 1,
             Error::Interrupted { signal } => 128 + signal,
             Error::Internal { .. } => 70,
@@ -784,6 +800,30 @@ pub enum DisagreementKind {
         layout: String,
         /// Its shape.
         shape: Vec<u64>,
+    },
+    /// The shapes differ in the first dimension only, as vocabularies of different sizes do
+    /// (merged with `--vocab-mismatch copy-base`).
+    #[error("shape {shape:?} in {layout} but {other:?} in {model} (only the first dimension differs: pass --vocab-mismatch copy-base to merge the rows all models have and copy {layout}'s extra rows)")]
+    Rows {
+        /// The other model.
+        model: String,
+        /// Its shape.
+        other: Vec<u64>,
+        /// The model the output takes its tensors from.
+        layout: String,
+        /// Its shape.
+        shape: Vec<u64>,
+    },
+    /// With `--vocab-mismatch copy-base`, the extra rows would be copied into an output of
+    /// another dtype than the layout model stores them in.
+    #[error("{layout} stores it as {stored} but the merge writes {out}: its extra rows cannot be copied unchanged (set out_dtype to {stored}, or merge models with the same vocabulary size)")]
+    ExtraRowsDtype {
+        /// The model the output takes its tensors from.
+        layout: String,
+        /// Its storage dtype.
+        stored: Dtype,
+        /// The output dtype.
+        out: Dtype,
     },
     /// A dtype that cannot be merged.
     #[error("dtype {dtype} in {model} cannot be merged (BF16, F16 and F32 are merged; integer tensors are copied)")]

@@ -21,6 +21,7 @@
 //!   and checks them again;
 //! - [`packed`] is the zstd-packed shard format: `pack`, `unpack`, random-access reads (a
 //!   model may be packed) and the writer behind `--compress`;
+//! - [`check`] compares a recomputed merge with an existing model instead of writing it;
 //! - [`verify`] checks a finished output; [`synth`] makes model pairs to try things on.
 //!
 //! What the library does not do: print (only `main.rs` does), parse command lines, or read
@@ -30,6 +31,7 @@
 
 pub mod busy;
 pub mod card;
+pub mod check;
 pub mod error;
 mod failpoint;
 pub mod format;
@@ -129,6 +131,7 @@ impl ExpoJob {
             models: vec![self.sft.clone(), self.aligned.clone()],
             root: (self.alphas.len() > 1).then(|| self.out.clone()),
             outputs,
+            earlier_outputs: Vec::new(),
             options: self.options.clone(),
         })
     }
@@ -181,6 +184,9 @@ pub struct MergeJob {
     pub root: Option<PathBuf>,
     /// The outputs, each a method over some of `models`.
     pub outputs: Vec<OutputJob>,
+    /// Inputs (indices into `models`) that earlier runs of the same config wrote into
+    /// `root`: `root` may hold them (each output is still kept off every input).
+    pub earlier_outputs: Vec<usize>,
     /// How the run goes about its work.
     pub options: RunOptions,
 }
@@ -293,14 +299,18 @@ pub fn config_runs(
             ));
         }
         let mut models: Vec<PathBuf> = Vec::new();
+        let mut earlier_outputs = Vec::new();
         let mut outputs = Vec::new();
         for &k in &now {
             let o = &spec.outputs[k];
             let mut indices = Vec::new();
             for entry in &o.models {
-                let path = match &entry.model.location {
-                    ModelLocation::Output { index, .. } => dir_of(*index),
-                    _ => entry.model.dir().expect("not another output").to_path_buf(),
+                let (path, earlier) = match &entry.model.location {
+                    ModelLocation::Output { index, .. } => (dir_of(*index), true),
+                    _ => (
+                        entry.model.dir().expect("not another output").to_path_buf(),
+                        false,
+                    ),
                 };
                 let i = match models.iter().position(|m| *m == path) {
                     Some(i) => i,
@@ -309,6 +319,9 @@ pub fn config_runs(
                         models.len() - 1
                     }
                 };
+                if earlier && !earlier_outputs.contains(&i) {
+                    earlier_outputs.push(i);
+                }
                 indices.push(i);
             }
             outputs.push(OutputJob {
@@ -329,6 +342,7 @@ pub fn config_runs(
             models,
             root: (!single).then(|| out.to_path_buf()),
             outputs,
+            earlier_outputs,
             options: options.clone(),
         });
         remaining = later;
@@ -423,6 +437,113 @@ pub fn expo(job: &ExpoJob, cancel: &Cancel) -> Result<Summary> {
     run(&job.to_merge_job()?, cancel)
 }
 
+/// The kernel a run uses and the bytes its chunk buffers may take, from its options; checked
+/// before anything is created.
+fn engine(opts: &RunOptions) -> Result<(Isa, u64)> {
+    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
+    let budget = opts
+        .memory
+        .checked_sub(MEMORY_RESERVE)
+        .filter(|&b| b > 0)
+        .ok_or(UsageError::MemoryBelowReserve {
+            reserve: MEMORY_RESERVE,
+        })?;
+    Ok((isa, budget))
+}
+
+/// Whether two outputs can share one read of their inputs: they list the same tensors in the
+/// same order with the same element counts (vocabularies of one size), and where either runs a
+/// statistics method (whose op must see its segment whole) both cut the tensor into the same
+/// segments.
+fn share_a_read(a: &Plan, b: &Plan) -> bool {
+    a.tensor_names().eq(b.tensor_names())
+        && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
+            if x.numel() != y.numel() {
+                return false;
+            }
+            let method = |t: &plan::PlannedTensor| {
+                t.segments
+                    .iter()
+                    .any(|s| matches!(s.op, plan::Op::Method(_)))
+            };
+            !(method(x) || method(y))
+                || x.segments
+                    .iter()
+                    .map(|s| s.elems.clone())
+                    .eq(y.segments.iter().map(|s| s.elems.clone()))
+        })
+}
+
+/// Streams the selected shards of every output into its sink: the engine behind [`run`] (whose
+/// sinks write output directories) and [`check::check`] (whose sinks compare with existing
+/// ones), and open to any other [`pipeline::ShardSink`]. Outputs that can share a read of their
+/// inputs ([`Plan::tensor_names`] in the same order) are streamed together, reading each input
+/// once; the others one group after another. Returns the kernel that ran and the most reader
+/// threads a group used.
+pub fn stream(
+    models: &[Model],
+    outputs: Vec<pipeline::Output<'_>>,
+    options: &RunOptions,
+    progress: &dyn pipeline::Progress,
+    cancel: &Cancel,
+    busy: &busy::Busy,
+) -> Result<(Isa, usize)> {
+    let (isa, budget) = engine(options)?;
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for k in 0..outputs.len() {
+        match groups
+            .iter_mut()
+            .find(|g| share_a_read(outputs[g[0]].plan, outputs[k].plan))
+        {
+            Some(g) => g.push(k),
+            None => groups.push(vec![k]),
+        }
+    }
+    let mut outputs: Vec<Option<pipeline::Output<'_>>> = outputs.into_iter().map(Some).collect();
+    let mut readers = 1;
+    for group in groups {
+        let mut members: Vec<pipeline::Output<'_>> = group
+            .iter()
+            .map(|&k| outputs[k].take().expect("each output is in one group"))
+            .collect();
+        let shapes: Vec<(&Plan, &[usize])> = members.iter().map(|o| (o.plan, o.shards)).collect();
+        let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+        // The reader's decoded blocks of packed inputs and the packing writers' blocks in
+        // flight come out of the budget first.
+        let cache = model::ReadCache::bytes(models, reads)
+            + options
+                .compress
+                .as_ref()
+                .map_or(0, |o| o.memory_bytes() * members.len() as u64);
+        let mut settings = Settings::for_budget(
+            budget.saturating_sub(cache),
+            options.threads,
+            isa,
+            reads + computed,
+        )
+        .map_err(|e| match e {
+            Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
+                UsageError::MemoryTooSmall {
+                    threads,
+                    needed: needed + cache,
+                }
+                .into()
+            }
+            e => e,
+        })?;
+        if let Some(chunk) = options.chunk_bytes {
+            settings.chunk_bytes = chunk.max(8) & !7;
+        }
+        if models.iter().any(Model::has_packed_shards) {
+            // Consecutive chunks share a decoded block: one reader decodes each once.
+            settings.readers = 1;
+        }
+        readers = readers.max(settings.readers);
+        pipeline::run(models, &mut members, &settings, progress, cancel, busy)?;
+    }
+    Ok((isa, readers))
+}
+
 /// Runs `job`: plans, then writes this part's shards of every output (all of them for a whole
 /// run), reading each input once, and for a whole run finalizes every output.
 pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
@@ -431,7 +552,11 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     // Before anything is created or removed (the precheck creates a probe file).
     let inputs: Vec<&std::path::Path> = job.models.iter().map(PathBuf::as_path).collect();
     if let Some(root) = &job.root {
-        paths::check_overlap(root, &inputs)?;
+        let outside: Vec<&std::path::Path> = (0..inputs.len())
+            .filter(|i| !job.earlier_outputs.contains(i))
+            .map(|i| inputs[i])
+            .collect();
+        paths::check_overlap(root, &outside)?;
     }
     for o in &job.outputs {
         paths::check_overlap(&o.out, &inputs)?;
@@ -452,14 +577,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .chain(job.outputs.iter().map(|o| &o.out))
         .filter_map(|p| holds_nothing(p).map(|absent| (p.clone(), absent)))
         .collect();
-    let isa = kernel::Isa::select().map_err(UsageError::Isa)?;
-    let budget = opts
-        .memory
-        .checked_sub(MEMORY_RESERVE)
-        .filter(|&b| b > 0)
-        .ok_or(UsageError::MemoryBelowReserve {
-            reserve: MEMORY_RESERVE,
-        })?;
+    let (isa, _) = engine(opts)?;
     let (mut models, plans) = plan_job(job)?;
     if opts.io != IoMode::Buffered {
         for model in &mut models {
@@ -507,8 +625,17 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     for dir in &mut dirs {
         dir.count_busy(std::sync::Arc::clone(&busy));
     }
-    let mut buffered = false;
-    let mut readers = 1;
+    let mut writers: Vec<ShardWriter> = dirs.iter_mut().map(ShardWriter::new).collect();
+    let outputs: Vec<pipeline::Output> = writers
+        .iter_mut()
+        .zip(&plans)
+        .zip(&todo)
+        .map(|((w, plan), todo)| pipeline::Output {
+            plan,
+            shards: todo,
+            sink: w,
+        })
+        .collect();
     // Part 0 hashes every input file (`--hash-inputs`) on threads of its own while the
     // pipeline reads: see `lineage`.
     let hashing = opts.hash_inputs && part.index == 0;
@@ -516,76 +643,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     let (result, hashes) = std::thread::scope(|scope| {
         let hasher =
             hashing.then(|| scope.spawn(|| lineage::hash_models(&models, &stop_hashing, cancel)));
-        let result = (|| {
-            // Outputs listing the same tensors in the same order share one read of the inputs.
-            let mut groups: Vec<Vec<usize>> = Vec::new();
-            for k in 0..plans.len() {
-                match groups
-                    .iter_mut()
-                    .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
-                {
-                    Some(g) => g.push(k),
-                    None => groups.push(vec![k]),
-                }
-            }
-            for group in groups {
-                let shapes: Vec<(&Plan, &[usize])> = group
-                    .iter()
-                    .map(|&k| (&plans[k], todo[k].as_slice()))
-                    .collect();
-                let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-                // The reader's decoded blocks of packed inputs and the packing writers' blocks
-                // in flight come out of the budget first.
-                let cache = model::ReadCache::bytes(&models, reads)
-                    + opts
-                        .compress
-                        .as_ref()
-                        .map_or(0, |o| o.memory_bytes() * group.len() as u64);
-                let mut settings = Settings::for_budget(
-                    budget.saturating_sub(cache),
-                    opts.threads,
-                    isa,
-                    reads + computed,
-                )
-                .map_err(|e| match e {
-                    Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
-                        UsageError::MemoryTooSmall {
-                            threads,
-                            needed: needed + cache,
-                        }
-                        .into()
-                    }
-                    e => e,
-                })?;
-                if let Some(chunk) = opts.chunk_bytes {
-                    settings.chunk_bytes = chunk.max(8) & !7;
-                }
-                if models.iter().any(Model::has_packed_shards) {
-                    // Consecutive chunks share a decoded block: one reader decodes each once.
-                    settings.readers = 1;
-                }
-                readers = readers.max(settings.readers);
-                let mut writers: Vec<ShardWriter> = Vec::new();
-                for (k, dir) in dirs.iter_mut().enumerate() {
-                    if group.contains(&k) {
-                        writers.push(ShardWriter::new(dir));
-                    }
-                }
-                let mut outputs: Vec<pipeline::Output> = writers
-                    .iter_mut()
-                    .zip(&group)
-                    .map(|(w, &k)| pipeline::Output {
-                        plan: &plans[k],
-                        shards: &todo[k],
-                        sink: w,
-                    })
-                    .collect();
-                pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
-                drop(outputs);
-                buffered |= writers.iter().any(|w| w.buffered);
-            }
-            Ok::<(), Error>(())
-        })();
+        let result = stream(&models, outputs, opts, &bar, cancel, &busy);
         if result.is_err() {
             stop_hashing.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -595,14 +653,19 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         });
         (result, hashes)
     });
+    let buffered = writers.iter().any(|w| w.buffered);
+    drop(writers);
     bar.finish();
-    if let Err(e) = result {
-        if damaged_input(&e) {
-            drop(dirs);
-            remove_fresh(&fresh);
+    let readers = match result {
+        Ok((_, readers)) => readers,
+        Err(e) => {
+            if damaged_input(&e) {
+                drop(dirs);
+                remove_fresh(&fresh);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     let hashes: Option<Vec<Vec<lineage::FileHash>>> = match hashes {
         None => None,
         Some(h) => {

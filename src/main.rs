@@ -21,7 +21,7 @@ use mergestream::plan::Part;
 use mergestream::units::{format_bytes, ByteSize};
 use mergestream::writer::IoMode;
 use mergestream::{
-    progress, spec, synth, verify, Error, ExpoJob, MergeJob, Result, RunOptions, Summary,
+    check, progress, spec, synth, verify, Error, ExpoJob, MergeJob, Result, RunOptions, Summary,
 };
 
 #[derive(Parser)]
@@ -40,13 +40,13 @@ struct Cli {
 enum Command {
     /// Write aligned + alpha * (aligned - sft) for every tensor (ExPO).
     #[command(
-        after_help = "Examples:\n  mergestream expo --sft Meta-Llama-3-70B-Instruct --aligned Llama3-70B-Chinese-Chat --alpha 0.3 --out ExPO\n  mergestream expo ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --resume   (then: mergestream finalize OUT)"
+        after_help = "Examples:\n  mergestream expo --sft Meta-Llama-3-70B-Instruct --aligned Llama3-70B-Chinese-Chat --alpha 0.3 --out ExPO\n  mergestream expo ... --alpha 0.1,0.2,0.3 --out SWEEP   (SWEEP/alpha-0.1/, … from one read)\n  mergestream expo ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --resume   (then: mergestream finalize OUT)\n  mergestream expo ... --alpha 0.3 --check ./Llama3-70B-Chinese-Chat-ExPO   (recompute, compare, write nothing)"
     )]
     Expo(ExpoArgs),
     /// Run a mergekit merge config (linear, task_arithmetic, ties, dare, slerp, model_stock,
     /// breadcrumbs, della, and expo), with mergekit's arithmetic.
     #[command(
-        after_help = "Examples:\n  mergestream merge examples/configs/ties.yml --out TIES\n  mergestream merge sweep.yml --out SWEEP        (a multi-document config: SWEEP/<name>/ each)\n  mergestream plan examples/configs/ties.yml      (check the config and models; writes nothing)"
+        after_help = "Examples:\n  mergestream merge examples/configs/ties.yml --out TIES\n  mergestream merge sweep.yml --out SWEEP        (a multi-document config: SWEEP/<name>/ each)\n  mergestream merge mergekit_config.yml --check ./published-merge   (recompute, compare, write nothing)\n  mergestream plan examples/configs/ties.yml      (check the config and models; writes nothing)"
     )]
     Merge(MergeArgs),
     /// Check the models (of two for ExPO, or of a merge config) and show the output layout;
@@ -192,7 +192,18 @@ enum OnlyIn {
     Copy,
 }
 
-/// `--vocab-mismatch`.
+/// `plan --vocab-mismatch`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PlanVocab {
+    /// A mismatch (the default).
+    Refuse,
+    /// The layout (aligned) model's extra rows copied.
+    CopyAligned,
+    /// The layout (base) model's extra rows copied.
+    CopyBase,
+}
+
+/// `expo --vocab-mismatch`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum VocabMismatch {
     /// A mismatch (the default).
@@ -225,8 +236,13 @@ struct LineageArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Output directory (created if missing; must be empty unless --resume or --force).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "check")]
+    out: Option<PathBuf>,
+    /// Write nothing: recompute the merge and compare it, tensor by tensor, with the model
+    /// already in DIR (DIR/<name>/ for each output of several); prints every tensor's outcome,
+    /// exits 0 only if all are identical, 1 otherwise.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "part", "resume", "force", "io", "json"])]
+    check: Option<PathBuf>,
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MEMORY), help = memory_help())]
     memory: ByteSize,
     /// Compute threads (default: the number of CPUs).
@@ -264,6 +280,14 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The directory the run writes, or with `--check` the one it compares with.
+    fn dir(&self) -> Result<PathBuf> {
+        self.out
+            .clone()
+            .or_else(|| self.check.clone())
+            .ok_or_else(|| Error::internal("clap requires --out or --check"))
+    }
+
     fn options(&self, layout: &LayoutArgs, lineage: &LineageArgs) -> RunOptions {
         let threads = self.threads.unwrap_or_else(cpus);
         RunOptions {
@@ -299,10 +323,24 @@ struct MergeArgs {
     layout: LayoutArgs,
     #[command(flatten)]
     policy: ConfigPolicyArgs,
+    /// Tensors whose first dimension differs (vocabularies of 32000 and 32002): refuse
+    /// (default) or merge the rows all models have and copy the base (layout) model's extra
+    /// rows (for an expo document, the aligned model's).
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = ConfigVocab::Refuse)]
+    vocab_mismatch: ConfigVocab,
     #[command(flatten)]
     lineage: LineageArgs,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// `merge --vocab-mismatch`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ConfigVocab {
+    /// A mismatch (the default).
+    Refuse,
+    /// Shared rows merged, the base model's extra rows copied.
+    CopyBase,
 }
 
 /// Where the models of a config may disagree.
@@ -342,9 +380,11 @@ struct PlanArgs {
     /// As `expo --only-in-aligned`.
     #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnlyIn::Refuse)]
     only_in_aligned: OnlyIn,
-    /// As `expo --vocab-mismatch`.
-    #[arg(long, value_name = "WHAT", value_enum, default_value_t = VocabMismatch::Refuse)]
-    vocab_mismatch: VocabMismatch,
+    /// As `expo --vocab-mismatch` (copy-aligned) and `merge --vocab-mismatch` (copy-base):
+    /// either copies the layout model's extra rows (the aligned model's for ExPO, the base
+    /// model's for a config).
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = PlanVocab::Refuse)]
+    vocab_mismatch: PlanVocab,
     #[command(flatten)]
     config_policy: ConfigPolicyArgs,
     /// As `expo --hash-inputs` (it changes provenance, the card and so the fingerprint).
@@ -750,11 +790,77 @@ fn expo(args: ExpoArgs) -> Result<(), Failure> {
         options: args.run.options(&args.pair.layout, &args.lineage),
         sft,
         aligned,
-        out: args.run.out.clone(),
+        out: args.run.dir()?,
         alphas: args.pair.alpha,
     };
+    if let Some(dir) = &args.run.check {
+        let reports = check::check(&job.to_merge_job()?, &cancel)?;
+        return print_checks(dir, &reports, args.run.quiet);
+    }
     let summary = mergestream::expo(&job, &cancel)?;
     report(&summary, job.options.part, args.run.quiet, args.run.json)
+}
+
+/// `--check`'s results: every tensor's outcome (only the others with `--quiet`) and a
+/// summary line per output on stdout; exit 1 unless all are identical.
+fn print_checks(
+    dir: &std::path::Path,
+    reports: &[check::CheckReport],
+    quiet: bool,
+) -> Result<(), Failure> {
+    let mut out = stdout();
+    let (mut tensors, mut differing, mut missing, mut extra) = (0, 0, 0, 0);
+    for r in reports {
+        for t in &r.tensors {
+            if !quiet || t.outcome != check::Outcome::Identical {
+                writeln!(out, "{t}")?;
+            }
+        }
+        for name in &r.extra {
+            writeln!(
+                out,
+                "{name}: EXTRA: in the existing model, not produced by the merge"
+            )?;
+        }
+        let identical = r.identical();
+        writeln!(
+            out,
+            "{}: {} of {} tensors identical{}",
+            r.dir.display(),
+            identical,
+            r.tensors.len(),
+            if r.is_identical() {
+                String::new()
+            } else {
+                format!(
+                    "; {} differ, {} missing, {} extra",
+                    r.tensors.len() - identical - r.missing(),
+                    r.missing(),
+                    r.extra.len()
+                )
+            }
+        )?;
+        tensors += r.tensors.len();
+        missing += r.missing();
+        differing += r.tensors.len() - identical - r.missing();
+        extra += r.extra.len();
+    }
+    out.flush()?;
+    if reports.iter().all(check::CheckReport::is_identical) {
+        return Ok(());
+    }
+    let path = match reports {
+        [one] => one.dir.clone(),
+        _ => dir.to_path_buf(),
+    };
+    Err(Error::CheckDiffers {
+        path,
+        tensors,
+        differing,
+        missing,
+        extra,
+    }
+    .into())
 }
 
 /// Reads and checks a merge config (relative model paths are relative to the working
@@ -773,7 +879,20 @@ fn merge(args: MergeArgs) -> Result<(), Failure> {
     let cancel = cancel_on_signals()?;
     let spec = read_config(&args.config)?;
     let options = args.run.options(&args.layout, &args.lineage);
-    let runs = mergestream::config_runs(&spec, &args.run.out, args.policy.policy(), &options)?;
+    let policy = Policy {
+        copy_extra_rows: args.vocab_mismatch == ConfigVocab::CopyBase,
+        ..args.policy.policy()
+    };
+    let dir = args.run.dir()?;
+    let runs = mergestream::config_runs(&spec, &dir, policy, &options)?;
+    if args.run.check.is_some() {
+        // Later stages read the earlier stages' outputs as they are in DIR.
+        let mut reports = Vec::new();
+        for job in &runs {
+            reports.extend(check::check(job, &cancel)?);
+        }
+        return print_checks(&dir, &reports, args.run.quiet);
+    }
     for job in &runs {
         let summary = mergestream::run(job, &cancel)?;
         report(&summary, options.part, args.run.quiet, args.run.json)?;
@@ -918,12 +1037,16 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
     let runs: Vec<MergeJob> = match (&args.config, &args.sft, &args.aligned) {
         (Some(config), _, _) => {
             let spec = read_config(config)?;
-            mergestream::config_runs(&spec, &out_dir, args.config_policy.policy(), &options)?
+            let policy = Policy {
+                copy_extra_rows: args.vocab_mismatch != PlanVocab::Refuse,
+                ..args.config_policy.policy()
+            };
+            mergestream::config_runs(&spec, &out_dir, policy, &options)?
         }
         (None, Some(sft), Some(aligned)) => {
             let policy = Policy {
                 copy_only_in_layout: args.only_in_aligned == OnlyIn::Copy,
-                copy_extra_rows: args.vocab_mismatch == VocabMismatch::CopyAligned,
+                copy_extra_rows: args.vocab_mismatch != PlanVocab::Refuse,
             };
             vec![ExpoJob {
                 sft: sft.clone(),

@@ -102,7 +102,8 @@ pub struct Policy {
     pub copy_only_in_layout: bool,
     /// Tensors whose shapes differ only in the first dimension (vocabularies of 32000 and 32002
     /// rows) merge the rows all models have and copy the layout model's extra rows
-    /// (`--vocab-mismatch copy-aligned`), instead of being a mismatch.
+    /// (`expo --vocab-mismatch copy-aligned`, `merge --vocab-mismatch copy-base`), instead of
+    /// being a mismatch.
     pub copy_extra_rows: bool,
 }
 
@@ -658,19 +659,39 @@ fn plan_config(
             continue;
         }
         let mut bad = false;
+        // Whether some model has another number of rows (a vocabulary of another size).
+        let mut rows_differ = false;
         for &(i, _, info) in &found {
             if info.shape != t.shape {
-                mismatch(
-                    &t.name,
-                    DisagreementKind::Shape {
-                        model: role(i),
-                        other: info.shape.clone(),
-                        layout: role(layout_pos),
-                        shape: t.shape.clone(),
-                    },
-                );
-                bad = true;
-            } else if info.dtype.mergeable().is_none() {
+                if rows_only_differ(&t.shape, &info.shape) && policy.copy_extra_rows {
+                    rows_differ = true;
+                } else {
+                    let (model, other, layout, shape) = (
+                        role(i),
+                        info.shape.clone(),
+                        role(layout_pos),
+                        t.shape.clone(),
+                    );
+                    let kind = if rows_only_differ(&t.shape, &info.shape) {
+                        DisagreementKind::Rows {
+                            model,
+                            other,
+                            layout,
+                            shape,
+                        }
+                    } else {
+                        DisagreementKind::Shape {
+                            model,
+                            other,
+                            layout,
+                            shape,
+                        }
+                    };
+                    mismatch(&t.name, kind);
+                    bad = true;
+                }
+            }
+            if info.dtype.mergeable().is_none() {
                 mismatch(
                     &t.name,
                     DisagreementKind::Dtype {
@@ -693,6 +714,62 @@ fn plan_config(
             )
         });
         let out = spec.out_dtype.unwrap_or(compute);
+        // The rows all models have are merged (as mergekit merges vocabularies truncated to the
+        // shortest); the layout model's rows beyond them are copied.
+        let (shape, shared) = if rows_differ {
+            let rows = found
+                .iter()
+                .map(|(_, _, info)| info.shape[0])
+                .min()
+                .unwrap_or(0);
+            let mut shape = t.shape.clone();
+            shape[0] = rows;
+            let shared: u64 = shape.iter().product();
+            let extra = t.shape[0] - rows;
+            let fewest = found
+                .iter()
+                .filter(|(_, _, info)| info.shape[0] == rows)
+                .map(|&(i, _, _)| role(i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let what = if extra > 0 {
+                if dtype_of(out) != t.dtype {
+                    mismatch(
+                        &t.name,
+                        DisagreementKind::ExtraRowsDtype {
+                            layout: role(layout_pos),
+                            stored: t.dtype,
+                            out: dtype_of(out),
+                        },
+                    );
+                    continue;
+                }
+                format!(
+                    "{} rows in {}, {rows} in {fewest}: {rows} rows merged, the {extra} extra rows copied from {} (--vocab-mismatch copy-base)",
+                    t.shape[0],
+                    role(layout_pos),
+                    role(layout_pos)
+                )
+            } else {
+                let more: Vec<String> = found
+                    .iter()
+                    .filter(|(_, _, info)| info.shape[0] > rows)
+                    .map(|&(i, _, info)| format!("{} ({} rows)", role(i), info.shape[0]))
+                    .collect();
+                format!(
+                    "{rows} rows in {}: merged; the extra rows of {} left out (--vocab-mismatch copy-base)",
+                    role(layout_pos),
+                    more.join(", ")
+                )
+            };
+            notes.push(Note {
+                tensor: t.name.clone(),
+                note: what,
+            });
+            (shape, shared)
+        } else {
+            (t.shape.clone(), numel)
+        };
         let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
         let resolved = spec.resolve(&t.name, layer_t).map_err(|e| Error::Method {
             tensor: t.name.clone(),
@@ -734,7 +811,7 @@ fn plan_config(
                     lambda: resolved.f64(Param::Lambda).unwrap_or(1.0),
                     compute,
                     out,
-                    numel,
+                    numel: shared,
                 })
                 .map_err(|e| Error::Method {
                     tensor: t.name.clone(),
@@ -746,7 +823,7 @@ fn plan_config(
                 let params = method_params(method, spec, &resolved, &order);
                 let ctx = methods::TensorCtx {
                     name: &t.name,
-                    shape: &t.shape,
+                    shape: &shape,
                     compute,
                     inputs: &dtypes,
                     out,
@@ -774,16 +851,30 @@ fn plan_config(
             })
             .collect();
         let dtype = dtype_of(out);
+        let mut segments = vec![Segment {
+            elems: 0..shared,
+            op,
+            inputs,
+        }];
+        if shared < numel {
+            segments.push(Segment {
+                elems: shared..numel,
+                op: Op::Copy,
+                inputs: vec![Input {
+                    first: shared,
+                    ..layout_input
+                }],
+            });
+            if shared == 0 {
+                segments.remove(0);
+            }
+        }
         tensors.push(PlannedTensor {
             name: t.name.clone(),
             dtype,
             shape: t.shape.clone(),
             nbytes: numel * dtype.size() as u64,
-            segments: vec![Segment {
-                elems: 0..numel,
-                op,
-                inputs,
-            }],
+            segments,
         });
     }
     // Tensors the other models have and the layout model does not.

@@ -114,13 +114,24 @@ pub fn parse_config(text: &str, base_dir: &Path, hf: &HfCache) -> Result<MergeSp
         .iter()
         .zip(doc_names)
         .map(|(doc, name)| {
-            let source = text.get(doc.text.clone()).unwrap_or_default();
+            let source = without_start_marker(text.get(doc.text.clone()).unwrap_or_default());
             read_document(doc, source, name, &ctx)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let spec = MergeSpec { outputs };
     spec.check_dependencies()?;
     Ok(spec)
+}
+
+/// A document's text without the `---` line that starts it (the separator before every
+/// document but the first): the text a config holding that document alone would have, so
+/// that a document of a multi-document config and the same document run alone record the
+/// same source (and write the same bytes).
+fn without_start_marker(doc: &str) -> &str {
+    match doc.split_once('\n') {
+        Some((first, rest)) if first.trim_end() == "---" => rest,
+        _ => doc,
+    }
 }
 
 /// Where model references are looked up.
@@ -972,4 +983,21 @@ fn d_at_of_param(d: &Doc, item: Option<NodeId>, name: &str) -> Option<Location> 
         return None;
     };
     lookup(pe, name).map(|(k, _)| k.at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_start_marker;
+
+    #[test]
+    fn a_document_records_its_text_without_the_separator() {
+        assert_eq!(without_start_marker("---\nname: a\n"), "name: a\n");
+        assert_eq!(without_start_marker("---  \r\nname: a\n"), "name: a\n");
+        assert_eq!(without_start_marker("name: a\n---\n"), "name: a\n---\n");
+        assert_eq!(
+            without_start_marker("--- # c\nname: a\n"),
+            "--- # c\nname: a\n"
+        );
+        assert_eq!(without_start_marker("---"), "---");
+    }
 }

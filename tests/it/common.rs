@@ -35,6 +35,25 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The test venv's python: `$MERGESTREAM_TEST_PYTHON`, else what `scripts/test-env.sh`
+/// prepares (it installs what is missing).
+pub fn test_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MERGESTREAM_TEST_PYTHON") {
+        return p.into();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-env.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "test-env.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

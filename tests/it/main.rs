@@ -7,6 +7,8 @@
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`, `sweep`, `checkpoints`: the
 //!   command line, area by area;
 //! - `card`, `lineage`: the output's model card, subdirectories, and input hashes;
+//! - `configs`: merge configs through the binary against the numpy reference, `--check`,
+//!   sweeps, staged configs, vocabularies, bad configs;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
 //!   kernels against independent numpy references of mergekit's arithmetic;
 //! - `packed`: the packed format (`pack`/`unpack`, random access, malformed files, bases);
@@ -26,6 +28,7 @@ mod common;
 
 mod card;
 mod checkpoints;
+mod configs;
 mod expo;
 #[cfg(feature = "failpoints")]
 mod faults;

@@ -1,7 +1,7 @@
 //! Memory is bounded by the budget, not by tensor or model size: merging a pair shaped like
 //! Llama-3-70B at full width (8192 hidden, vocab 128256: embed_tokens and lm_head are 2.1 GB
-//! each) keeps the process's peak RSS, measured by the OS, within the budget; so does merging
-//! packed inputs into compressed output.
+//! each) keeps the process's peak RSS, measured by the OS, within the budget; so do merging
+//! packed inputs into compressed output, and an eight-model `linear` merge config at that width.
 
 use crate::common::*;
 
@@ -118,4 +118,86 @@ fn packed_inputs_and_compressed_output_stay_within_the_budget() {
         manifest_without_names_of_inputs(&out),
         manifest_without_names_of_inputs(&plain)
     );
+}
+
+/// Writes a safetensors file of BF16 tensors whose data is all zeros, as a sparse file: its
+/// size is real (the run reads every byte), the disk space it takes is not.
+fn sparse_bf16_model(path: &std::path::Path, tensors: &[(&str, &[u64])]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, shape) in tensors {
+        let bytes = 2 * shape.iter().product::<u64>();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&header).unwrap();
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    std::fs::write(path, &bytes).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(bytes.len() as u64 + offset).unwrap();
+}
+
+#[test]
+fn an_eight_model_merge_at_llama3_70b_width_stays_within_256_mib() {
+    // Llama-3-70B widths: hidden 8192, 8 KV heads of 128, vocabulary 128256 (embed_tokens is
+    // 2.1 GB), one layer's attention. One sparse file, hard-linked into eight model
+    // directories: eight models as far as the merge is concerned, one page-cache copy.
+    let dir = tempdir();
+    let first = dir.path().join("m0");
+    std::fs::create_dir_all(&first).unwrap();
+    let layer = "model.layers.0.";
+    let q = format!("{layer}self_attn.q_proj.weight");
+    let k = format!("{layer}self_attn.k_proj.weight");
+    let v = format!("{layer}self_attn.v_proj.weight");
+    let o = format!("{layer}self_attn.o_proj.weight");
+    let norm = format!("{layer}input_layernorm.weight");
+    sparse_bf16_model(
+        &first.join("model.safetensors"),
+        &[
+            ("model.embed_tokens.weight", &[128256, 8192]),
+            (&norm, &[8192]),
+            (&q, &[8192, 8192]),
+            (&k, &[1024, 8192]),
+            (&v, &[1024, 8192]),
+            (&o, &[8192, 8192]),
+            ("model.norm.weight", &[8192]),
+        ],
+    );
+    let mut config = String::from("merge_method: linear\nmodels:\n");
+    for i in 0..8 {
+        let m = dir.path().join(format!("m{i}"));
+        if i > 0 {
+            std::fs::create_dir_all(&m).unwrap();
+            std::fs::hard_link(first.join("model.safetensors"), m.join("model.safetensors"))
+                .unwrap();
+        }
+        config += &format!(
+            "  - model: {}\n    parameters:\n      weight: {}\n",
+            m.display(),
+            0.05 + 0.1 * i as f64
+        );
+    }
+    config += "dtype: float32\nout_dtype: bfloat16\n";
+    let config_path = dir.path().join("eight.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = dir.path().join("out");
+    let (status, peak, err) = run_measuring_peak_rss(&[
+        "merge",
+        config_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(status.success(), "{err}");
+    let mib = peak >> 20;
+    eprintln!("8-model linear merge, 2.1 GB tensors: peak RSS {mib} MiB");
+    assert!(mib <= 256, "peak RSS {mib} MiB exceeds 256 MiB");
+    run_ok(&["verify", out.to_str().unwrap(), "--quiet"]);
 }

@@ -703,9 +703,9 @@ fn multi_document_configs() {
         vec![1]
     );
     assert_eq!(spec.run_order(), vec![1, 0, 2]);
-    assert!(spec.outputs[1]
-        .source_text
-        .starts_with("---\nname: stage-a\n"));
+    // Each document's own text, without the `---` that separated it: what a config holding
+    // that document alone would say.
+    assert!(spec.outputs[1].source_text.starts_with("name: stage-a\n"));
 
     // A circle.
     let err = env.err("name: a\nmerge_method: linear\nmodels:\n  - model: b\n    parameters: {weight: 1}\n---\nname: b\nmerge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n");

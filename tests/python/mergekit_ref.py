@@ -29,14 +29,20 @@ CLI use (expected outputs for end-to-end tests):
 
 SPEC.json:
     {"method": "linear" | "task_arithmetic",
-     "inputs": ["a.safetensors", "b.safetensors", ...],   # in config order
+     "inputs": ["a.safetensors", "b.safetensors", ...],   # in config order; a model directory
+                                                          # (index + shards, or model.safetensors)
+                                                          # works too
      "base": "base.safetensors",                          # task_arithmetic only
      "dtype": "bfloat16" | "float16" | "float32" | null,  # mergekit `dtype:`
      "out_dtype": ... | null,
      "normalize": true | false | null,                    # null: the method's default
      "lambda": 1.0,                                        # task_arithmetic only
      "weights": {"tensor.name": [w0, w1, ...], ...},       # per tensor, one per input
-     "default_weights": [w0, w1, ...]}                     # for tensors not listed
+     "default_weights": [w0, w1, ...],                     # for tensors not listed
+     "truncate_rows": false}                               # true: where the inputs' first
+                                                          # dimensions differ, keep the rows all
+                                                          # have (mergekit's
+                                                          # --unsafe-truncate-embeddings)
 """
 
 from __future__ import annotations
@@ -516,6 +522,23 @@ def _read_safetensors(path: str):
     return out, meta
 
 
+def _read_model(path: str):
+    """name -> (bits, dtype, shape) of a .safetensors file or a model directory (its
+    model.safetensors.index.json and shards, or its model.safetensors)."""
+    import os
+    if not os.path.isdir(path):
+        return _read_safetensors(path)[0]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return _read_safetensors(os.path.join(path, "model.safetensors"))[0]
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for shard in shards:
+        out.update(_read_safetensors(os.path.join(path, shard))[0])
+    return out
+
+
 def _write_safetensors(path: str, tensors) -> None:
     """tensors: list of (name, bits, dtype) in the order to write."""
     header = {}
@@ -540,8 +563,8 @@ def run_spec(spec: dict, out_path: str) -> None:
     method = spec["method"]
     if method not in ("linear", "task_arithmetic"):
         raise ValueError(f"unsupported method {method!r}")
-    inputs = [_read_safetensors(p)[0] for p in spec["inputs"]]
-    base = _read_safetensors(spec["base"])[0] if method == "task_arithmetic" else None
+    inputs = [_read_model(p) for p in spec["inputs"]]
+    base = _read_model(spec["base"]) if method == "task_arithmetic" else None
     normalize = spec.get("normalize")
     if normalize is None:
         normalize = method == "linear"
@@ -553,10 +576,15 @@ def run_spec(spec: dict, out_path: str) -> None:
         if weights is None:
             raise ValueError(f"no weights for tensor {name}")
         ts = [(m[name][0], m[name][1]) for m in inputs]
+        b = (base[name][0], base[name][1]) if base is not None else None
+        if spec.get("truncate_rows"):
+            rows = min(np.shape(t[0])[0] for t in ts + ([b] if b else []))
+            ts = [(t[0][:rows], t[1]) for t in ts]
+            b = (b[0][:rows], b[1]) if b else None
         if method == "linear":
             bits, dt = linear(ts, weights, normalize=normalize, compute=compute, out_dtype=out_dtype)
         else:
-            bits, dt = task_arithmetic((base[name][0], base[name][1]), ts, weights, normalize=normalize,
+            bits, dt = task_arithmetic(b, ts, weights, normalize=normalize,
                                        lam=float(spec.get("lambda", 1.0)), compute=compute,
                                        out_dtype=out_dtype)
         results.append((name, bits, dt))
