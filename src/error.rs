@@ -788,8 +788,9 @@ pub enum MethodFailure {
     /// A parameter could not be resolved for the tensor.
     #[error(transparent)]
     Parameter(Box<crate::spec::SpecError>),
-    /// The method works on more elements at a time than a chunk holds.
-    #[error("its merge method works on {granule} elements at a time ({bytes} bytes), more than a chunk holds ({chunk} bytes): raise --memory")]
+    /// The method works on more elements at a time than a chunk of the size asked for
+    /// (`--chunk-size`) holds.
+    #[error("its merge method works on {granule} elements at a time ({bytes} bytes), more than a chunk holds ({chunk} bytes)")]
     ChunkTooSmall {
         /// Elements the method works on at a time (a block, or a row).
         granule: u64,
@@ -797,6 +798,19 @@ pub enum MethodFailure {
         bytes: u64,
         /// Bytes of a chunk.
         chunk: u64,
+    },
+    /// A row the method works on whole (DELLA's ranks, model_stock's `filter_wise`) needs
+    /// chunk buffers larger than `--memory` allows.
+    #[error("its merge method works on rows of {granule} elements ({bytes} bytes per chunk buffer), and the chunk buffers for them need more than --memory {} allows: raise --memory to at least {}", crate::units::ByteSize(*memory), crate::units::ByteSize(needed.div_ceil(1 << 20) << 20))]
+    RowTooLong {
+        /// Elements of a row (or of the run's common multiple of the ops' granules).
+        granule: u64,
+        /// Their bytes at the widest dtype.
+        bytes: u64,
+        /// `--memory`.
+        memory: u64,
+        /// The smallest `--memory` that holds them.
+        needed: u64,
     },
 }
 

@@ -381,6 +381,38 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         })?;
     let (models, plans) = plan_job(job)?;
     let part = opts.part.unwrap_or(Part::WHOLE);
+    // Outputs listing the same tensors in the same order share one read of the inputs. Each
+    // group's settings are decided (and refused) before anything is created.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for k in 0..plans.len() {
+        match groups
+            .iter_mut()
+            .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
+        {
+            Some(g) => g.push(k),
+            None => groups.push(vec![k]),
+        }
+    }
+    let part_shards: Vec<Vec<usize>> = plans.iter().map(|p| p.shards_of(part)).collect();
+    let settings = groups
+        .iter()
+        .map(|group| {
+            let shapes: Vec<(&Plan, &[usize])> = group
+                .iter()
+                .map(|&k| (&plans[k], part_shards[k].as_slice()))
+                .collect();
+            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
+            if let Some(chunk) = opts.chunk_bytes {
+                settings.chunk_bytes = chunk.max(8) & !7;
+            }
+            if let Some(granule) = pipeline::largest_granule(&shapes) {
+                let fixed = opts.chunk_bytes.is_some();
+                settings.hold(&granule, budget, reads + computed, fixed, opts.memory)?;
+            }
+            Ok(settings)
+        })
+        .collect::<Result<Vec<Settings>>>()?;
     if let Some(root) = &job.root {
         std::fs::create_dir_all(root)
             .map_err(|e| Error::io(root, "creating output directory", e))?;
@@ -413,27 +445,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     }
     let mut buffered = false;
     let result = (|| {
-        // Outputs listing the same tensors in the same order share one read of the inputs.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for k in 0..plans.len() {
-            match groups
-                .iter_mut()
-                .find(|g| plans[g[0]].tensor_names().eq(plans[k].tensor_names()))
-            {
-                Some(g) => g.push(k),
-                None => groups.push(vec![k]),
-            }
-        }
-        for group in groups {
-            let shapes: Vec<(&Plan, &[usize])> = group
-                .iter()
-                .map(|&k| (&plans[k], todo[k].as_slice()))
-                .collect();
-            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            let mut settings = Settings::for_budget(budget, opts.threads, isa, reads + computed)?;
-            if let Some(chunk) = opts.chunk_bytes {
-                settings.chunk_bytes = chunk.max(8) & !7;
-            }
+        for (group, settings) in groups.iter().zip(&settings) {
             let mut writers: Vec<ShardWriter> = Vec::new();
             for (k, dir) in dirs.iter_mut().enumerate() {
                 if group.contains(&k) {
@@ -442,14 +454,14 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             }
             let mut outputs: Vec<pipeline::Output> = writers
                 .iter_mut()
-                .zip(&group)
+                .zip(group)
                 .map(|(w, &k)| pipeline::Output {
                     plan: &plans[k],
                     shards: &todo[k],
                     sink: w,
                 })
                 .collect();
-            pipeline::run(&models, &mut outputs, &settings, &bar, cancel, &busy)?;
+            pipeline::run(&models, &mut outputs, settings, &bar, cancel, &busy)?;
             drop(outputs);
             buffered |= writers.iter().any(|w| w.buffered);
         }
