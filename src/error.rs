@@ -147,7 +147,7 @@ pub enum Error {
         source: Box<crate::spec::SpecError>,
     },
     /// A tensor's merge cannot be set up or run with the parameters it resolved to.
-    #[error("tensor '{tensor}': {source}")]
+    #[error("tensor '{tensor}': {}", without_tensor(tensor, source))]
     Method {
         /// The tensor.
         tensor: String,
@@ -820,6 +820,16 @@ impl From<crate::spec::SpecError> for MethodFailure {
     }
 }
 
+/// `source`'s message without the `"{tensor}: "` the kernel's errors start with (the
+/// [`Error::Method`] around it names the tensor already).
+fn without_tensor(tensor: &str, source: &MethodFailure) -> String {
+    let text = source.to_string();
+    match text.strip_prefix(tensor).and_then(|t| t.strip_prefix(": ")) {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    }
+}
+
 /// How an input file changed while a run read it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -1478,6 +1488,32 @@ mod tests {
                     }],
                 },
                 "out: verification failed (1 problem):\n  - s.safetensors: blake3 is ab but checksums.b3 says cd\n      - model.safetensors.index.json puts 4 tensors ('a', 'b', 'c', …) in it, which cannot be checked",
+            ),
+            (
+                Error::Method {
+                    tensor: "model.norm.weight".into(),
+                    source: MethodFailure::RowTooLong {
+                        granule: 300_000,
+                        bytes: 1_200_000,
+                        memory: 64 << 20,
+                        needed: (70 << 20) + 5,
+                    },
+                },
+                "tensor 'model.norm.weight': its merge method works on rows of 300000 elements (1200000 bytes per chunk buffer), and the chunk buffers for them need more than --memory 64MiB allows: raise --memory to at least 71MiB",
+            ),
+            (
+                Error::Method {
+                    tensor: "w".into(),
+                    source: MethodFailure::Method(
+                        crate::kernel::methods::MethodError::RowShape {
+                            tensor: "w".into(),
+                            method: "della",
+                            shape: vec![2, 3, 4],
+                            dims: 3,
+                        },
+                    ),
+                },
+                "tensor 'w': della ranks within rows of 1-D and 2-D tensors; shape [2, 3, 4] has 3 axes",
             ),
             (
                 Error::Usage(UsageError::MemoryTooSmall {

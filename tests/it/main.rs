@@ -6,7 +6,8 @@
 //! - `expo`, `malformed`, `parts`, `faults`, `memory`, `overlap`, `sweep`, `checkpoints`: the
 //!   command line, area by area;
 //! - `spec`: merge configs read into specs; `mergekit_ref`, `stats_methods`: the merge methods'
-//!   kernels against independent numpy references of mergekit's arithmetic;
+//!   kernels against independent numpy references of mergekit's arithmetic; `methods`: the
+//!   statistics methods through the binary (`modelset` generates their model sets);
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
@@ -27,6 +28,8 @@ mod fuzz_corpus;
 mod malformed;
 mod memory;
 mod mergekit_ref;
+mod methods;
+mod modelset;
 mod overlap;
 mod parts;
 mod pipes;
