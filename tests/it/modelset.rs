@@ -123,7 +123,7 @@ const SPECIALS: [u32; 10] = [
 /// Element `i` of tensor `t` of model `m` (0: the base).
 pub fn value(seed: u64, t: usize, i: u64, m: usize, specials: bool) -> f32 {
     let h = mix(seed ^ mix((t as u64) << 40 ^ i));
-    let base = if specials && h % 1009 == 0 {
+    let base = if specials && h.is_multiple_of(1009) {
         f32::from_bits(SPECIALS[(h >> 20) as usize % SPECIALS.len()])
     } else {
         unit(h) * 0.06
@@ -132,7 +132,7 @@ pub fn value(seed: u64, t: usize, i: u64, m: usize, specials: bool) -> f32 {
         return base;
     }
     let g = mix(h ^ (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    if g % 13 == 0 {
+    if g.is_multiple_of(13) {
         base
     } else if specials && g % 97 == 1 {
         f32::from_bits(SPECIALS[(g >> 20) as usize % SPECIALS.len()])
@@ -200,7 +200,7 @@ fn write_model(path: &Path, spec: &SetSpec, m: usize) {
         off += len;
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let file = std::fs::File::create(path).unwrap();
