@@ -180,6 +180,9 @@ pub struct Summary {
     pub shards_kept: usize,
     /// Bytes of the shards written.
     pub bytes_written: u64,
+    /// Bytes of input read: each input tensor once, plus once more per reduction pass of the
+    /// statistics methods.
+    pub bytes_read: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
     /// The kernel that ran.
@@ -509,6 +512,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             .map(|(p, t)| p.shards_of(part).len() - t.len())
             .sum(),
         bytes_written: bytes,
+        bytes_read: busy.bytes_read(),
         seconds: started.elapsed().as_secs_f64(),
         isa,
         io: if buffered {

@@ -657,6 +657,7 @@ fn read_round(
             let width = input.dtype.size() as u64;
             let first = input.first + (at - step.elems.start);
             let len = (n * width) as usize;
+            run.busy.add_read(len as u64);
             run.busy.time(Stage::Read, || {
                 read_chunk(
                     &run.models[input.model],

@@ -440,3 +440,27 @@ fn rows_longer_than_a_chunk_are_a_clear_error() {
     );
     assert!(!out.exists());
 }
+
+/// `--json` reports the input bytes read: SLERP reads its two inputs twice (the sums pass,
+/// then the output), the copied integer buffer once.
+#[test]
+fn the_summary_counts_the_reads_of_every_pass() {
+    let dir = tempdir();
+    let dirs = small_set(dir.path(), vec![Dt::F32; 3], 15, false);
+    let mut merge = Merge::of("slerp");
+    merge.dtype = Some(Dt::F32);
+    let out = dir.path().join("out");
+    let r = merge_into(&merge, &dirs, &out, &["--json"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let summary: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let float: u64 = load_model(&dirs[0])
+        .values()
+        .filter(|t| t.dtype == safetensors::Dtype::F32)
+        .map(|t| t.data.len() as u64)
+        .sum();
+    let ints = 37 * 8;
+    assert_eq!(
+        summary["bytes_read"],
+        serde_json::json!(2 * 2 * float + ints)
+    );
+}
