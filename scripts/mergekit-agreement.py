@@ -28,7 +28,8 @@ medians of --runs runs (the candidate and the floor interleaved; mergekit once).
 Usage:
   /tmp/mkvenv/bin/python scripts/mergekit-agreement.py [--dir DIR] [--mergekit-yaml PATH]
       [--dtypes bfloat16,float32] [--methods ties,slerp,...] [--candidate NAME=TEMPLATE ...]
-      [--shape HIDDEN,INTER,VOCAB,KV,LAYERS] [--runs N] [--no-reference] [--json OUT.json]
+      [--shape HIDDEN,INTER,VOCAB,KV,LAYERS] [--runs N] [--no-reference] [--keep]
+      [--json OUT.json]
 The python running it needs numpy; mergekit-yaml defaults to /tmp/mkvenv/bin/mergekit-yaml.
 """
 import argparse
@@ -250,6 +251,7 @@ def main():
     ap.add_argument("--candidate", action="append", default=[])
     ap.add_argument("--shape", help="HIDDEN,INTER,VOCAB,KV,LAYERS (default 256,688,1000,128,2)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (they are removed once compared)")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the numpy reference candidate (slow on large sets)")
     ap.add_argument("--json")
@@ -301,6 +303,10 @@ def main():
                 row.update(compare(method, st, mk_out, out, dirs))
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                if not args.keep:
+                    shutil.rmtree(out)
+            if not args.keep:
+                shutil.rmtree(mk_out)
     print("\n| method | dtype | candidate | elements | identical | within 1 ulp | identical outside threshold ties | tie elements |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
