@@ -17,9 +17,18 @@ magnitude-selection methods, the percentage identical outside threshold tie grou
 whose magnitude equals a model's selection threshold, where torch's argsort order is
 unspecified and mergestream keeps lower indices first). NaN equals NaN.
 
+It also times every command (wall seconds, and peak RSS measured by GNU time, the Debian
+`time` package), mergekit included. A candidate that prints mergestream's `--json` summary (add `--json` to its
+template) reports `bytes_read`, the input bytes its reduction passes and output pass read;
+for it the script measures the **floor**: reading that many bytes of the method's input
+files in 4 MiB reads (the files over and over, as the passes do) and writing an output file
+of the same size with fsync, no arithmetic. `passes` is bytes_read / input bytes. Timings are
+medians of --runs runs (the candidate and the floor interleaved; mergekit once).
+
 Usage:
   /tmp/mkvenv/bin/python scripts/mergekit-agreement.py [--dir DIR] [--mergekit-yaml PATH]
       [--dtypes bfloat16,float32] [--methods ties,slerp,...] [--candidate NAME=TEMPLATE ...]
+      [--shape HIDDEN,INTER,VOCAB,KV,LAYERS] [--runs N] [--no-reference] [--keep]
       [--json OUT.json]
 The python running it needs numpy; mergekit-yaml defaults to /tmp/mkvenv/bin/mergekit-yaml.
 """
@@ -27,9 +36,11 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from statistics import median
 
 import numpy as np
 
@@ -70,8 +81,8 @@ def shapes(h=256, inter=688, vocab=1000, kv=128, layers=2):
                "tie_word_embeddings": False, "max_position_embeddings": 256}
 
 
-def make_models(root, st, seed):
-    shp, cfg = shapes()
+def make_models(root, st, seed, shape=None):
+    shp, cfg = shapes(*(shape or ()))
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(v, dtype=np.float32) * np.float32(0.02) for k, v in shp.items()}
     dirs = []
@@ -164,13 +175,71 @@ def compare(method, st, mk_out, cand_out, dirs):
 
 
 def run(cmd, log):
+    """Runs a shell command; returns (wall seconds, peak RSS in MiB of its largest process).
+
+    The peak comes from GNU time (`/usr/bin/time -f %M`): its child is forked from a small
+    process, whereas a child forked from this Python process would count this process's
+    resident pages as its own high-water mark until it execs. Without GNU time, wait4's
+    figure is reported (an overestimate by this process's RSS)."""
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    rss_file = log + ".rss"
+    full = "%s -q -f %%M -o %s sh -c %s" % (gnu_time, shlex.quote(rss_file), shlex.quote(cmd)) if gnu_time else cmd
     t = time.time()
     with open(log, "w") as f:
-        r = subprocess.run(cmd, shell=True, stdout=f, stderr=subprocess.STDOUT,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if r.returncode != 0:
-        raise SystemExit("command failed (%s): %s\nsee %s" % (r.returncode, cmd, log))
-    return time.time() - t
+        p = subprocess.Popen(full, shell=True, stdout=f, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    secs = time.time() - t
+    if p.returncode != 0:
+        raise SystemExit("command failed (%s): %s\nsee %s" % (p.returncode, cmd, log))
+    rss_kib = usage.ru_maxrss
+    if gnu_time:
+        rss_kib = int(open(rss_file).read().split()[-1])
+        os.unlink(rss_file)
+    return secs, rss_kib / 1024
+
+
+def bytes_read(log):
+    """bytes_read of a mergestream --json summary in the log, if there is one."""
+    text = open(log).read()
+    at = text.find("{")
+    while at >= 0:
+        try:
+            doc, _ = json.JSONDecoder().raw_decode(text[at:])
+            if isinstance(doc, dict) and "bytes_read" in doc:
+                return doc["bytes_read"]
+        except ValueError:
+            pass
+        at = text.find("{", at + 1)
+    return None
+
+
+def floor(inputs, nbytes, out_bytes, out_path):
+    """Seconds to read `nbytes` of the files `inputs` (cyclically, 4 MiB reads) and write
+    `out_bytes` to `out_path` with fsync: the I/O of the passes without arithmetic."""
+    piece = 4 << 20
+    buf = bytearray(piece)
+    t = time.time()
+    left = nbytes
+    while left > 0:
+        for path in inputs:
+            with open(path, "rb", buffering=0) as f:
+                while left > 0:
+                    n = f.readinto(memoryview(buf)[:min(piece, left)])
+                    if not n:
+                        break
+                    left -= n
+            if left <= 0:
+                break
+    with open(out_path, "wb", buffering=0) as f:
+        left = out_bytes
+        while left > 0:
+            left -= f.write(memoryview(buf)[:min(piece, left)])
+        os.fsync(f.fileno())
+    secs = time.time() - t
+    os.unlink(out_path)
+    return secs
 
 
 def main():
@@ -180,11 +249,17 @@ def main():
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--candidate", action="append", default=[])
+    ap.add_argument("--shape", help="HIDDEN,INTER,VOCAB,KV,LAYERS (default 256,688,1000,128,2)")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (they are removed once compared)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="leave out the numpy reference candidate (slow on large sets)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(",")) if args.shape else None
     refcmd = "{python} %s {spec} {out}/model.safetensors" % shlex.quote(
         os.path.join(HERE, "..", "tests", "python", "mergekit_methods_ref.py"))
-    cands = [("numpy-ref", "mkdir -p {out} && " + refcmd)]
+    cands = [] if args.no_reference else [("numpy-ref", "mkdir -p {out} && " + refcmd)]
     for c in args.candidate:
         name, _, tmpl = c.partition("=")
         cands.append((name, tmpl))
@@ -192,7 +267,7 @@ def main():
     results = []
     for dtype in args.dtypes.split(","):
         st = ST[dtype]
-        dirs = make_models(args.dir, st, seed=len(results) + 11)
+        dirs = make_models(args.dir, st, seed=len(results) + 11, shape=shape)
         for method in args.methods.split(","):
             tag = "%s-%s" % (method, dtype)
             cfg = os.path.join(args.dir, tag + ".yml")
@@ -200,17 +275,38 @@ def main():
             write_config(cfg, method, dirs, dtype)
             write_spec(spec, method, dirs, st)
             mk_out = os.path.join(args.dir, "out-mergekit-" + tag)
-            secs = run("%s %s %s --no-copy-tokenizer" % (args.mergekit_yaml, cfg, mk_out),
-                       os.path.join(args.dir, tag + "-mergekit.log"))
+            if os.path.exists(mk_out):
+                shutil.rmtree(mk_out)
+            secs, mk_rss = run("%s %s %s --no-copy-tokenizer" % (args.mergekit_yaml, cfg, mk_out),
+                               os.path.join(args.dir, tag + "-mergekit.log"))
+            inputs = [os.path.join(d, "model.safetensors") for d in (dirs[:2] if method == "slerp" else dirs)]
+            in_bytes = sum(os.path.getsize(p) for p in inputs)
+            out_bytes = os.path.getsize(os.path.join(mk_out, "model.safetensors"))
             for name, tmpl in cands:
                 out = os.path.join(args.dir, "out-%s-%s" % (name, tag))
-                csecs = run(tmpl.format(config=cfg, out=out, spec=spec, python=sys.executable),
-                            os.path.join(args.dir, "%s-%s.log" % (tag, name)))
+                log = os.path.join(args.dir, "%s-%s.log" % (tag, name))
+                times, rsss, floors, nread = [], [], [], None
+                for _ in range(args.runs):
+                    if os.path.exists(out):
+                        shutil.rmtree(out)
+                    csecs, rss = run(tmpl.format(config=cfg, out=out, spec=spec, python=sys.executable), log)
+                    times.append(csecs)
+                    rsss.append(rss)
+                    nread = bytes_read(log)
+                    if nread is not None:
+                        floors.append(floor(inputs, nread, out_bytes, out + ".floor"))
                 row = {"method": method, "dtype": dtype, "candidate": name,
-                       "mergekit_s": round(secs, 2), "candidate_s": round(csecs, 2)}
+                       "mergekit_s": round(secs, 2), "mergekit_rss_mib": round(mk_rss),
+                       "candidate_s": round(median(times), 2), "candidate_rss_mib": round(max(rsss))}
+                if floors:
+                    row.update({"floor_s": round(median(floors), 2), "passes": round(nread / in_bytes, 2)})
                 row.update(compare(method, st, mk_out, out, dirs))
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                if not args.keep:
+                    shutil.rmtree(out)
+            if not args.keep:
+                shutil.rmtree(mk_out)
     print("\n| method | dtype | candidate | elements | identical | within 1 ulp | identical outside threshold ties | tie elements |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -219,6 +315,15 @@ def main():
         print("| %s%s | %s | %s | %d | %s | %s | %s | %s |" % (
             r["method"], note, r["dtype"], r["candidate"], r["elements"], pct("identical"),
             pct("within_1ulp"), pct("identical_outside_ties"), pct("tie_elements")))
+    print("\n| method | dtype | candidate | passes | floor s | candidate s | ratio to floor | peak RSS MiB | mergekit s | mergekit peak RSS MiB | mergekit / candidate |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        floor_s = r.get("floor_s")
+        print("| %s | %s | %s | %s | %s | %.2f | %s | %d | %.2f | %d | %.1f× |" % (
+            r["method"], r["dtype"], r["candidate"], r.get("passes", "—"),
+            "%.2f" % floor_s if floor_s else "—", r["candidate_s"],
+            "%.2f" % (r["candidate_s"] / floor_s) if floor_s else "—", r["candidate_rss_mib"],
+            r["mergekit_s"], r["mergekit_rss_mib"], r["mergekit_s"] / max(r["candidate_s"], 1e-9)))
     if args.json:
         json.dump(results, open(args.json, "w"), indent=1)
 

@@ -1,5 +1,6 @@
 //! How busy each stage of a run was, so a user can see where the time goes (a slow network
-//! filesystem shows as a reader busy all the time, a slow disk as a busy I/O stage).
+//! filesystem shows as a reader busy all the time, a slow disk as a busy I/O stage), and how
+//! much input the run read (methods with reduction passes read their inputs more than once).
 //!
 //! Each stage adds the time it spent working — not waiting on a channel — to its counter; the
 //! end-of-run summary divides by the wall time (and, for stages with several threads, by their
@@ -46,10 +47,11 @@ impl Stage {
     }
 }
 
-/// Working time per stage.
+/// Working time per stage, and the bytes of input read.
 #[derive(Debug, Default)]
 pub struct Busy {
     nanos: [AtomicU64; 5],
+    read: AtomicU64,
 }
 
 impl Busy {
@@ -64,6 +66,16 @@ impl Busy {
     /// Adds `d` to `stage`.
     pub fn add(&self, stage: Stage, d: Duration) {
         self.nanos[stage as usize].fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// `bytes` more bytes of input were read.
+    pub fn add_read(&self, bytes: u64) {
+        self.read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of input read (every reduction pass reads its inputs again).
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 
     /// Time `stage` spent working.

@@ -151,7 +151,7 @@ pub enum Error {
     #[error("{0}")]
     ModelReference(Box<crate::spec::SpecError>),
     /// A tensor's merge cannot be set up or run with the parameters it resolved to.
-    #[error("tensor '{tensor}': {source}")]
+    #[error("tensor '{tensor}': {}", without_tensor(tensor, source))]
     Method {
         /// The tensor.
         tensor: String,
@@ -848,8 +848,9 @@ pub enum MethodFailure {
     /// A parameter could not be resolved for the tensor.
     #[error(transparent)]
     Parameter(Box<crate::spec::SpecError>),
-    /// The method works on more elements at a time than a chunk holds.
-    #[error("its merge method works on {granule} elements at a time ({bytes} bytes), more than a chunk holds ({chunk} bytes): raise --memory")]
+    /// The method works on more elements at a time than a chunk of the size asked for
+    /// (`--chunk-size`) holds.
+    #[error("its merge method works on {granule} elements at a time ({bytes} bytes), more than a chunk holds ({chunk} bytes)")]
     ChunkTooSmall {
         /// Elements the method works on at a time (a block, or a row).
         granule: u64,
@@ -858,11 +859,34 @@ pub enum MethodFailure {
         /// Bytes of a chunk.
         chunk: u64,
     },
+    /// A row the method works on whole (DELLA's ranks, model_stock's `filter_wise`) needs
+    /// chunk buffers larger than `--memory` allows.
+    #[error("its merge method works on rows of {granule} elements ({bytes} bytes per chunk buffer), and the chunk buffers for them need more than --memory {} allows: raise --memory to at least {}", crate::units::ByteSize(*memory), crate::units::ByteSize(needed.div_ceil(1 << 20) << 20))]
+    RowTooLong {
+        /// Elements of a row (or of the run's common multiple of the ops' granules).
+        granule: u64,
+        /// Their bytes at the widest dtype.
+        bytes: u64,
+        /// `--memory`.
+        memory: u64,
+        /// The smallest `--memory` that holds them.
+        needed: u64,
+    },
 }
 
 impl From<crate::spec::SpecError> for MethodFailure {
     fn from(e: crate::spec::SpecError) -> MethodFailure {
         MethodFailure::Parameter(Box::new(e))
+    }
+}
+
+/// `source`'s message without the `"{tensor}: "` the kernel's errors start with (the
+/// [`Error::Method`] around it names the tensor already).
+fn without_tensor(tensor: &str, source: &MethodFailure) -> String {
+    let text = source.to_string();
+    match text.strip_prefix(tensor).and_then(|t| t.strip_prefix(": ")) {
+        Some(rest) => rest.to_owned(),
+        None => text,
     }
 }
 
@@ -1655,6 +1679,32 @@ mod tests {
                     }],
                 },
                 "out: verification failed (1 problem):\n  - s.safetensors: blake3 is ab but checksums.b3 says cd\n      - model.safetensors.index.json puts 4 tensors ('a', 'b', 'c', …) in it, which cannot be checked",
+            ),
+            (
+                Error::Method {
+                    tensor: "model.norm.weight".into(),
+                    source: MethodFailure::RowTooLong {
+                        granule: 300_000,
+                        bytes: 1_200_000,
+                        memory: 64 << 20,
+                        needed: (70 << 20) + 5,
+                    },
+                },
+                "tensor 'model.norm.weight': its merge method works on rows of 300000 elements (1200000 bytes per chunk buffer), and the chunk buffers for them need more than --memory 64MiB allows: raise --memory to at least 71MiB",
+            ),
+            (
+                Error::Method {
+                    tensor: "w".into(),
+                    source: MethodFailure::Method(
+                        crate::kernel::methods::MethodError::RowShape {
+                            tensor: "w".into(),
+                            method: "della",
+                            shape: vec![2, 3, 4],
+                            dims: 3,
+                        },
+                    ),
+                },
+                "tensor 'w': della ranks within rows of 1-D and 2-D tensors; shape [2, 3, 4] has 3 axes",
             ),
             (
                 Error::Usage(UsageError::MemoryTooSmall {

@@ -204,6 +204,9 @@ pub struct Summary {
     pub shards_kept: usize,
     /// Bytes of the shards written.
     pub bytes_written: u64,
+    /// Bytes of input read: each input tensor once, plus once more per reduction pass of the
+    /// statistics methods.
+    pub bytes_read: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
     /// The kernel that ran.
@@ -474,12 +477,84 @@ fn share_a_read(a: &Plan, b: &Plan) -> bool {
         })
 }
 
+/// The groups of outputs that share one read of their inputs, each with the pipeline settings
+/// it runs with, for `outputs` (each a plan and the shards of it to write), and the kernel.
+///
+/// Outputs share a read when [`share_a_read`] says so. A group's settings come out of the
+/// budget less what packed inputs' decoded blocks and `--compress`'s blocks in flight take, and
+/// make chunks hold the granule of its method ops whole; a budget that cannot is refused here,
+/// before anything is written.
+fn stream_groups(
+    models: &[Model],
+    outputs: &[(&Plan, &[usize])],
+    options: &RunOptions,
+) -> Result<(Isa, Vec<ReadGroup>)> {
+    let (isa, budget) = engine(options)?;
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for k in 0..outputs.len() {
+        match groups
+            .iter_mut()
+            .find(|g| share_a_read(outputs[g[0]].0, outputs[k].0))
+        {
+            Some(g) => g.push(k),
+            None => groups.push(vec![k]),
+        }
+    }
+    let with_settings = groups
+        .into_iter()
+        .map(|group| {
+            let shapes: Vec<(&Plan, &[usize])> = group.iter().map(|&k| outputs[k]).collect();
+            let (reads, computed) = pipeline::buffers_per_slot(&shapes);
+            let cache = model::ReadCache::bytes(models, reads)
+                + options
+                    .compress
+                    .as_ref()
+                    .map_or(0, |o| o.memory_bytes() * group.len() as u64);
+            let budget = budget.saturating_sub(cache);
+            let mut settings = Settings::for_budget(budget, options.threads, isa, reads + computed)
+                .map_err(|e| match e {
+                    Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
+                        UsageError::MemoryTooSmall {
+                            threads,
+                            needed: needed + cache,
+                        }
+                        .into()
+                    }
+                    e => e,
+                })?;
+            if let Some(chunk) = options.chunk_bytes {
+                settings.chunk_bytes = chunk.max(8) & !7;
+            }
+            if let Some(granule) = pipeline::largest_granule(&shapes) {
+                let fixed = options.chunk_bytes.is_some();
+                settings.hold(&granule, budget, reads + computed, fixed, options.memory)?;
+            }
+            if models.iter().any(Model::has_packed_shards) {
+                // Consecutive chunks share a decoded block: one reader decodes each once.
+                settings.readers = 1;
+            }
+            Ok(ReadGroup {
+                outputs: group,
+                settings,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((isa, with_settings))
+}
+
+/// Outputs streamed together, reading their inputs once.
+struct ReadGroup {
+    /// Indexes of the outputs.
+    outputs: Vec<usize>,
+    /// What the pipeline runs them with.
+    settings: Settings,
+}
+
 /// Streams the selected shards of every output into its sink: the engine behind [`run`] (whose
 /// sinks write output directories) and [`check::check`] (whose sinks compare with existing
 /// ones), and open to any other [`pipeline::ShardSink`]. Outputs that can share a read of their
-/// inputs ([`Plan::tensor_names`] in the same order) are streamed together, reading each input
-/// once; the others one group after another. Returns the kernel that ran and the most reader
-/// threads a group used.
+/// inputs are streamed together, reading each input once; the others one group after another
+/// ([`stream_groups`]). Returns the kernel that ran and the most reader threads a group used.
 pub fn stream(
     models: &[Model],
     outputs: Vec<pipeline::Output<'_>>,
@@ -488,56 +563,20 @@ pub fn stream(
     cancel: &Cancel,
     busy: &busy::Busy,
 ) -> Result<(Isa, usize)> {
-    let (isa, budget) = engine(options)?;
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    for k in 0..outputs.len() {
-        match groups
-            .iter_mut()
-            .find(|g| share_a_read(outputs[g[0]].plan, outputs[k].plan))
-        {
-            Some(g) => g.push(k),
-            None => groups.push(vec![k]),
-        }
-    }
+    let shapes: Vec<(&Plan, &[usize])> = outputs.iter().map(|o| (o.plan, o.shards)).collect();
+    let (isa, groups) = stream_groups(models, &shapes, options)?;
+    drop(shapes);
     let mut outputs: Vec<Option<pipeline::Output<'_>>> = outputs.into_iter().map(Some).collect();
     let mut readers = 1;
-    for group in groups {
+    for ReadGroup {
+        outputs: group,
+        settings,
+    } in groups
+    {
         let mut members: Vec<pipeline::Output<'_>> = group
             .iter()
             .map(|&k| outputs[k].take().expect("each output is in one group"))
             .collect();
-        let shapes: Vec<(&Plan, &[usize])> = members.iter().map(|o| (o.plan, o.shards)).collect();
-        let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-        // The reader's decoded blocks of packed inputs and the packing writers' blocks in
-        // flight come out of the budget first.
-        let cache = model::ReadCache::bytes(models, reads)
-            + options
-                .compress
-                .as_ref()
-                .map_or(0, |o| o.memory_bytes() * members.len() as u64);
-        let mut settings = Settings::for_budget(
-            budget.saturating_sub(cache),
-            options.threads,
-            isa,
-            reads + computed,
-        )
-        .map_err(|e| match e {
-            Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
-                UsageError::MemoryTooSmall {
-                    threads,
-                    needed: needed + cache,
-                }
-                .into()
-            }
-            e => e,
-        })?;
-        if let Some(chunk) = options.chunk_bytes {
-            settings.chunk_bytes = chunk.max(8) & !7;
-        }
-        if models.iter().any(Model::has_packed_shards) {
-            // Consecutive chunks share a decoded block: one reader decodes each once.
-            settings.readers = 1;
-        }
         readers = readers.max(settings.readers);
         pipeline::run(models, &mut members, &settings, progress, cancel, busy)?;
     }
@@ -585,6 +624,14 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         }
     }
     let part = opts.part.unwrap_or(Part::WHOLE);
+    // Each group's settings are decided (and refused) before anything is created.
+    let part_shards: Vec<Vec<usize>> = plans.iter().map(|p| p.shards_of(part)).collect();
+    let shapes: Vec<(&Plan, &[usize])> = plans
+        .iter()
+        .zip(&part_shards)
+        .map(|(p, s)| (p, s.as_slice()))
+        .collect();
+    stream_groups(&models, &shapes, opts)?;
     if let Some(root) = &job.root {
         std::fs::create_dir_all(root)
             .map_err(|e| Error::io(root, "creating output directory", e))?;
@@ -725,6 +772,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
             .map(|(p, t)| p.shards_of(part).len() - t.len())
             .sum(),
         bytes_written: bytes,
+        bytes_read: busy.bytes_read(),
         seconds: started.elapsed().as_secs_f64(),
         isa,
         io: if buffered {

@@ -925,6 +925,7 @@ fn report(summary: &Summary, part: Option<Part>, quiet: bool, json: bool) -> Res
             "shards_written": summary.shards_written,
             "shards_kept": summary.shards_kept,
             "bytes_written": summary.bytes_written,
+            "bytes_read": summary.bytes_read,
             "seconds": summary.seconds,
             "peak_rss_bytes": peak,
             "kernel": summary.isa.to_string(),

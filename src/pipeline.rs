@@ -82,6 +82,94 @@ impl Settings {
             isa,
         })
     }
+
+    /// Makes chunks hold `granule` whole: chunk buffers grow beyond [`Self::MAX_CHUNK_BYTES`]
+    /// if `buffer_budget` allows `buffers` of them per slot; else, or when the chunk size was
+    /// `fixed` by the caller, a method error naming the tensor (and, for the budget, the
+    /// `--memory` that would do: `memory` is the cap the budget came from).
+    pub fn hold(
+        &mut self,
+        granule: &Granule,
+        buffer_budget: u64,
+        buffers: usize,
+        fixed: bool,
+        memory: u64,
+    ) -> Result<()> {
+        if granule.bytes <= self.chunk_bytes as u64 {
+            return Ok(());
+        }
+        let chunk = granule.bytes.next_multiple_of(8);
+        let total = chunk * (buffers.max(1) * self.slots) as u64;
+        if !fixed && total <= buffer_budget {
+            self.chunk_bytes = chunk as usize;
+            return Ok(());
+        }
+        let source = if fixed {
+            MethodFailure::ChunkTooSmall {
+                granule: granule.elems,
+                bytes: granule.bytes,
+                chunk: self.chunk_bytes as u64,
+            }
+        } else {
+            MethodFailure::RowTooLong {
+                granule: granule.elems,
+                bytes: granule.bytes,
+                memory,
+                needed: memory.saturating_sub(buffer_budget) + total,
+            }
+        };
+        Err(Error::Method {
+            tensor: granule.tensor.clone(),
+            source,
+        })
+    }
+}
+
+/// The tensor of a run whose method ops need the largest chunks: chunks of a method op's
+/// tensor are cut on its granule (a block of elements, or a row), so a chunk buffer must hold
+/// at least `bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granule {
+    /// The tensor.
+    pub tensor: String,
+    /// Elements per granule (the common multiple of the granules of the tensor's method ops
+    /// over the outputs, at most the tensor's element count).
+    pub elems: u64,
+    /// Their bytes at the widest dtype read or written for the tensor.
+    pub bytes: u64,
+}
+
+/// The [`Granule`] of `outputs`' method ops that needs the most bytes, if any op has one.
+pub fn largest_granule(outputs: &[(&Plan, &[usize])]) -> Option<Granule> {
+    let &(first, _) = outputs.first()?;
+    let mut best: Option<Granule> = None;
+    for t in 0..first.tensors.len() {
+        let (mut granule, mut widest) = (1u64, 1u64);
+        for (plan, shards) in outputs {
+            if !shards.iter().any(|&s| plan.shards[s].tensors.contains(&t)) {
+                continue;
+            }
+            let tensor = &plan.tensors[t];
+            widest = widest.max(tensor.dtype.size() as u64);
+            for seg in &tensor.segments {
+                if let Op::Method(op) = &seg.op {
+                    granule = lcm(granule, op.granule());
+                }
+                for input in &seg.inputs {
+                    widest = widest.max(input.dtype.size() as u64);
+                }
+            }
+        }
+        let elems = granule.min(first.tensors[t].numel());
+        if granule > 1 && best.as_ref().is_none_or(|b| elems * widest > b.bytes) {
+            best = Some(Granule {
+                tensor: first.tensors[t].name.clone(),
+                elems,
+                bytes: elems * widest,
+            });
+        }
+    }
+    best
 }
 
 /// Chunk buffers one slot needs for `outputs`: for the most demanding tensor, one per distinct
@@ -252,6 +340,9 @@ struct Job {
     /// Elements of the step's tensor.
     elems: Range<u64>,
     round: Round,
+    /// Which of the step's reads the round needs (a reduction round reads only what the ops
+    /// still reducing take).
+    needed: Arc<[bool]>,
     slot: Slot,
     /// Per work item, in a reduction round: the chunk's partial statistics.
     partials: Vec<Option<methods::Partial>>,
@@ -471,8 +562,14 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
         }
         let fits = run.settings.chunk_bytes as u64 / widest;
         let per_chunk = if granule > 1 {
-            // Method ops see chunks cut on their granule (a block of elements, or a row).
-            let per_chunk = fits / granule * granule;
+            // Method ops see chunks cut on their granule (a block of elements, or a row); a
+            // stretch shorter than a granule is one chunk.
+            let len = elems.end - elems.start;
+            let per_chunk = if len <= fits {
+                len.max(1)
+            } else {
+                fits / granule * granule
+            };
             if per_chunk == 0 {
                 return Err(Error::Method {
                     tensor: run.plans[wanted[0].0].tensors[t].name.clone(),
@@ -533,7 +630,17 @@ fn read_stage(
                 } else {
                     Round::Output
                 };
-                if !read_round(run, &step, round, &pool, out, &mut seq)? {
+                // A reduction round reads only what the ops still reducing take.
+                let mut needed = vec![!reducing; step.reads.len()];
+                for w in &step.work {
+                    if w.kernel.method().is_some_and(|op| op.next_pass().is_some()) {
+                        for &i in &w.inputs {
+                            needed[i] = true;
+                        }
+                    }
+                }
+                let needed: Arc<[bool]> = needed.into();
+                if !read_round(run, &step, round, &needed, &pool, out, &mut seq)? {
                     return Ok(()); // a later stage has stopped
                 }
                 if !reducing {
@@ -548,11 +655,13 @@ fn read_stage(
     Ok(())
 }
 
-/// Reads and sends every chunk of `step` for `round`; false if a later stage has stopped.
+/// Reads (the `needed` inputs of) every chunk of `step` for `round` and sends it on; false if
+/// a later stage has stopped.
 fn read_round(
     run: &Run,
     step: &Arc<Step>,
     round: Round,
+    needed: &Arc<[bool]>,
     pool: &Receiver<Slot>,
     out: &Sender<Job>,
     seq: &mut u64,
@@ -578,6 +687,7 @@ fn read_round(
             step: Arc::clone(step),
             elems: at..at + n,
             round,
+            needed: Arc::clone(needed),
             slot,
             partials: Vec::new(),
             error: None,
@@ -609,8 +719,12 @@ fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>, reads: usize) ->
         let n = job.n();
         let started = std::time::Instant::now();
         for (i, read) in &step.reads {
+            if !job.needed[*i] {
+                continue;
+            }
             let width = read.dtype.size() as u64;
             let first = read.first + (job.elems.start - step.elems.start);
+            run.busy.add_read(n * width);
             read_chunk(
                 &run.models[read.model],
                 read,

@@ -447,7 +447,7 @@ pub struct Partial {
     pass: Pass,
     /// Select: per selection, a histogram (High: only on the model's first High selection) or
     /// tie counts per block.
-    counts: Vec<Option<Vec<u32>>>,
+    counts: Vec<Option<Counts>>,
     /// Sums: per block, per quantity.
     sums: Vec<Vec<f64>>,
 }
@@ -470,41 +470,6 @@ fn rnd(d: FloatDtype, x: f32) -> f32 {
         _ if x.is_nan() => x,
         FloatDtype::BF16 => bf16_to_f32(f32_to_bf16_rne(x)),
         FloatDtype::F16 => f16_to_f32(f32_to_f16_rne(x)),
-    }
-}
-
-#[inline]
-fn load(d: FloatDtype, b: &[u8], i: usize) -> f32 {
-    match d {
-        FloatDtype::BF16 => bf16_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])),
-        FloatDtype::F16 => f16_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])),
-        FloatDtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
-    }
-}
-
-#[inline]
-fn store(d: FloatDtype, x: f32, out: &mut [u8], i: usize) {
-    match d {
-        FloatDtype::BF16 => {
-            let h = if x.is_nan() {
-                BF16_NAN
-            } else {
-                f32_to_bf16_rne(x)
-            };
-            out[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
-        }
-        FloatDtype::F16 => {
-            let h = if x.is_nan() {
-                F16_NAN
-            } else {
-                f32_to_f16_rne(x)
-            };
-            out[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
-        }
-        FloatDtype::F32 => {
-            let v = if x.is_nan() { F32_NAN } else { x.to_bits() };
-            out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
-        }
     }
 }
 
@@ -815,26 +780,32 @@ impl Op {
         Ok(len)
     }
 
-    /// Inputs of a chunk in the compute dtype: `v[input][j]`.
-    fn values(&self, inputs: &[&[u8]], len: usize) -> Vec<Vec<f32>> {
-        inputs
-            .iter()
-            .zip(&self.inputs)
-            .map(|(b, &d)| (0..len).map(|i| rnd(self.c, load(d, b, i))).collect())
-            .collect()
+    /// Whether statistics and chunk boundaries follow rows (DELLA's ranks, model_stock's
+    /// `filter_wise` ratios) rather than [`BLOCK`]s.
+    fn row_local(&self) -> bool {
+        matches!(self.method, Method::Della | Method::DellaLinear)
+            || (self.method == Method::ModelStock && self.filter_wise)
     }
 
-    /// Task vectors of a chunk: `d[model][j] = rnd(x − base)`.
-    fn deltas(&self, v: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        v[1..]
-            .iter()
-            .map(|x| {
-                x.iter()
-                    .zip(&v[0])
-                    .map(|(&a, &b)| rnd(self.c, a - b))
-                    .collect()
-            })
-            .collect()
+    /// The pieces `[start, end)` of a chunk of `len` elements that the element-wise loops
+    /// work on: whole rows for row-local methods, else [`TILE`]s (which never straddle a
+    /// [`BLOCK`], as chunks start at block boundaries).
+    fn pieces(&self, len: usize) -> impl Iterator<Item = (usize, usize)> {
+        let step = if self.row_local() {
+            self.row as usize
+        } else {
+            TILE
+        };
+        (0..len.div_ceil(step.max(1))).map(move |i| (i * step, ((i + 1) * step).min(len)))
+    }
+
+    /// The longest piece of a chunk of `len` elements.
+    fn piece_len(&self, len: usize) -> usize {
+        if self.row_local() {
+            (self.row as usize).min(len)
+        } else {
+            TILE.min(len)
+        }
     }
 
     /// The current pass's contribution of one chunk. Pure: call from any thread.
@@ -843,7 +814,6 @@ impl Op {
         let pass = self.next_pass().ok_or_else(|| MethodError::WrongPass {
             tensor: self.tensor.clone(),
         })?;
-        let v = self.values(inputs, len);
         let mut part = Partial {
             offset,
             len: len as u64,
@@ -851,44 +821,133 @@ impl Op {
             counts: Vec::new(),
             sums: Vec::new(),
         };
-        match pass {
-            Pass::Select => part.counts = self.select_partial(offset, &v),
-            Pass::Sums => part.sums = self.sums_partial(offset, &v),
+        match (pass, self.c) {
+            (Pass::Select, FloatDtype::BF16) => {
+                part.counts = self.select_partial::<Bf>(inputs, len)
+            }
+            (Pass::Select, FloatDtype::F16) => part.counts = self.select_partial::<Hf>(inputs, len),
+            (Pass::Select, FloatDtype::F32) => part.counts = self.select_partial::<Ff>(inputs, len),
+            (Pass::Sums, FloatDtype::BF16) => {
+                part.sums = self.sums_partial::<Bf>(offset, inputs, len)
+            }
+            (Pass::Sums, FloatDtype::F16) => {
+                part.sums = self.sums_partial::<Hf>(offset, inputs, len)
+            }
+            (Pass::Sums, FloatDtype::F32) => {
+                part.sums = self.sums_partial::<Ff>(offset, inputs, len)
+            }
         }
         Ok(part)
     }
 
-    fn select_partial(&self, offset: u64, v: &[Vec<f32>]) -> Vec<Option<Vec<u32>>> {
-        let d = self.deltas(v);
-        let keys: Vec<Vec<u32>> = d
-            .iter()
-            .map(|x| x.iter().map(|&e| magnitude_key(self.c, e)).collect())
-            .collect();
-        let mut counts = Vec::with_capacity(self.sels.len());
-        for (si, sel) in self.sels.iter().enumerate() {
-            let keys = &keys[sel.model];
-            let out = match sel.s.phase {
-                SelectPhase::High if self.first_high(si) != si => None,
-                SelectPhase::High | SelectPhase::Low { .. } => {
-                    let mut h = vec![0u32; BINS];
-                    for &k in keys {
-                        if let Some(b) = sel.s.bin(k) {
-                            h[b] += 1;
-                        }
-                    }
-                    Some(h)
-                }
-                SelectPhase::Ties { key, .. } => Some(
-                    keys.chunks(BLOCK as usize)
-                        .map(|b| b.iter().filter(|&&k| k == key).count() as u32)
-                        .collect(),
-                ),
-                SelectPhase::Done(_) => None,
-            };
-            debug_assert!(offset.is_multiple_of(BLOCK));
-            counts.push(out);
+    /// Histograms (or tie counts per block) of the selections that want this pass's data.
+    /// Model by model, so that at most a model's two selections hold a scratch histogram.
+    fn select_partial<D: Dt>(&self, inputs: &[&[u8]], len: usize) -> Vec<Option<Counts>> {
+        // What each selection counts in this pass.
+        #[derive(Clone, Copy)]
+        enum Task {
+            /// A histogram of `key >> shift` over every key.
+            All { shift: u32 },
+            /// A histogram of the low 16 bits of the keys whose high 16 bits are `high`.
+            Low { high: u32 },
+            /// Keys equal to `key`, per block.
+            Ties { key: u32 },
         }
-        counts
+        let tasks: Vec<Option<Task>> = self
+            .sels
+            .iter()
+            .enumerate()
+            .map(|(si, sel)| match sel.s.phase {
+                SelectPhase::High if self.first_high(si) != si => None,
+                SelectPhase::High => Some(Task::All {
+                    shift: if sel.s.bits == 16 { 0 } else { 16 },
+                }),
+                SelectPhase::Low { high, .. } => Some(Task::Low { high }),
+                SelectPhase::Ties { key, .. } => Some(Task::Ties { key }),
+                SelectPhase::Done(_) => None,
+            })
+            .collect();
+        let mut out: Vec<Option<Counts>> = vec![None; self.sels.len()];
+        let piece = self.piece_len(len);
+        let mut base = vec![0f32; piece];
+        let mut x = vec![0f32; piece];
+        let mut keys = vec![0u32; piece];
+        let mut pool = HistPool::take();
+        for m in 0..self.models_count() {
+            // This model's selections with something to count, each with a scratch histogram
+            // (and the range of bins it touched) or tie counts per block.
+            let mine: Vec<usize> = (0..self.sels.len())
+                .filter(|&si| self.sels[si].model == m && tasks[si].is_some())
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut range = vec![(u32::MAX, 0u32); mine.len()];
+            let mut ties: Vec<Vec<u32>> = vec![Vec::new(); mine.len()];
+            for (a, b) in self.pieces(len) {
+                let n = b - a;
+                decode::<D>(
+                    self.inputs[0],
+                    slice_of(inputs[0], self.inputs[0], a, b),
+                    &mut base[..n],
+                );
+                let (src, bytes) = (self.inputs[m + 1], inputs[m + 1]);
+                decode::<D>(src, slice_of(bytes, src, a, b), &mut x[..n]);
+                for ((key, &xv), &bv) in keys[..n].iter_mut().zip(&x[..n]).zip(&base[..n]) {
+                    *key = magnitude_key(D::D, D::r(xv - bv));
+                }
+                if n == 0 {
+                    continue;
+                }
+                for (slot, &si) in mine.iter().enumerate() {
+                    let keys = &keys[..n];
+                    match tasks[si] {
+                        Some(Task::All { shift }) => {
+                            let h = pool.get(slot);
+                            let (lo, hi) = &mut range[slot];
+                            let (mut l, mut u) = (u32::MAX, 0u32);
+                            for &key in keys {
+                                l = l.min(key);
+                                u = u.max(key);
+                            }
+                            *lo = (*lo).min((l >> shift) & 0xFFFF);
+                            *hi = (*hi).max((u >> shift) & 0xFFFF);
+                            for &key in keys {
+                                h[((key >> shift) & 0xFFFF) as usize] += 1;
+                            }
+                        }
+                        Some(Task::Low { high }) => {
+                            let h = pool.get(slot);
+                            let (lo, hi) = &mut range[slot];
+                            for &key in keys {
+                                if key >> 16 == high {
+                                    let bin = key & 0xFFFF;
+                                    h[bin as usize] += 1;
+                                    *lo = (*lo).min(bin);
+                                    *hi = (*hi).max(bin);
+                                }
+                            }
+                        }
+                        Some(Task::Ties { key: t }) => {
+                            let counts = &mut ties[slot];
+                            counts.resize(len.div_ceil(BLOCK as usize), 0);
+                            // A piece lies within one block.
+                            counts[a / BLOCK as usize] +=
+                                keys.iter().map(|&key| u32::from(key == t)).sum::<u32>();
+                        }
+                        None => {}
+                    }
+                }
+            }
+            for (slot, &si) in mine.iter().enumerate() {
+                out[si] = Some(match tasks[si] {
+                    Some(Task::Ties { .. }) => Counts::Ties(std::mem::take(&mut ties[slot])),
+                    _ => pool.emit(slot, range[slot]),
+                });
+            }
+        }
+        pool.give_back();
+        out
     }
 
     /// The first selection of the same model that is in the High phase (histograms shared).
@@ -900,69 +959,86 @@ impl Op {
             .unwrap_or(si)
     }
 
-    fn sums_partial(&self, offset: u64, v: &[Vec<f32>]) -> Vec<Vec<f64>> {
-        let len = v[0].len();
-        let mut out = Vec::new();
-        let mut start = 0usize;
-        while start < len {
-            let end = (start + self.row as usize).min(len);
-            let blk: Vec<Vec<f32>> = v.iter().map(|x| x[start..end].to_vec()).collect();
-            out.push(self.block_sums(offset + start as u64, &blk));
-            start = end;
+    /// Per block (a row for row-local methods) of the chunk, the pass's quantities.
+    fn sums_partial<D: Dt>(&self, offset: u64, inputs: &[&[u8]], len: usize) -> Vec<Vec<f64>> {
+        let block = (self.row as usize).min(len.max(1));
+        let k = self.models_count();
+        let mut v: Vec<Vec<f32>> = (0..=k).map(|_| vec![0f32; block]).collect();
+        let mut d: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; block]).collect();
+        let mut summands = vec![0f64; block];
+        let mut scratch = Scratch::new(block);
+        let mut markers = self.markers();
+        let mut out = Vec::with_capacity(len.div_ceil(block));
+        let mut a = 0;
+        while a < len {
+            let b = (a + self.row as usize).min(len);
+            let n = b - a;
+            for (i, vi) in v.iter_mut().enumerate() {
+                decode::<D>(
+                    self.inputs[i],
+                    slice_of(inputs[i], self.inputs[i], a, b),
+                    &mut vi[..n],
+                );
+            }
+            let s = &mut summands[..n];
+            let mut q = Vec::with_capacity(self.quantities);
+            match self.method {
+                Method::Slerp => {
+                    let (x, y) = (&v[0][..n], &v[1][..n]);
+                    for (pa, pb) in [(x, x), (y, y), (x, y)] {
+                        for ((s, &p), &r) in s.iter_mut().zip(pa).zip(pb) {
+                            *s = p as f64 * r as f64;
+                        }
+                        q.push(lane_sum(s));
+                    }
+                }
+                Method::ModelStock => {
+                    deltas::<D>(&v, &mut d, n);
+                    self.stock_block::<D>(&d, n, s, &mut q);
+                }
+                _ => {
+                    deltas::<D>(&v, &mut d, n);
+                    let first = offset + a as u64;
+                    for (m, dm) in d.iter_mut().enumerate() {
+                        let dm = &mut dm[..n];
+                        for (s, &e) in s.iter_mut().zip(dm.iter()) {
+                            *s = e.abs() as f64;
+                        }
+                        q.push(lane_sum(s));
+                        // The masked task vector, before any rescaling.
+                        self.mask_in_place::<D>(m, first, dm, &mut markers, &mut scratch, false);
+                        for (s, &e) in s.iter_mut().zip(dm.iter()) {
+                            *s = e.abs() as f64;
+                        }
+                        q.push(lane_sum(s));
+                    }
+                }
+            }
+            out.push(q);
+            a = b;
         }
         out
     }
 
-    /// The quantities of one block (a row for row-local methods).
-    fn block_sums(&self, first: u64, v: &[Vec<f32>]) -> Vec<f64> {
-        let sq = |a: &[f32], b: &[f32]| -> f64 {
-            let s: Vec<f64> = a
-                .iter()
-                .zip(b)
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .collect();
-            lane_sum(&s)
-        };
-        match self.method {
-            Method::Slerp => vec![sq(&v[0], &v[0]), sq(&v[1], &v[1]), sq(&v[0], &v[1])],
-            Method::ModelStock => {
-                let d = self.deltas(v);
-                self.stock_block(&d)
-            }
-            _ => {
-                let d = self.deltas(v);
-                let masked = self.masked(first, &d, true);
-                let mut q = Vec::with_capacity(2 * d.len());
-                for (x, m) in d.iter().zip(&masked) {
-                    let a: Vec<f64> = x.iter().map(|&e| rnd(self.w, e).abs() as f64).collect();
-                    let b: Vec<f64> = m.iter().map(|&e| e.abs() as f64).collect();
-                    q.push(lane_sum(&a));
-                    q.push(lane_sum(&b));
-                }
-                q
-            }
-        }
-    }
-
-    /// model_stock's norms² and product sums of one block: `[Σd_k², …, Σ rnd(d_a·d_b), …]`.
-    fn stock_block(&self, d: &[Vec<f32>]) -> Vec<f64> {
+    /// model_stock's norms² and product sums of one block (or row) of task vectors `d[k][..n]`:
+    /// `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`.
+    fn stock_block<D: Dt>(&self, d: &[Vec<f32>], n: usize, s: &mut [f64], q: &mut Vec<f64>) {
         let k = d.len();
-        let mut q = Vec::with_capacity(k + k * (k - 1) / 2);
+        let s = &mut s[..n];
         for x in d {
-            let s: Vec<f64> = x.iter().map(|&e| e as f64 * e as f64).collect();
-            q.push(lane_sum(&s));
+            for (s, &e) in s.iter_mut().zip(&x[..n]) {
+                *s = e as f64 * e as f64;
+            }
+            q.push(lane_sum(s));
         }
         for a in 0..k {
             for b in a + 1..k {
-                let s: Vec<f64> = d[a]
-                    .iter()
-                    .zip(&d[b])
-                    .map(|(&x, &y)| rnd(self.c, x * y) as f64)
-                    .collect();
-                q.push(lane_sum(&s));
+                for ((s, &x), &y) in s.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
+                    *s = D::r(x * y) as f64;
+                }
+                q.push(lane_sum(s));
             }
         }
-        q
     }
 
     /// A new combiner for the pending pass.
@@ -1088,92 +1164,135 @@ impl Op {
         self.inputs.len() - 1
     }
 
-    /// Sparsified (masked, before rescaling) task vectors of a chunk or block; with
-    /// `raw_masked`, the mask applied but no rescale (for the sums pass), in the work dtype.
-    fn masked(&self, first: u64, d: &[Vec<f32>], raw_masked: bool) -> Vec<Vec<f32>> {
-        let len = d.first().map_or(0, |x| x.len());
-        let mut out = Vec::with_capacity(d.len());
-        for (k, (m, x)) in self.models.iter().zip(d).enumerate() {
-            let keep: Option<Vec<bool>> = match m.mode {
-                Mode::Keep | Mode::Zero => None,
-                Mode::TopK { sel } => {
-                    let keys: Vec<u32> = x.iter().map(|&e| magnitude_key(self.c, e)).collect();
-                    let mut b = vec![false; len];
-                    if let Some(cut) = self.sels[sel].s.cut() {
-                        cut.mark(&keys, first, &mut b);
-                    }
-                    Some(b)
-                }
-                Mode::Band { lo, hi } => {
-                    let keys: Vec<u32> = x.iter().map(|&e| magnitude_key(self.c, e)).collect();
-                    let mut a = vec![false; len];
-                    let mut b = vec![false; len];
-                    if let (Some(cl), Some(ch)) = (self.sels[lo].s.cut(), self.sels[hi].s.cut()) {
-                        cl.mark(&keys, first, &mut a);
-                        ch.mark(&keys, first, &mut b);
-                    }
-                    Some(
-                        a.iter()
-                            .zip(&b)
-                            .map(|(&below, &upto)| upto && !below)
-                            .collect(),
-                    )
-                }
-                Mode::Random { p } => {
-                    let mut u = vec![0f32; len];
-                    rng::uniforms(self.key, k as u32, rng::PURPOSE_DARE, first, &mut u);
-                    Some(u.iter().map(|&u| u < p).collect())
-                }
-                Mode::Della { lo, eps } => Some(self.della_keep(k, first, x, lo, eps)),
-            };
-            let wd = if matches!(m.mode, Mode::Random { .. } | Mode::Della { .. }) {
-                self.w
-            } else {
-                self.c
-            };
-            let v: Vec<f32> = match (m.mode, &keep) {
-                (Mode::Keep, _) => x.clone(),
-                (Mode::Zero, _) => vec![0.0; len],
-                (_, Some(keep)) => x
-                    .iter()
-                    .zip(keep)
-                    .map(|(&e, &kp)| {
-                        let masked = e * if kp { 1.0 } else { 0.0 };
-                        match (raw_masked, m.ratio) {
-                            (false, Some(r)) => rnd(self.c, rnd(wd, masked * r)),
-                            _ => masked,
-                        }
-                    })
-                    .collect(),
-                (_, None) => x.clone(),
-            };
-            out.push(v);
-        }
-        out
+    /// Tie-ordinal state of every selection's cut, for a chunk marked piece by piece (see
+    /// [`Cut::mark_from`]).
+    fn markers(&self) -> Vec<u64> {
+        vec![0; self.sels.len()]
     }
 
-    /// DELLA's keep decisions for whole rows starting at element `first`.
-    fn della_keep(&self, k: usize, first: u64, x: &[f32], lo: f32, eps: f32) -> Vec<bool> {
+    /// Sparsifies model `m`'s task vector `d` (elements `first..` of the tensor) in place; with
+    /// `rescale`, also applies the rescale ratio as the output does. `seen` is the chunk's tie
+    /// state ([`Op::markers`]).
+    fn mask_in_place<D: Dt>(
+        &self,
+        m: usize,
+        first: u64,
+        d: &mut [f32],
+        seen: &mut [u64],
+        scratch: &mut Scratch,
+        rescale: bool,
+    ) {
+        let model = &self.models[m];
+        let n = d.len();
+        let Scratch {
+            keep,
+            below,
+            keys,
+            u,
+            order,
+            ..
+        } = scratch;
+        let keep = &mut keep[..n];
+        match model.mode {
+            Mode::Keep => return,
+            Mode::Zero => {
+                d.fill(0.0);
+                return;
+            }
+            Mode::TopK { sel } => {
+                let keys = &mut keys[..n];
+                for (k, &e) in keys.iter_mut().zip(d.iter()) {
+                    *k = magnitude_key(D::D, e);
+                }
+                match self.sels[sel].s.cut() {
+                    Some(cut) => cut.mark_from(keys, first, keep, &mut seen[sel]),
+                    None => keep.fill(false),
+                }
+            }
+            Mode::Band { lo, hi } => {
+                let keys = &mut keys[..n];
+                for (k, &e) in keys.iter_mut().zip(d.iter()) {
+                    *k = magnitude_key(D::D, e);
+                }
+                let below = &mut below[..n];
+                match (self.sels[lo].s.cut(), self.sels[hi].s.cut()) {
+                    (Some(cl), Some(ch)) => {
+                        cl.mark_from(keys, first, below, &mut seen[lo]);
+                        ch.mark_from(keys, first, keep, &mut seen[hi]);
+                        for (k, &b) in keep.iter_mut().zip(below.iter()) {
+                            *k = *k && !b;
+                        }
+                    }
+                    _ => keep.fill(false),
+                }
+            }
+            Mode::Random { p } => {
+                let u = &mut u[..n];
+                rng::uniforms(self.key, m as u32, rng::PURPOSE_DARE, first, u);
+                for (k, &u) in keep.iter_mut().zip(u.iter()) {
+                    *k = u < p;
+                }
+            }
+            Mode::Della { lo, eps } => {
+                self.della_keep::<D>(m, first, d, lo, eps, keep, &mut u[..n], order)
+            }
+        }
+        let unit = |k: bool| if k { 1.0f32 } else { 0.0 };
+        match (rescale, model.ratio) {
+            (true, Some(r)) if matches!(model.mode, Mode::Random { .. } | Mode::Della { .. }) => {
+                for (e, &k) in d.iter_mut().zip(keep.iter()) {
+                    *e = D::r(rw::<D>(*e * unit(k) * r));
+                }
+            }
+            (true, Some(r)) => {
+                for (e, &k) in d.iter_mut().zip(keep.iter()) {
+                    *e = D::r(*e * unit(k) * r);
+                }
+            }
+            _ => {
+                for (e, &k) in d.iter_mut().zip(keep.iter()) {
+                    *e *= unit(k);
+                }
+            }
+        }
+    }
+
+    /// DELLA's keep decisions for the whole rows `x` starting at element `first`.
+    #[allow(clippy::too_many_arguments)]
+    fn della_keep<D: Dt>(
+        &self,
+        m: usize,
+        first: u64,
+        x: &[f32],
+        lo: f32,
+        eps: f32,
+        keep: &mut [bool],
+        u: &mut [f32],
+        order: &mut Vec<u64>,
+    ) {
         let row = self.row as usize;
-        let mut keep = vec![false; x.len()];
-        let mut u = vec![0f32; x.len()];
-        rng::uniforms(self.key, k as u32, rng::PURPOSE_DELLA, first, &mut u);
-        for (r, (xs, ks)) in x.chunks(row).zip(keep.chunks_mut(row)).enumerate() {
+        rng::uniforms(self.key, m as u32, rng::PURPOSE_DELLA, first, u);
+        for ((xs, ks), us) in x.chunks(row).zip(keep.chunks_mut(row)).zip(u.chunks(row)) {
             let n = xs.len();
-            let mut order: Vec<u32> = (0..n as u32).collect();
-            let keys: Vec<u32> = xs.iter().map(|&e| magnitude_key(self.c, e)).collect();
-            order.sort_unstable_by_key(|&i| (keys[i as usize], i));
-            for (rank0, &i) in order.iter().enumerate() {
+            // Ascending magnitude, lower index first among equal magnitudes.
+            order.clear();
+            order.extend(
+                xs.iter()
+                    .enumerate()
+                    .map(|(i, &e)| ((magnitude_key(D::D, e) as u64) << 32) | i as u64),
+            );
+            order.sort_unstable();
+            for (rank0, &o) in order.iter().enumerate() {
+                let i = (o & 0xFFFF_FFFF) as usize;
                 let rn = if n > 1 {
                     (rank0 as f64 / (n - 1) as f64) as f32
                 } else {
                     0.0
                 };
-                let p = rnd(self.w, lo + (rn * 2.0) * eps);
-                ks[i as usize] = u[r * row + i as usize] < p;
+                let p = rw::<D>(lo + (rn * 2.0) * eps);
+                ks[i] = us[i] < p;
             }
         }
-        keep
     }
 
     /// Writes the merged chunk. Needs every reduction pass done. Pure: call from any thread.
@@ -1187,109 +1306,388 @@ impl Op {
         if len == 0 {
             return Ok(());
         }
-        let v = self.values(inputs, len);
-        let c = self.c;
-        match self.method {
-            Method::Slerp => {
-                let co = self.slerp.unwrap_or_default();
-                for (j, (&x, &y)) in v[0].iter().zip(&v[1]).enumerate() {
-                    store(self.out, rnd(c, co.a * x + co.b * y), out, j);
-                }
-            }
-            Method::ModelStock => {
-                let d = self.deltas(&v);
-                let row = if self.filter_wise {
-                    self.row as usize
-                } else {
-                    len.max(1)
-                };
-                let k = self.models_count();
-                let mut start = 0;
-                while start < len {
-                    let end = (start + row).min(len);
-                    let t = match self.stock_t {
-                        Some(t) => t,
-                        None => {
-                            let blk: Vec<Vec<f32>> =
-                                d.iter().map(|x| x[start..end].to_vec()).collect();
-                            stock_t(c, k, &self.stock_block(&blk))
-                        }
-                    };
-                    let omt = rnd(c, 1.0 - t);
-                    for j in start..end {
-                        let mut acc = rnd(c, 0.0 + v[1][j]);
-                        for x in &v[2..] {
-                            acc = rnd(c, acc + x[j]);
-                        }
-                        let avg = rnd(c, acc / k as f32);
-                        let r = rnd(c, rnd(c, t * avg) + rnd(c, omt * v[0][j]));
-                        store(self.out, r, out, j);
-                    }
-                    start = end;
-                }
-            }
-            _ => {
-                let d = self.deltas(&v);
-                let s = self.masked(offset, &d, false);
-                for j in 0..len {
-                    let r = self.combine(v[0][j], s.iter().map(|x| x[j]));
-                    store(self.out, r, out, j);
-                }
-            }
+        match self.c {
+            FloatDtype::BF16 => self.output_t::<Bf>(offset, inputs, out, len),
+            FloatDtype::F16 => self.output_t::<Hf>(offset, inputs, out, len),
+            FloatDtype::F32 => self.output_t::<Ff>(offset, inputs, out, len),
         }
         Ok(())
     }
 
-    /// The task-arithmetic tail for one element: weights, sign election, normalisation,
-    /// lambda, base.
-    #[inline]
-    fn combine(&self, base: f32, s: impl Iterator<Item = f32>) -> f32 {
-        let c = self.c;
-        let mut d = [0f32; 64];
-        let mut dv: Vec<f32> = Vec::new();
-        let dk: &mut [f32] = if self.models.len() <= 64 {
-            &mut d[..self.models.len()]
-        } else {
-            dv.resize(self.models.len(), 0.0);
-            &mut dv
-        };
-        for ((slot, x), m) in dk.iter_mut().zip(s).zip(&self.models) {
-            *slot = rnd(c, x * m.weight);
-        }
-        let (mut mixed, div) = if self.method.sign_election() {
-            let sw = seq_sum(c, dk.iter().copied());
-            let maj = if sw >= 0.0 { 1i8 } else { -1i8 };
-            let sign = |x: f32| -> i8 {
-                if x > 0.0 {
-                    1
-                } else if x < 0.0 {
-                    -1
-                } else {
-                    0
+    fn output_t<D: Dt>(&self, offset: u64, inputs: &[&[u8]], out: &mut [u8], len: usize) {
+        let k = self.models_count();
+        let piece = self.piece_len(len);
+        let mut v: Vec<Vec<f32>> = (0..=k).map(|_| vec![0f32; piece]).collect();
+        let mut d: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; piece]).collect();
+        let mut r = vec![0f32; piece];
+        let mut scratch = Scratch::new(piece);
+        let mut seen = self.markers();
+        let size = self.out.size();
+        for (a, b) in self.pieces(len) {
+            let n = b - a;
+            for (i, vi) in v.iter_mut().enumerate() {
+                decode::<D>(
+                    self.inputs[i],
+                    slice_of(inputs[i], self.inputs[i], a, b),
+                    &mut vi[..n],
+                );
+            }
+            let r = &mut r[..n];
+            match self.method {
+                Method::Slerp => {
+                    let co = self.slerp.unwrap_or_default();
+                    for ((o, &x), &y) in r.iter_mut().zip(&v[0][..n]).zip(&v[1][..n]) {
+                        *o = D::r(co.a * x + co.b * y);
+                    }
                 }
-            };
-            let mixed = seq_sum(
-                c,
-                dk.iter()
-                    .map(|&x| x * if sign(x) == maj { 1.0 } else { 0.0 }),
-            );
-            let div = seq_sum(
-                c,
-                dk.iter()
-                    .zip(&self.models)
-                    .map(|(&x, m)| m.weight * if sign(x) == maj { 1.0 } else { 0.0 }),
-            );
-            (mixed, if div == 0.0 { 1.0 } else { div })
+                Method::ModelStock => {
+                    let t = match self.stock_t {
+                        Some(t) => t,
+                        None => {
+                            deltas::<D>(&v, &mut d, n);
+                            let mut q = Vec::with_capacity(k + k * (k - 1) / 2);
+                            self.stock_block::<D>(&d, n, &mut scratch.sums, &mut q);
+                            stock_t(self.c, k, &q)
+                        }
+                    };
+                    let omt = D::r(1.0 - t);
+                    let kf = k as f32;
+                    let (acc, _) = scratch.sw.split_at_mut(n);
+                    for (acc, &x) in acc.iter_mut().zip(&v[1][..n]) {
+                        *acc = D::r(0.0 + x);
+                    }
+                    for x in &v[2..] {
+                        for (acc, &x) in acc.iter_mut().zip(&x[..n]) {
+                            *acc = D::r(*acc + x);
+                        }
+                    }
+                    for ((o, &acc), &w0) in r.iter_mut().zip(acc.iter()).zip(&v[0][..n]) {
+                        let avg = D::r(acc / kf);
+                        *o = D::r(D::r(t * avg) + D::r(omt * w0));
+                    }
+                }
+                _ => {
+                    deltas::<D>(&v, &mut d, n);
+                    for (m, dm) in d.iter_mut().enumerate() {
+                        self.mask_in_place::<D>(
+                            m,
+                            offset + a as u64,
+                            &mut dm[..n],
+                            &mut seen,
+                            &mut scratch,
+                            true,
+                        );
+                    }
+                    self.combine::<D>(&v[0][..n], &mut d, r, &mut scratch);
+                }
+            }
+            encode(self.out, r, &mut out[a * size..b * size]);
+        }
+    }
+
+    /// The task-arithmetic tail over a piece: weights, sign election, normalisation, lambda,
+    /// base. `s[k]` holds model k's sparsified task vector (overwritten); `r` gets the result.
+    fn combine<D: Dt>(
+        &self,
+        base: &[f32],
+        s: &mut [Vec<f32>],
+        r: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let n = base.len();
+        for (x, m) in s.iter_mut().zip(&self.models) {
+            for e in &mut x[..n] {
+                *e = D::r(*e * m.weight);
+            }
+        }
+        let Scratch { sw, mixed, div, .. } = scratch;
+        let (mixed, div) = (&mut mixed[..n], &mut div[..n]);
+        mixed.fill(0.0);
+        if self.method.sign_election() {
+            let sw = &mut sw[..n];
+            sw.fill(0.0);
+            for x in s.iter() {
+                for (acc, &e) in sw.iter_mut().zip(&x[..n]) {
+                    *acc += e;
+                }
+            }
+            for e in sw.iter_mut() {
+                *e = D::r(*e);
+            }
+            div.fill(0.0);
+            for (x, m) in s.iter().zip(&self.models) {
+                let w = m.weight;
+                for (((mx, dv), &e), &total) in mixed
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(&x[..n])
+                    .zip(sw.iter())
+                {
+                    // The element's sign agrees with the elected one (+1 where the sum is
+                    // >= 0, else −1; zeros and NaN never agree).
+                    let agree = if total >= 0.0 { e > 0.0 } else { e < 0.0 };
+                    let f = if agree { 1.0f32 } else { 0.0 };
+                    *mx += e * f;
+                    *dv += w * f;
+                }
+            }
+            for (mx, dv) in mixed.iter_mut().zip(div.iter_mut()) {
+                *mx = D::r(*mx);
+                let d = D::r(*dv);
+                *dv = if d == 0.0 { 1.0 } else { d };
+            }
         } else {
-            (seq_sum(c, dk.iter().copied()), self.div_const)
-        };
+            for x in s.iter() {
+                for (acc, &e) in mixed.iter_mut().zip(&x[..n]) {
+                    *acc += e;
+                }
+            }
+            for e in mixed.iter_mut() {
+                *e = D::r(*e);
+            }
+            div.fill(self.div_const);
+        }
         if self.normalize {
-            mixed = rnd(c, mixed / div);
+            for (mx, &dv) in mixed.iter_mut().zip(div.iter()) {
+                *mx = D::r(*mx / dv);
+            }
         }
         if let Some(l) = self.lambda {
-            mixed = rnd(c, mixed * l);
+            for mx in mixed.iter_mut() {
+                *mx = D::r(*mx * l);
+            }
         }
-        rnd(c, base + mixed)
+        for ((o, &b), &mx) in r.iter_mut().zip(base).zip(mixed.iter()) {
+            *o = D::r(b + mx);
+        }
+    }
+}
+
+/// Elements per piece of the element-wise loops of the block-wise methods: a piece's inputs,
+/// task vectors and keys stay in the L1/L2 cache, and a call's scratch is a few pieces
+/// whatever the chunk size. A multiple of [`LANES`](super::stats::LANES) that divides
+/// [`BLOCK`], so a piece never straddles a block.
+const TILE: usize = 1024;
+
+/// Rounding to a compute dtype, chosen once per call so that the element loops are
+/// branch-free (`r` is [`rnd`] for `D`).
+trait Dt {
+    const D: FloatDtype;
+    fn r(x: f32) -> f32;
+}
+
+struct Bf;
+struct Hf;
+struct Ff;
+
+impl Dt for Bf {
+    const D: FloatDtype = FloatDtype::BF16;
+    #[inline(always)]
+    fn r(x: f32) -> f32 {
+        let b = x.to_bits();
+        // Round to nearest even at bit 16 (the NaN case is discarded below).
+        let y = f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000);
+        if x.is_nan() {
+            x
+        } else {
+            y
+        }
+    }
+}
+
+impl Dt for Hf {
+    const D: FloatDtype = FloatDtype::F16;
+    #[inline(always)]
+    fn r(x: f32) -> f32 {
+        let y = f16_to_f32(f32_to_f16_rne(x));
+        if x.is_nan() {
+            x
+        } else {
+            y
+        }
+    }
+}
+
+impl Dt for Ff {
+    const D: FloatDtype = FloatDtype::F32;
+    #[inline(always)]
+    fn r(x: f32) -> f32 {
+        x
+    }
+}
+
+/// Rounding to the work dtype of DARE and DELLA: bf16 when computing in bf16, else f32.
+#[inline(always)]
+fn rw<D: Dt>(x: f32) -> f32 {
+    if matches!(D::D, FloatDtype::BF16) {
+        D::r(x)
+    } else {
+        x
+    }
+}
+
+/// Bytes `[a, b)` (in elements) of a chunk's input stored as `d`.
+#[inline]
+fn slice_of(bytes: &[u8], d: FloatDtype, a: usize, b: usize) -> &[u8] {
+    &bytes[a * d.size()..b * d.size()]
+}
+
+/// Storage bytes of dtype `src` → values in the compute dtype `D` (as mergekit's loader
+/// converts them: exact widening, then one round-to-nearest-even).
+fn decode<D: Dt>(src: FloatDtype, bytes: &[u8], out: &mut [f32]) {
+    let exact = src == D::D || D::D == FloatDtype::F32;
+    match (src, exact) {
+        (FloatDtype::BF16, true) => {
+            for (o, e) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([e[0], e[1]]));
+            }
+        }
+        (FloatDtype::BF16, false) => {
+            for (o, e) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = D::r(bf16_to_f32(u16::from_le_bytes([e[0], e[1]])));
+            }
+        }
+        (FloatDtype::F16, true) => {
+            for (o, e) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([e[0], e[1]]));
+            }
+        }
+        (FloatDtype::F16, false) => {
+            for (o, e) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = D::r(f16_to_f32(u16::from_le_bytes([e[0], e[1]])));
+            }
+        }
+        (FloatDtype::F32, _) => {
+            for (o, e) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = D::r(f32::from_le_bytes([e[0], e[1], e[2], e[3]]));
+            }
+        }
+    }
+}
+
+/// Values → storage bytes of dtype `d`, round-to-nearest-even, NaN as the canonical quiet NaN.
+fn encode(d: FloatDtype, x: &[f32], out: &mut [u8]) {
+    match d {
+        FloatDtype::BF16 => {
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                let h = if v.is_nan() {
+                    BF16_NAN
+                } else {
+                    f32_to_bf16_rne(v)
+                };
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        FloatDtype::F16 => {
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                let h = if v.is_nan() {
+                    F16_NAN
+                } else {
+                    f32_to_f16_rne(v)
+                };
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        FloatDtype::F32 => {
+            for (o, &v) in out.chunks_exact_mut(4).zip(x) {
+                let b = if v.is_nan() { F32_NAN } else { v.to_bits() };
+                o.copy_from_slice(&b.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Task vectors of a piece: `d[k][j] = c(v[k + 1][j] − v[0][j])` for `j < n`.
+fn deltas<D: Dt>(v: &[Vec<f32>], d: &mut [Vec<f32>], n: usize) {
+    let base = &v[0][..n];
+    for (dk, x) in d.iter_mut().zip(&v[1..]) {
+        for ((o, &x), &b) in dk[..n].iter_mut().zip(&x[..n]).zip(base) {
+            *o = D::r(x - b);
+        }
+    }
+}
+
+/// Per-call scratch of the element-wise loops, one piece long.
+struct Scratch {
+    keep: Vec<bool>,
+    below: Vec<bool>,
+    keys: Vec<u32>,
+    u: Vec<f32>,
+    order: Vec<u64>,
+    sw: Vec<f32>,
+    mixed: Vec<f32>,
+    div: Vec<f32>,
+    sums: Vec<f64>,
+}
+
+impl Scratch {
+    fn new(n: usize) -> Scratch {
+        Scratch {
+            keep: vec![false; n],
+            below: vec![false; n],
+            keys: vec![0; n],
+            u: vec![0.0; n],
+            order: Vec::with_capacity(n),
+            sw: vec![0.0; n],
+            mixed: vec![0.0; n],
+            div: vec![0.0; n],
+            sums: vec![0.0; n],
+        }
+    }
+}
+
+/// What one selection counted over a chunk.
+#[derive(Clone, Debug)]
+enum Counts {
+    /// Histogram bins `lo..lo + counts.len()` (the bins outside are empty).
+    Hist { lo: u32, counts: Vec<u32> },
+    /// Threshold ties per block.
+    Ties(Vec<u32>),
+}
+
+thread_local! {
+    /// All-zero 65 536-bin histograms, reused by the selection passes of this thread.
+    static HISTS: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Dense scratch histograms for one call, taken from (and given back to) the thread's pool;
+/// every histogram is all zeros when taken and when given back.
+struct HistPool {
+    hists: Vec<Vec<u32>>,
+}
+
+impl HistPool {
+    fn take() -> HistPool {
+        HistPool {
+            hists: HISTS.with(|h| std::mem::take(&mut *h.borrow_mut())),
+        }
+    }
+
+    /// Histogram `i` (made if the pool has fewer).
+    fn get(&mut self, i: usize) -> &mut [u32] {
+        while self.hists.len() <= i {
+            self.hists.push(vec![0u32; BINS]);
+        }
+        &mut self.hists[i][..BINS]
+    }
+
+    /// The bins `lo..=hi` of histogram `i` as a partial, leaving the histogram all zeros.
+    fn emit(&mut self, i: usize, (lo, hi): (u32, u32)) -> Counts {
+        if lo > hi {
+            return Counts::Hist {
+                lo: 0,
+                counts: Vec::new(),
+            };
+        }
+        let h = self.get(i);
+        let r = lo as usize..hi as usize + 1;
+        let counts = h[r.clone()].to_vec();
+        h[r].fill(0);
+        Counts::Hist { lo, counts }
+    }
+
+    fn give_back(self) {
+        HISTS.with(|h| *h.borrow_mut() = self.hists);
     }
 }
 
@@ -1367,11 +1765,17 @@ impl Combiner {
         match self.pass {
             Pass::Select => {
                 for (si, counts) in p.counts.into_iter().enumerate() {
-                    let Some(counts) = counts else { continue };
-                    if let Some(Some(t)) = self.ties.get_mut(si) {
-                        counts.iter().for_each(|&c| t.push(c as u64));
-                    } else if let Some(Some(h)) = self.hists.get_mut(si) {
-                        h.iter_mut().zip(&counts).for_each(|(a, &c)| *a += c as u64);
+                    match (counts, self.ties.get_mut(si), self.hists.get_mut(si)) {
+                        (Some(Counts::Ties(counts)), Some(Some(t)), _) => {
+                            counts.iter().for_each(|&c| t.push(c as u64));
+                        }
+                        (Some(Counts::Hist { lo, counts }), _, Some(Some(h))) => {
+                            h.iter_mut()
+                                .skip(lo as usize)
+                                .zip(&counts)
+                                .for_each(|(a, &c)| *a += c as u64);
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -157,16 +157,6 @@ pub enum Order {
     Asc,
 }
 
-impl Order {
-    #[inline]
-    fn strictly_before(self, key: u32, t: u32) -> bool {
-        match self {
-            Order::Desc => key > t,
-            Order::Asc => key < t,
-        }
-    }
-}
-
 /// The set of elements before position `p` of a selection's order, as element-wise data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cut {
@@ -192,7 +182,16 @@ pub enum Cut {
 impl Cut {
     /// Marks `before[j]` for elements `first + j` with keys `keys[j]`. `first` must be a
     /// multiple of [`BLOCK`] whenever the chunk holds the tie block (chunks start at blocks).
+    /// (The pipeline marks chunks piecewise, with [`Cut::mark_from`]; the tests use this.)
+    #[cfg(test)]
     pub fn mark(&self, keys: &[u32], first: u64, before: &mut [bool]) {
+        self.mark_from(keys, first, before, &mut 0);
+    }
+
+    /// [`Cut::mark`] for a chunk marked in consecutive pieces: `ties_seen` carries the count of
+    /// the tie block's ties already met from one piece to the next (start it at 0 for the
+    /// chunk).
+    pub fn mark_from(&self, keys: &[u32], first: u64, before: &mut [bool], ties_seen: &mut u64) {
         match *self {
             Cut::Nothing => before.iter_mut().for_each(|b| *b = false),
             Cut::Everything => before.iter_mut().for_each(|b| *b = true),
@@ -202,24 +201,37 @@ impl Cut {
                 tie_block,
                 tie_rem,
             } => {
-                let mut ordinal = 0u64;
+                match order {
+                    Order::Desc => {
+                        for (&k, b) in keys.iter().zip(before.iter_mut()) {
+                            *b = k > t;
+                        }
+                    }
+                    Order::Asc => {
+                        for (&k, b) in keys.iter().zip(before.iter_mut()) {
+                            *b = k < t;
+                        }
+                    }
+                }
+                if !keys.contains(&t) {
+                    return;
+                }
+                let mut ordinal = *ties_seen;
                 for (j, (&k, b)) in keys.iter().zip(before.iter_mut()).enumerate() {
-                    *b = if order.strictly_before(k, t) {
+                    if k != t {
+                        continue;
+                    }
+                    let blk = (first + j as u64) / BLOCK;
+                    *b = if blk < tie_block {
                         true
-                    } else if k != t {
+                    } else if blk > tie_block {
                         false
                     } else {
-                        let blk = (first + j as u64) / BLOCK;
-                        if blk < tie_block {
-                            true
-                        } else if blk > tie_block {
-                            false
-                        } else {
-                            ordinal += 1;
-                            ordinal <= tie_rem
-                        }
+                        ordinal += 1;
+                        ordinal <= tie_rem
                     };
                 }
+                *ties_seen = ordinal;
             }
         }
     }
@@ -334,7 +346,9 @@ impl Selection {
         }
     }
 
-    /// Which histogram bin a key falls in for the current phase, if it counts at all.
+    /// Which histogram bin a key falls in for the current phase, if it counts at all. (The
+    /// pipeline counts whole chunks at once; the tests' reference selection uses this.)
+    #[cfg(test)]
     #[inline]
     pub fn bin(&self, key: u32) -> Option<usize> {
         match self.phase {

@@ -13,6 +13,8 @@
 //!   kernels against independent numpy references of mergekit's arithmetic;
 //! - `packed`: the packed format (`pack`/`unpack`, random access, malformed files, bases);
 //!   `packed_merge`: merges reading packed models, and `--compress` output, through the binary;
+//!   kernels against independent numpy references of mergekit's arithmetic; `methods`: the
+//!   statistics methods through the binary (`modelset` generates their model sets);
 //! - `verify`: what `verify` reports about damaged outputs, cause by cause;
 //! - `pipes`: a closed stdout ends every command quietly;
 //! - `python_client`, `slurm`: real clients and a real cluster;
@@ -38,6 +40,8 @@ mod lineage;
 mod malformed;
 mod memory;
 mod mergekit_ref;
+mod methods;
+mod modelset;
 mod overlap;
 mod packed;
 mod packed_merge;

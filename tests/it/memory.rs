@@ -1,12 +1,23 @@
 //! Memory is bounded by the budget, not by tensor or model size: merging a pair shaped like
 //! Llama-3-70B at full width (8192 hidden, vocab 128256: embed_tokens and lm_head are 2.1 GB
 //! each) keeps the process's peak RSS, measured by the OS, within the budget; so do merging
-//! packed inputs into compressed output, and an eight-model `linear` merge config at that width.
+//! packed inputs into compressed output, an eight-model `linear` merge config at that width, and
+//! a three-model TIES merge of such embeddings, whose every reduction pass streams them too.
 
 use crate::common::*;
+use crate::modelset::{write_set, Dt, SetSpec};
+
+/// Held by the tests that write gigabytes, so that they take their turns: together they would
+/// need some 25 GB of disk at once, one at a time about 13 GB.
+static LARGE_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn large_files_turn() -> std::sync::MutexGuard<'static, ()> {
+    LARGE_FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 #[test]
 fn peak_rss_is_bounded_by_the_budget_not_by_2gb_tensors() {
+    let _turn = large_files_turn();
     let dir = tempdir();
     let pair = dir.path().join("pair");
     synth(
@@ -146,6 +157,7 @@ fn sparse_bf16_model(path: &std::path::Path, tensors: &[(&str, &[u64])]) {
 
 #[test]
 fn an_eight_model_merge_at_llama3_70b_width_stays_within_256_mib() {
+    let _turn = large_files_turn();
     // Llama-3-70B widths: hidden 8192, 8 KV heads of 128, vocabulary 128256 (embed_tokens is
     // 2.1 GB), one layer's attention. One sparse file, hard-linked into eight model
     // directories: eight models as far as the merge is concerned, one page-cache copy.
@@ -200,4 +212,50 @@ fn an_eight_model_merge_at_llama3_70b_width_stays_within_256_mib() {
     eprintln!("8-model linear merge, 2.1 GB tensors: peak RSS {mib} MiB");
     assert!(mib <= 256, "peak RSS {mib} MiB exceeds 256 MiB");
     run_ok(&["verify", out.to_str().unwrap(), "--quiet"]);
+}
+
+/// A 3-model TIES merge at Llama-3-70B width (the 128256 × 8192 embedding: 2.1 GB per model
+/// in bf16, 6.3 GB read per pass, three passes: the high histogram, the threshold's tie pass,
+/// the output) with the default `--memory` (256 MiB) peaks under 256 MiB.
+#[test]
+fn three_model_ties_at_70b_width_stays_under_256mib() {
+    let _turn = large_files_turn();
+    let dir = tempdir();
+    let dirs = write_set(
+        dir.path(),
+        &SetSpec {
+            tensors: vec![
+                ("model.embed_tokens.weight".into(), vec![128_256, 8192]),
+                ("model.norm.weight".into(), vec![8192]),
+            ],
+            dtypes: vec![Dt::BF16; 3],
+            seed: 70,
+            specials: false,
+            int_buffer: false,
+        },
+    );
+    let config = dir.path().join("ties.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "merge_method: ties\nbase_model: {}\ndtype: bfloat16\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.6, density: 0.3}}\n",
+            dirs[0].display(),
+            dirs[1].display(),
+            dirs[2].display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (status, peak, err) = run_measuring_peak_rss(&[
+        "merge",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(status.success(), "{err}");
+    let mib = peak >> 20;
+    eprintln!("3-model TIES at 70B width: peak RSS {mib} MiB");
+    assert!(mib <= 256, "peak RSS {mib} MiB exceeds 256 MiB");
+    run_ok(&["verify", out.to_str().unwrap()]);
 }

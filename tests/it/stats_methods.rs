@@ -14,7 +14,7 @@ use mergestream::kernel::exec;
 use mergestream::kernel::methods::{InputParams, Method, MethodParams, Op, TensorCtx};
 use mergestream::kernel::FloatDtype;
 
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("MERGESTREAM_TEST_PYTHON") {
         return p.into();
     }
