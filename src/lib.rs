@@ -554,7 +554,7 @@ struct ReadGroup {
 /// sinks write output directories) and [`check::check`] (whose sinks compare with existing
 /// ones), and open to any other [`pipeline::ShardSink`]. Outputs that can share a read of their
 /// inputs are streamed together, reading each input once; the others one group after another
-/// ([`stream_groups`]). Returns the kernel that ran and the most reader threads a group used.
+/// (`stream_groups`). Returns the kernel that ran and the most reader threads a group used.
 pub fn stream(
     models: &[Model],
     outputs: Vec<pipeline::Output<'_>>,
