@@ -150,8 +150,10 @@ pub enum Error {
     /// cache) cannot be found.
     #[error("{0}")]
     ModelReference(Box<crate::spec::SpecError>),
-    /// A tensor's merge cannot be set up or run with the parameters it resolved to.
-    #[error("tensor '{tensor}': {}", without_tensor(tensor, source))]
+    /// A tensor's merge cannot be set up or run with the parameters it resolved to. Build it
+    /// with [`Error::method`], which makes a failure of the protocol between the pipeline and
+    /// an op an [`Error::Internal`] instead.
+    #[error("{}", method_message(tensor, source))]
     Method {
         /// The tensor.
         tensor: String,
@@ -264,6 +266,18 @@ impl Error {
             path: path.as_ref().to_path_buf(),
             kind,
         }
+    }
+
+    /// An [`Error::Method`] for `tensor`, or an [`Error::Internal`] when `failure` can only
+    /// come from the pipeline driving the op against its protocol
+    /// ([`MethodFailure::is_protocol`]), not from the input or the config.
+    pub fn method(tensor: impl Into<String>, failure: impl Into<MethodFailure>) -> Error {
+        let tensor = tensor.into();
+        let source = failure.into();
+        if source.is_protocol() {
+            return Error::internal(method_message(&tensor, &source));
+        }
+        Error::Method { tensor, source }
     }
 
     /// An [`Error::Internal`]: `what` invariant broke.
@@ -880,13 +894,31 @@ impl From<crate::spec::SpecError> for MethodFailure {
     }
 }
 
-/// `source`'s message without the `"{tensor}: "` the kernel's errors start with (the
-/// [`Error::Method`] around it names the tensor already).
-fn without_tensor(tensor: &str, source: &MethodFailure) -> String {
-    let text = source.to_string();
-    match text.strip_prefix(tensor).and_then(|t| t.strip_prefix(": ")) {
-        Some(rest) => rest.to_owned(),
-        None => text,
+impl MethodFailure {
+    /// Whether this can only come from the pipeline driving an op against its protocol (see
+    /// [`MethodError::is_protocol`](crate::kernel::methods::MethodError::is_protocol)): a bug
+    /// in mergestream, not a problem with the input or the config.
+    pub fn is_protocol(&self) -> bool {
+        match self {
+            MethodFailure::Method(e) => e.is_protocol(),
+            MethodFailure::Combine(_)
+            | MethodFailure::Parameter(_)
+            | MethodFailure::ChunkTooSmall { .. }
+            | MethodFailure::RowTooLong { .. } => false,
+        }
+    }
+}
+
+/// `tensor 'NAME': ` and `source`'s message, which names the tensor only where it is a
+/// [`SpecError::Unresolved`](crate::spec::SpecError::Unresolved) (a config problem that names
+/// the tensor it could not be resolved for): then the message alone. The kernels' errors do
+/// not name the tensor.
+fn method_message(tensor: &str, source: &MethodFailure) -> String {
+    match source {
+        MethodFailure::Parameter(e) if matches!(**e, crate::spec::SpecError::Unresolved { .. }) => {
+            e.to_string()
+        }
+        _ => format!("tensor '{tensor}': {source}"),
     }
 }
 
@@ -1763,6 +1795,177 @@ mod tests {
             2,
             "a refused PyTorch checkpoint is exit 2"
         );
+    }
+
+    /// One failure of every kind an op can report, protocol or not.
+    fn every_method_failure(tensor: &str) -> Vec<MethodFailure> {
+        use crate::kernel::methods::MethodError as M;
+        let t = || tensor.to_string();
+        vec![
+            M::InputCount {
+                tensor: t(),
+                method: "slerp",
+                expected: "exactly 2",
+                got: 3,
+            }
+            .into(),
+            M::ParamCount {
+                tensor: t(),
+                method: "ties",
+                got: 1,
+                models: 2,
+            }
+            .into(),
+            M::BadParam {
+                tensor: t(),
+                method: "ties",
+                input: Some(1),
+                param: "density",
+                value: f64::NAN,
+                allowed: "a finite number >= 0",
+            }
+            .into(),
+            M::DellaEpsilon {
+                tensor: t(),
+                method: "della",
+                input: 0,
+                density: 0.1,
+                epsilon: 0.2,
+            }
+            .into(),
+            M::RowShape {
+                tensor: t(),
+                method: "della",
+                shape: vec![2, 2, 2],
+                dims: 3,
+            }
+            .into(),
+            M::Misaligned {
+                tensor: t(),
+                offset: 3,
+                len: 4,
+                granule: 4096,
+                numel: 9000,
+            }
+            .into(),
+            M::ChunkLengths {
+                tensor: t(),
+                lens: vec![4, 8],
+            }
+            .into(),
+            M::OutOfOrder {
+                tensor: t(),
+                expected: 0,
+                got: 4096,
+            }
+            .into(),
+            M::WrongPass { tensor: t() }.into(),
+            M::Incomplete {
+                tensor: t(),
+                got: 4096,
+                numel: 9000,
+            }
+            .into(),
+            M::PassPending { tensor: t() }.into(),
+            crate::kernel::linear::CombineError::NonFiniteLambda { value: f64::NAN }.into(),
+            crate::spec::SpecError::Unresolved {
+                method: "ties",
+                name: "density",
+                model: Some("m1".into()),
+                tensor: t(),
+                path: "models[1].parameters.density".into(),
+            }
+            .into(),
+            MethodFailure::ChunkTooSmall {
+                granule: 4096,
+                bytes: 16384,
+                chunk: 8192,
+            },
+            MethodFailure::RowTooLong {
+                granule: 300_000,
+                bytes: 1_200_000,
+                memory: 64 << 20,
+                needed: 71 << 20,
+            },
+        ]
+    }
+
+    /// Every method failure's message names the tensor exactly once (the kernels' errors and
+    /// an unresolved parameter name it themselves; the error around them must not repeat it).
+    #[test]
+    fn method_failures_name_the_tensor_once() {
+        let tensor = "model.layers.7.mlp.up_proj.weight";
+        for failure in every_method_failure(tensor) {
+            let debug = format!("{failure:?}");
+            let text = Error::Method {
+                tensor: tensor.into(),
+                source: failure,
+            }
+            .to_string();
+            assert_eq!(text.matches(tensor).count(), 1, "{text} ({debug})");
+        }
+    }
+
+    /// A failure only a broken protocol between the pipeline and an op can cause is an
+    /// internal error (exit 70); the others are the user's (exit 2), and name the tensor once.
+    #[test]
+    fn protocol_failures_are_internal_errors() {
+        let tensor = "model.layers.7.mlp.up_proj.weight";
+        let mut protocol = 0;
+        for failure in every_method_failure(tensor) {
+            let debug = format!("{failure:?}");
+            let is_protocol = matches!(
+                &failure,
+                MethodFailure::Method(
+                    crate::kernel::methods::MethodError::ParamCount { .. }
+                        | crate::kernel::methods::MethodError::Misaligned { .. }
+                        | crate::kernel::methods::MethodError::ChunkLengths { .. }
+                        | crate::kernel::methods::MethodError::OutOfOrder { .. }
+                        | crate::kernel::methods::MethodError::WrongPass { .. }
+                        | crate::kernel::methods::MethodError::Incomplete { .. }
+                        | crate::kernel::methods::MethodError::PassPending { .. }
+                )
+            );
+            let e = Error::method(tensor, failure);
+            if is_protocol {
+                protocol += 1;
+                assert!(matches!(e, Error::Internal { .. }), "{e} ({debug})");
+                assert_eq!(e.exit_code(), 70, "{debug}");
+            } else {
+                assert!(
+                    matches!(&e, Error::Method { tensor: t, .. } if t == tensor),
+                    "{e}"
+                );
+                assert_eq!(e.exit_code(), 2, "{debug}");
+            }
+            assert_eq!(e.to_string().matches(tensor).count(), 1, "{e}");
+        }
+        assert_eq!(protocol, 7);
+    }
+
+    /// A real protocol break: a reduction pass finished before its partials covered the
+    /// tensor.
+    #[test]
+    fn a_pass_finished_early_is_an_internal_error() {
+        use crate::kernel::methods::{InputParams, Method, MethodParams, Op, TensorCtx};
+        use crate::kernel::FloatDtype;
+        let mut p = MethodParams::new(Method::Ties);
+        let mut input = InputParams::new(1.0);
+        input.density = 0.5;
+        p.inputs = vec![input.clone(), input];
+        let dtypes = [FloatDtype::F32; 3];
+        let ctx = TensorCtx {
+            name: "w",
+            shape: &[64],
+            compute: FloatDtype::F32,
+            inputs: &dtypes,
+            out: FloatDtype::F32,
+        };
+        let mut op = Op::new(&p, &ctx).unwrap();
+        assert!(op.next_pass().is_some(), "ties at density 0.5 ranks first");
+        let comb = op.combiner();
+        let e = Error::method("w", op.finish_pass(comb).unwrap_err());
+        assert!(matches!(e, Error::Internal { .. }), "{e}");
     }
 
     #[test]

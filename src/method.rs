@@ -771,10 +771,9 @@ fn plan_config(
             (t.shape.clone(), numel)
         };
         let layer_t = spec::gradient_t(spec::layer_index(&t.name), layers);
-        let resolved = spec.resolve(&t.name, layer_t).map_err(|e| Error::Method {
-            tensor: t.name.clone(),
-            source: e.into(),
-        })?;
+        let resolved = spec
+            .resolve(&t.name, layer_t)
+            .map_err(|e| Error::method(&t.name, e))?;
         let linear = match spec.method {
             spec::Method::Linear => Some(linear::Method::Linear),
             spec::Method::TaskArithmetic => Some(linear::Method::TaskArithmetic),
@@ -813,10 +812,7 @@ fn plan_config(
                     out,
                     numel: shared,
                 })
-                .map_err(|e| Error::Method {
-                    tensor: t.name.clone(),
-                    source: e.into(),
-                })?;
+                .map_err(|e| Error::method(&t.name, e))?;
                 Op::Combine(Arc::new(combine))
             }
             Some(method) => {
@@ -828,10 +824,7 @@ fn plan_config(
                     inputs: &dtypes,
                     out,
                 };
-                let op = methods::Op::new(&params, &ctx).map_err(|e| Error::Method {
-                    tensor: t.name.clone(),
-                    source: e.into(),
-                })?;
+                let op = methods::Op::new(&params, &ctx).map_err(|e| Error::method(&t.name, e))?;
                 Op::Method(Arc::new(op))
             }
             None => {

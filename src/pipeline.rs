@@ -843,13 +843,10 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
     Ok(())
 }
 
+/// An op's error in the pipeline: [`Error::Method`], or [`Error::Internal`] when the pipeline
+/// broke the op's protocol ([`Error::method`]).
 fn method_error(run: &Run, step: &Step, e: methods::MethodError) -> Error {
-    Error::Method {
-        tensor: run.plans[step.work[0].output].tensors[step.tensor]
-            .name
-            .clone(),
-        source: e.into(),
-    }
+    Error::method(&run.plans[step.work[0].output].tensors[step.tensor].name, e)
 }
 
 /// Where the writer stands in one output.

@@ -424,37 +424,6 @@ impl Combine {
             Sequence::TaskVectors => self.coefficients.len() + 1,
         }
     }
-
-    /// Feeds every field that determines the output bytes into `hasher`: ops with equal
-    /// fingerprints write equal bytes from equal inputs. (A [`Plan`](crate::plan::Plan)'s
-    /// fingerprint does not call this: it covers the config text and the tool's version.)
-    pub fn fingerprint(&self, hasher: &mut blake3::Hasher) {
-        hasher.update(b"mergestream.combine.v1");
-        hasher.update(&[
-            self.sequence as u8,
-            dtype_code(self.compute),
-            dtype_code(self.out),
-        ]);
-        hasher.update(&(self.coefficients.len() as u64).to_le_bytes());
-        for c in &self.coefficients {
-            hasher.update(&c.to_bits().to_le_bytes());
-        }
-        for v in [self.divisor, self.lambda] {
-            match v {
-                Some(v) => hasher.update(&[1]).update(&v.to_bits().to_le_bytes()),
-                None => hasher.update(&[0]),
-            };
-        }
-        hasher.update(&self.regions.numel.to_le_bytes());
-    }
-}
-
-fn dtype_code(d: FloatDtype) -> u8 {
-    match d {
-        FloatDtype::BF16 => 1,
-        FloatDtype::F16 => 2,
-        FloatDtype::F32 => 3,
-    }
 }
 
 fn finite(v: f32, index: usize, value: f64, dtype: FloatDtype) -> Result<f32, CombineError> {

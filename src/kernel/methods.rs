@@ -242,14 +242,18 @@ pub struct TensorCtx<'a> {
     pub out: FloatDtype,
 }
 
-/// Why an op cannot be built or driven. The first five variants are problems with the
-/// parameters or the tensor ([`Op::new`]); the rest are a driver breaking the protocol of the
-/// module documentation (a bug in the caller, not in the input).
+/// Why an op cannot be built or driven. [`MethodError::is_protocol`] tells the two kinds
+/// apart: problems with the parameters or the tensor ([`Op::new`]: `InputCount`, `BadParam`,
+/// `DellaEpsilon`, `RowShape`), and a driver breaking the protocol of the module
+/// documentation (a bug in the caller, not in the input: the rest).
+///
+/// The messages do not name the tensor (each variant carries it in `tensor`): the error that
+/// wraps them for the user ([`crate::Error::Method`]) names it once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MethodError {
     /// The method does not take this many inputs.
-    #[error("{tensor}: {method} takes {expected} inputs (base included), got {got}")]
+    #[error("{method} takes {expected} inputs (base included), got {got}")]
     InputCount {
         /// The tensor.
         tensor: String,
@@ -261,7 +265,7 @@ pub enum MethodError {
         got: usize,
     },
     /// [`MethodParams::inputs`] does not have one entry per non-base model.
-    #[error("{tensor}: {method}: {got} sets of per-model parameters for {models} non-base models")]
+    #[error("{method}: {got} sets of per-model parameters for {models} non-base models")]
     ParamCount {
         /// The tensor.
         tensor: String,
@@ -272,23 +276,27 @@ pub enum MethodError {
         /// Non-base models.
         models: usize,
     },
-    /// A per-model parameter is out of range: `density`, `gamma` or `epsilon` negative or
-    /// NaN, or `weight` not finite.
-    #[error("{tensor}: {method}: parameter {param} of model {input} is {value}; it must be a number >= 0")]
+    /// A parameter is out of range: `density`, `gamma` or `epsilon` negative or not
+    /// finite; `weight`, `lambda` or `t` not finite (or not finite once rounded to the
+    /// dtype it is used in).
+    #[error("{method}: parameter '{param}'{} is {value:?}, but it must be {allowed}", of_model(*input))]
     BadParam {
         /// The tensor.
         tensor: String,
         /// The method's name.
         method: &'static str,
-        /// Index of the model among the non-base models.
-        input: usize,
+        /// For a per-model parameter, the model's index among the non-base models (in config
+        /// order); `None` for a method-level one (`lambda`, `t`).
+        input: Option<usize>,
         /// The parameter's name.
         param: &'static str,
         /// Its value.
         value: f64,
+        /// What it must be (`"a finite number >= 0"`, …).
+        allowed: &'static str,
     },
     /// DELLA's keep probabilities `density ± epsilon` do not stay inside (0, 1).
-    #[error("{tensor}: {method}: density {density} ± epsilon {epsilon} of model {input} must stay inside (0, 1)")]
+    #[error("{method}: density {density} ± epsilon {epsilon}{} must stay inside (0, 1)", of_model(Some(*input)))]
     DellaEpsilon {
         /// The tensor.
         tensor: String,
@@ -302,7 +310,7 @@ pub enum MethodError {
         epsilon: f64,
     },
     /// DELLA ranks within rows, which needs a tensor of at most two axes.
-    #[error("{tensor}: {method} ranks within rows of 1-D and 2-D tensors; shape {shape:?} has {dims} axes")]
+    #[error("{method} ranks within rows of 1-D and 2-D tensors; shape {shape:?} has {dims} axes")]
     RowShape {
         /// The tensor.
         tensor: String,
@@ -315,7 +323,7 @@ pub enum MethodError {
     },
     /// A chunk does not start on a multiple of [`Op::granule`], is not a multiple of it long
     /// (only the tensor's last chunk may be), or runs past the end of the tensor.
-    #[error("{tensor}: chunk at element {offset} of {len} elements is not on a {granule}-element boundary (tensor of {numel})")]
+    #[error("chunk at element {offset} of {len} elements is not on a {granule}-element boundary (tensor of {numel})")]
     Misaligned {
         /// The tensor.
         tensor: String,
@@ -330,7 +338,7 @@ pub enum MethodError {
     },
     /// A chunk's slices do not all hold the same whole number of elements of their dtypes,
     /// or there are not as many input slices as inputs.
-    #[error("{tensor}: chunk byte lengths {lens:?} do not hold the same number of elements")]
+    #[error("chunk byte lengths {lens:?} do not hold the same number of elements")]
     ChunkLengths {
         /// The tensor.
         tensor: String,
@@ -338,7 +346,7 @@ pub enum MethodError {
         lens: Vec<usize>,
     },
     /// A partial was pushed out of chunk order, or after a gap.
-    #[error("{tensor}: partial for elements from {got} pushed where {expected} was next")]
+    #[error("partial for elements from {got} pushed where {expected} was next")]
     OutOfOrder {
         /// The tensor.
         tensor: String,
@@ -349,13 +357,13 @@ pub enum MethodError {
     },
     /// A partial was asked for when no pass is pending, or pushed into the combiner of
     /// another pass.
-    #[error("{tensor}: a partial of another pass was pushed")]
+    #[error("a partial of another pass was pushed")]
     WrongPass {
         /// The tensor.
         tensor: String,
     },
     /// A pass was finished before its partials covered the whole tensor.
-    #[error("{tensor}: pass finished after {got} of {numel} elements")]
+    #[error("pass finished after {got} of {numel} elements")]
     Incomplete {
         /// The tensor.
         tensor: String,
@@ -365,11 +373,58 @@ pub enum MethodError {
         numel: u64,
     },
     /// [`Op::output`] was called while a reduction pass is pending.
-    #[error("{tensor}: statistics requested while a reduction pass is pending")]
+    #[error("statistics requested while a reduction pass is pending")]
     PassPending {
         /// The tensor.
         tensor: String,
     },
+}
+
+impl MethodError {
+    /// Whether this is a driver breaking the protocol (chunks misaligned or out of order, a
+    /// pass finished early or with another pass's partials, statistics asked for too soon, not
+    /// one set of per-model parameters per model): a bug in the caller, never a problem with
+    /// the input or the config.
+    pub fn is_protocol(&self) -> bool {
+        match self {
+            MethodError::InputCount { .. }
+            | MethodError::BadParam { .. }
+            | MethodError::DellaEpsilon { .. }
+            | MethodError::RowShape { .. } => false,
+            MethodError::ParamCount { .. }
+            | MethodError::Misaligned { .. }
+            | MethodError::ChunkLengths { .. }
+            | MethodError::OutOfOrder { .. }
+            | MethodError::WrongPass { .. }
+            | MethodError::Incomplete { .. }
+            | MethodError::PassPending { .. } => true,
+        }
+    }
+
+    /// The tensor the error is about.
+    pub fn tensor(&self) -> &str {
+        match self {
+            MethodError::InputCount { tensor, .. }
+            | MethodError::ParamCount { tensor, .. }
+            | MethodError::BadParam { tensor, .. }
+            | MethodError::DellaEpsilon { tensor, .. }
+            | MethodError::RowShape { tensor, .. }
+            | MethodError::Misaligned { tensor, .. }
+            | MethodError::ChunkLengths { tensor, .. }
+            | MethodError::OutOfOrder { tensor, .. }
+            | MethodError::WrongPass { tensor }
+            | MethodError::Incomplete { tensor, .. }
+            | MethodError::PassPending { tensor } => tensor,
+        }
+    }
+}
+
+/// `" of model N (counting the models other than the base from 0)"`, or nothing.
+fn of_model(input: Option<usize>) -> String {
+    match input {
+        Some(i) => format!(" of model {i} (counting the models other than the base, from 0)"),
+        None => String::new(),
+    }
 }
 
 /// The kind of reduction pass an op wants next.
@@ -493,23 +548,57 @@ fn seq_sum(c: FloatDtype, vals: impl Iterator<Item = f32>) -> f32 {
     rnd(c, acc)
 }
 
-fn check_param(
+/// What a parameter that is a weight (scales values in `c`) must be.
+fn finite_in(c: FloatDtype) -> &'static str {
+    match c {
+        FloatDtype::F32 => "a finite number (within float32 range)",
+        FloatDtype::BF16 => "a finite number (within bfloat16 range)",
+        FloatDtype::F16 => "a finite number (within float16 range)",
+    }
+}
+
+/// `density`, `gamma`, `epsilon`: finite and not negative.
+fn check_non_negative(
     tensor: &str,
     method: Method,
     input: usize,
     param: &'static str,
     value: f64,
 ) -> Result<(), MethodError> {
-    if value.is_nan() || value < 0.0 {
-        return Err(MethodError::BadParam {
-            tensor: tensor.to_string(),
-            method: method.name(),
-            input,
-            param,
-            value,
-        });
+    if value.is_finite() && value >= 0.0 {
+        return Ok(());
     }
-    Ok(())
+    Err(MethodError::BadParam {
+        tensor: tensor.to_string(),
+        method: method.name(),
+        input: Some(input),
+        param,
+        value,
+        allowed: "a finite number >= 0",
+    })
+}
+
+/// `weight`, `lambda`, `t`: `used`, the value as the kernel uses it (rounded to a dtype),
+/// must be finite.
+fn check_finite(
+    tensor: &str,
+    method: Method,
+    input: Option<usize>,
+    param: &'static str,
+    (value, used): (f64, f32),
+    allowed: &'static str,
+) -> Result<(), MethodError> {
+    if value.is_finite() && used.is_finite() {
+        return Ok(());
+    }
+    Err(MethodError::BadParam {
+        tensor: tensor.to_string(),
+        method: method.name(),
+        input,
+        param,
+        value,
+        allowed,
+    })
 }
 
 impl Op {
@@ -533,6 +622,18 @@ impl Op {
                 got: t.inputs.len(),
             });
         }
+        // Method-level parameters, whether or not this method reads them (their defaults are
+        // finite): refused here, from the config alone, before any weight is read.
+        let f32_range = finite_in(FloatDtype::F32);
+        check_finite(
+            t.name,
+            method,
+            None,
+            "lambda",
+            (p.lambda, p.lambda as f32),
+            f32_range,
+        )?;
+        check_finite(t.name, method, None, "t", (p.t, p.t as f32), f32_range)?;
         let row_local = matches!(method, Method::Della | Method::DellaLinear)
             || (method == Method::ModelStock && p.filter_wise);
         let row = if matches!(method, Method::Della | Method::DellaLinear) {
@@ -621,15 +722,24 @@ impl Op {
         }
         let bits = key_bits(c);
         for (i, ip) in p.inputs.iter().enumerate() {
-            check_param(&self.tensor, method, i, "density", ip.density)?;
-            if !ip.weight.is_finite() {
-                return Err(MethodError::BadParam {
-                    tensor: self.tensor.clone(),
-                    method: method.name(),
-                    input: i,
-                    param: "weight",
-                    value: ip.weight,
-                });
+            check_non_negative(&self.tensor, method, i, "density", ip.density)?;
+            let weight = (ip.weight, rnd(c, ip.weight as f32));
+            check_finite(
+                &self.tensor,
+                method,
+                Some(i),
+                "weight",
+                weight,
+                finite_in(c),
+            )?;
+            match sp {
+                Sparsify::Outliers => {
+                    check_non_negative(&self.tensor, method, i, "gamma", ip.gamma)?;
+                }
+                Sparsify::Della => {
+                    check_non_negative(&self.tensor, method, i, "epsilon", ip.epsilon)?;
+                }
+                Sparsify::Magnitude | Sparsify::Random => {}
             }
             let d = ip.density;
             let mode = if d >= 1.0 {
@@ -649,7 +759,6 @@ impl Op {
                         }
                     }
                     Sparsify::Outliers => {
-                        check_param(&self.tensor, method, i, "gamma", ip.gamma)?;
                         let target = (d * n as f64) as u64;
                         let n_top = (ip.gamma * n as f64) as u64;
                         let n_bot = n.saturating_sub(target).saturating_sub(n_top);
@@ -671,7 +780,6 @@ impl Op {
                     },
                     Sparsify::Della if d <= 0.0 => Mode::Zero,
                     Sparsify::Della => {
-                        check_param(&self.tensor, method, i, "epsilon", ip.epsilon)?;
                         if d + ip.epsilon >= 1.0 || d - ip.epsilon <= 0.0 {
                             return Err(MethodError::DellaEpsilon {
                                 tensor: self.tensor.clone(),
@@ -1855,13 +1963,80 @@ mod tests {
             matches!(
                 e,
                 MethodError::BadParam {
-                    input: 1,
+                    input: Some(1),
                     param: "density",
                     ..
                 }
             ),
             "{e}"
         );
+    }
+
+    /// Every float parameter of every method that reads it is refused when NaN or infinite
+    /// (or, for a weight, infinite once rounded to the compute dtype), naming the parameter.
+    #[test]
+    fn non_finite_parameters_are_refused() {
+        let f = [FloatDtype::F32; 3];
+        let bf = [FloatDtype::BF16; 3];
+        let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
+        let ok = |method: Method| {
+            let mut p = MethodParams::new(method);
+            let mut a = InputParams::new(1.0);
+            a.density = 0.5;
+            a.epsilon = 0.1;
+            p.inputs = vec![a.clone(), a];
+            p
+        };
+        let refused = |p: &MethodParams, c: &[FloatDtype], input: Option<usize>, param: &str| {
+            let e = Op::new(p, &ctx(&[4, 8], c[0], c)).unwrap_err();
+            assert!(
+                matches!(&e, MethodError::BadParam { input: i, param: q, .. } if *i == input && *q == param),
+                "{:?} {param}: {e}",
+                p.method
+            );
+            assert!(!e.is_protocol());
+        };
+        for method in Method::ALL {
+            if method.sparsify().is_none() {
+                continue;
+            }
+            assert!(Op::new(&ok(method), &ctx(&[4, 8], FloatDtype::F32, &f)).is_ok());
+            for v in bad {
+                let mut p = ok(method);
+                p.lambda = v;
+                refused(&p, &f, None, "lambda");
+                let mut p = ok(method);
+                p.inputs[1].weight = v;
+                refused(&p, &f, Some(1), "weight");
+                let mut p = ok(method);
+                p.inputs[0].density = v;
+                refused(&p, &f, Some(0), "density");
+                let mut p = ok(method);
+                p.inputs[1].gamma = v;
+                p.inputs[1].epsilon = v;
+                match method.sparsify() {
+                    Some(Sparsify::Outliers) => refused(&p, &f, Some(1), "gamma"),
+                    Some(Sparsify::Della) => refused(&p, &f, Some(1), "epsilon"),
+                    _ => assert!(Op::new(&p, &ctx(&[4, 8], FloatDtype::F32, &f)).is_ok()),
+                }
+            }
+            // Finite as f64, infinite in the compute dtype.
+            let mut p = ok(method);
+            p.inputs[0].weight = 1e39;
+            refused(&p, &bf, Some(0), "weight");
+            let mut p = ok(method);
+            p.lambda = 1e39;
+            refused(&p, &f, None, "lambda");
+        }
+        let two = [FloatDtype::F32; 2];
+        for v in bad {
+            let mut p = MethodParams::new(Method::Slerp);
+            p.t = v;
+            refused(&p, &two, None, "t");
+        }
+        let mut p = MethodParams::new(Method::ModelStock);
+        p.lambda = f64::NAN;
+        refused(&p, &f, None, "lambda");
     }
 
     #[test]

@@ -464,3 +464,86 @@ fn the_summary_counts_the_reads_of_every_pass() {
         serde_json::json!(2 * 2 * float + ints)
     );
 }
+
+/// A NaN or infinite parameter (`lambda`, `weight`, `density`, `gamma`, `epsilon`, slerp's
+/// `t`) is refused while the merge is planned, from the config alone: exit 2, a message that
+/// names the tensor, the parameter and the value, and nothing created. (model_stock takes no
+/// numeric parameter.) A weight that is finite but overflows the compute dtype is refused
+/// the same way.
+#[test]
+fn non_finite_parameters_are_refused_before_any_weight_is_read() {
+    let dir = tempdir();
+    let dirs = write_set(
+        dir.path(),
+        &SetSpec {
+            tensors: vec![("model.w".into(), vec![8, 8])],
+            dtypes: vec![Dt::BF16; 3],
+            seed: 21,
+            specials: false,
+            int_buffer: false,
+        },
+    );
+    // A value no test config uses, replaced in the YAML text by the one under test.
+    const MARK: f64 = 12345.5;
+    // (method, parameter, model (None: top level), YAML value, as printed)
+    let cases: [(&str, &str, Option<usize>, &str, &str); 12] = [
+        ("ties", "lambda", None, ".nan", "NaN"),
+        ("ties", "weight", Some(1), ".inf", "inf"),
+        ("dare_linear", "density", Some(0), ".inf", "inf"),
+        ("dare_ties", "weight", Some(0), "-.inf", "-inf"),
+        ("breadcrumbs", "gamma", Some(1), ".nan", "NaN"),
+        ("breadcrumbs_ties", "lambda", None, "-.inf", "-inf"),
+        ("breadcrumbs_ties", "density", Some(1), ".nan", "NaN"),
+        ("della", "epsilon", Some(0), ".inf", "inf"),
+        ("della_linear", "density", Some(1), ".inf", "inf"),
+        ("slerp", "t", None, ".nan", "NaN"),
+        ("slerp", "t", None, ".inf", "inf"),
+        // Finite, but infinite in the compute dtype (bfloat16).
+        ("ties", "weight", Some(0), "1.0e39", "1e39"),
+    ];
+    for (i, (method, param, model, yaml, shown)) in cases.into_iter().enumerate() {
+        let mut merge = Merge::of(method);
+        match model {
+            None => {
+                merge.params.retain(|(k, _)| *k != param);
+                merge.params.push((param, serde_json::json!(MARK)));
+            }
+            Some(m) => {
+                let p = &mut merge.models[m];
+                match param {
+                    "weight" => p.0 = MARK,
+                    "density" => p.1 = MARK,
+                    "gamma" => p.2 = MARK,
+                    "epsilon" => p.3 = MARK,
+                    _ => unreachable!(),
+                }
+            }
+        }
+        let text = merge.yaml(&dirs);
+        assert_eq!(text.matches("12345.5").count(), 1, "{text}");
+        let config = dir.path().join(format!("c{i}.yml"));
+        std::fs::write(&config, text.replace("12345.5", yaml)).unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let r = run(&[
+            "merge",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        let err = stderr(&r);
+        let label = format!("{method} {param} {yaml}");
+        assert_eq!(r.status.code(), Some(2), "{label}: {err}");
+        assert!(
+            err.contains("tensor 'model.w'")
+                && err.contains(&format!("parameter '{param}'"))
+                && err.contains(&format!(" is {shown}, but it must be a finite number")),
+            "{label}: {err}"
+        );
+        assert_eq!(err.matches("model.w").count(), 1, "{label}: {err}");
+        if let Some(m) = model {
+            assert!(err.contains(&format!("of model {m} ")), "{label}: {err}");
+        }
+        assert!(!out.exists(), "{label}: nothing is created");
+    }
+}
