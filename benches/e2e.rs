@@ -856,7 +856,8 @@ fn pieces(models: &[&[PathBuf]], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> 
 }
 
 /// Reads `pieces` on `readers` threads (each with one read in flight), with `O_DIRECT` when
-/// `direct`, handing each filled buffer to `full` (taking empty ones from `free`).
+/// `direct` but from the page cache where it holds a piece (as the tool reads), handing each
+/// filled buffer to `full` (taking empty ones from `free`).
 fn read_pieces(
     pieces: &[(PathBuf, u64, usize)],
     readers: usize,
@@ -864,16 +865,20 @@ fn read_pieces(
     full: &crossbeam_channel::Sender<AlignedBuf>,
     free: &crossbeam_channel::Receiver<AlignedBuf>,
 ) -> Res<()> {
-    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    // Each file opened twice, as the tool opens it: buffered, and with O_DIRECT when `direct`;
+    // a piece the page cache holds is read from it, as the tool's readers do.
+    let mut files: Vec<(PathBuf, File, File)> = Vec::new();
     for (p, _, _) in pieces {
-        if files.iter().all(|(q, _)| q != p) {
-            let mut o = OpenOptions::new();
-            o.read(true);
-            if direct {
-                o.custom_flags(libc::O_DIRECT);
-            }
-            let f = o.open(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            files.push((p.clone(), f));
+        if files.iter().all(|(q, _, _)| q != p) {
+            let open = |direct: bool| {
+                let mut o = OpenOptions::new();
+                o.read(true);
+                if direct {
+                    o.custom_flags(libc::O_DIRECT);
+                }
+                o.open(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            files.push((p.clone(), open(false)?, open(direct)?));
         }
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -889,11 +894,13 @@ fn read_pieces(
                         let Ok(mut buf) = free.recv() else {
                             return Ok(());
                         };
-                        let file = &files.iter().find(|(q, _)| q == path).expect("opened").1;
-                        let len = if direct {
-                            n.next_multiple_of(ALIGN)
+                        let (_, buffered, maybe_direct) =
+                            files.iter().find(|(q, _, _)| q == path).expect("opened");
+                        let cached = mergestream::model::page_cache_holds(buffered, *at, *n as u64);
+                        let (file, len) = if direct && !cached {
+                            (maybe_direct, n.next_multiple_of(ALIGN))
                         } else {
-                            *n
+                            (buffered, *n)
                         };
                         let mut got = 0;
                         while got < *n {
@@ -921,7 +928,8 @@ fn read_pieces(
 /// The disk floor: reads every input's files once (a piece of each in turn, as the tool reads
 /// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
 /// reader threads), while another thread writes files of `sizes` (every output's) into `out`
-/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct, as the tool does.
+/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct (reads but for pieces
+/// the page cache holds), as the tool does.
 /// Returns the wall time.
 fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;

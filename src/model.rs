@@ -395,7 +395,14 @@ impl Shard {
 
     /// [`Shard::read_chunk`] of a plain file: `len` bytes at file offset `at`.
     fn read_plain_chunk(&self, at: u64, len: usize, buf: &mut ChunkBuf) -> std::io::Result<()> {
-        if let (Some(direct), false) = (&self.direct, self.direct_refused.load(Ordering::Relaxed)) {
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| !self.direct_refused.load(Ordering::Relaxed))
+            // A chunk the page cache holds whole is copied from it: faster than the disk, and
+            // it leaves the cache as it was.
+            .filter(|_| !page_cache_holds(&self.file, at, len as u64));
+        if let Some(direct) = direct {
             let align = READ_ALIGN as u64;
             let first = at / align * align;
             let need = (at + len as u64 - first) as usize;
@@ -895,6 +902,56 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
+/// Whether the page cache holds every page of `len` bytes of `file` at `offset`, asked with
+/// `cachestat(2)` (Linux 6.5+), which starts no I/O. Where the kernel lacks it, or it fails,
+/// the answer is no (the caller then reads around the cache, as it would anyway). A page
+/// evicted between this answer and the read only makes that read slower. Public for the
+/// benchmark's floor, which reads as the pipeline's readers do.
+pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    /// `struct cachestat_range` of `<linux/mman.h>`.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// `struct cachestat` of `<linux/mman.h>`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// `cachestat`'s number in the generic syscall table, the same on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    if len == 0 {
+        return true;
+    }
+    let page = READ_ALIGN as u64;
+    let first = offset / page * page;
+    let range = Range {
+        off: first,
+        len: (offset + len).div_ceil(page) * page - first,
+    };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat reads one `struct cachestat_range` and writes one `struct cachestat`,
+    // both `repr(C)` locals with the kernel's layout (five and two `__u64`s), valid for the call;
+    // the descriptor is open for as long as `file` is borrowed; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0u32,
+        )
+    };
+    r == 0 && stat.nr_cache >= range.len / page
+}
+
 /// Tells the kernel the file will be read front to back, so it reads ahead generously.
 /// A hint only: failure changes nothing but speed.
 fn advise_sequential(file: &File) {
@@ -919,4 +976,33 @@ fn table_digest(tensors: &[TensorInfo]) -> [u8; 32] {
         h.update(&t.end.to_le_bytes());
     }
     *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file just read through the page cache is held by it: `page_cache_holds` says so for
+    /// any range of it (kernels without `cachestat(2)` say SKIPPED).
+    #[test]
+    fn a_file_just_read_is_in_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 3 * READ_ALIGN + 100]).unwrap();
+        let file = File::open(&path).unwrap();
+        std::io::Read::read_to_end(&mut &file, &mut Vec::new()).unwrap();
+        if !page_cache_holds(&file, 0, 1) {
+            eprintln!("SKIPPED: cachestat(2) is not available on this kernel");
+            return;
+        }
+        for (at, len) in [
+            (0, 3 * READ_ALIGN as u64 + 100),
+            (5, 4096),
+            (4095, 2),
+            (8192, 1),
+        ] {
+            assert!(page_cache_holds(&file, at, len), "{at}+{len}");
+        }
+        assert!(page_cache_holds(&file, 100, 0));
+    }
 }
