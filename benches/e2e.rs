@@ -953,9 +953,12 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
             r
         });
         let written = write_files(out, sizes, io, &full_rx, &free_tx);
+        // Let the readers finish reading everything once the writer has its bytes: hand their
+        // buffers back until they are done (dropping `free_tx` here would stop them early).
+        for buf in full_rx.iter() {
+            let _ = free_tx.send(buf);
+        }
         drop(free_tx);
-        // Let the readers finish reading everything even once the writer has its bytes.
-        for _ in full_rx.iter() {}
         reader.join().expect("reader does not panic")?;
         written
     })?;
