@@ -856,7 +856,7 @@ fn pieces(models: &[&[PathBuf]], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> 
 }
 
 /// Reads `pieces` on `readers` threads (each with one read in flight), with `O_DIRECT` when
-/// `direct` but from the page cache where it holds a piece (as the tool reads), handing each
+/// `direct` but from the page cache for a file it mostly holds (as the tool reads), handing each
 /// filled buffer to `full` (taking empty ones from `free`).
 fn read_pieces(
     pieces: &[(PathBuf, u64, usize)],
@@ -866,10 +866,10 @@ fn read_pieces(
     free: &crossbeam_channel::Receiver<AlignedBuf>,
 ) -> Res<()> {
     // Each file opened twice, as the tool opens it: buffered, and with O_DIRECT when `direct`;
-    // a piece the page cache holds is read from it, as the tool's readers do.
-    let mut files: Vec<(PathBuf, File, File)> = Vec::new();
+    // a file the page cache mostly holds is read from it, as the tool reads a shard.
+    let mut files: Vec<(PathBuf, File, File, bool)> = Vec::new();
     for (p, _, _) in pieces {
-        if files.iter().all(|(q, _, _)| q != p) {
+        if files.iter().all(|(q, _, _, _)| q != p) {
             let open = |direct: bool| {
                 let mut o = OpenOptions::new();
                 o.read(true);
@@ -878,7 +878,11 @@ fn read_pieces(
                 }
                 o.open(p).map_err(|e| format!("{}: {e}", p.display()))
             };
-            files.push((p.clone(), open(false)?, open(direct)?));
+            let buffered = open(false)?;
+            let len = buffered.metadata().map_err(|e| e.to_string())?.len();
+            let cached = mergestream::model::page_cache_share(&buffered, 0, len)
+                .is_some_and(|share| share >= 0.5);
+            files.push((p.clone(), buffered, open(direct)?, cached));
         }
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -894,9 +898,8 @@ fn read_pieces(
                         let Ok(mut buf) = free.recv() else {
                             return Ok(());
                         };
-                        let (_, buffered, maybe_direct) =
-                            files.iter().find(|(q, _, _)| q == path).expect("opened");
-                        let cached = mergestream::model::page_cache_holds(buffered, *at, *n as u64);
+                        let (_, buffered, maybe_direct, cached) =
+                            files.iter().find(|(q, _, _, _)| q == path).expect("opened");
                         let (file, len) = if direct && !cached {
                             (maybe_direct, n.next_multiple_of(ALIGN))
                         } else {
@@ -928,8 +931,8 @@ fn read_pieces(
 /// The disk floor: reads every input's files once (a piece of each in turn, as the tool reads
 /// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
 /// reader threads), while another thread writes files of `sizes` (every output's) into `out`
-/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct (reads but for pieces
-/// the page cache holds), as the tool does.
+/// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct (reads but for files
+/// the page cache mostly holds), as the tool does.
 /// Returns the wall time.
 fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;

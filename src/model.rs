@@ -398,10 +398,7 @@ impl Shard {
         let direct = self
             .direct
             .as_ref()
-            .filter(|_| !self.direct_refused.load(Ordering::Relaxed))
-            // A chunk the page cache holds whole is copied from it: faster than the disk, and
-            // it leaves the cache as it was.
-            .filter(|_| !page_cache_holds(&self.file, at, len as u64));
+            .filter(|_| !self.direct_refused.load(Ordering::Relaxed));
         if let Some(direct) = direct {
             let align = READ_ALIGN as u64;
             let first = at / align * align;
@@ -811,6 +808,21 @@ impl Model {
                 all = false;
                 continue;
             }
+            // A shard the page cache mostly holds (a warm rerun, a model just written) is
+            // copied from it: faster than the disk. Decided once per shard: chunk by chunk, a
+            // buffered read's readahead would pull the next chunks in, and every later chunk
+            // would follow through the cache at its cold speed.
+            if !required
+                && page_cache_share(
+                    &shard.file,
+                    shard.kind.plain_start().unwrap_or(0),
+                    shard.data_len,
+                )
+                .is_some_and(|share| share >= 0.5)
+            {
+                all = false;
+                continue;
+            }
             let proc_path = PathBuf::from(format!("/proc/self/fd/{}", shard.file.as_raw_fd()));
             let opened = std::fs::OpenOptions::new()
                 .read(true)
@@ -902,12 +914,10 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// Whether the page cache holds every page of `len` bytes of `file` at `offset`, asked with
-/// `cachestat(2)` (Linux 6.5+), which starts no I/O. Where the kernel lacks it, or it fails,
-/// the answer is no (the caller then reads around the cache, as it would anyway). A page
-/// evicted between this answer and the read only makes that read slower. Public for the
-/// benchmark's floor, which reads as the pipeline's readers do.
-pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> bool {
+/// The share of the pages of `len` bytes of `file` at `offset` that the page cache holds, asked
+/// with `cachestat(2)` (Linux 6.5+), which starts no I/O; `None` where the kernel lacks it or it
+/// fails. Public for the benchmark's floor, which chooses its reads as the pipeline does.
+pub fn page_cache_share(file: &File, offset: u64, len: u64) -> Option<f64> {
     use std::os::fd::AsRawFd;
     /// `struct cachestat_range` of `<linux/mman.h>`.
     #[repr(C)]
@@ -928,17 +938,18 @@ pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> bool {
     /// `cachestat`'s number in the generic syscall table, the same on every architecture.
     const SYS_CACHESTAT: libc::c_long = 451;
     if len == 0 {
-        return true;
+        return Some(1.0);
     }
     let page = READ_ALIGN as u64;
     let first = offset / page * page;
+    // (A range of length 0 would mean "to the end of the file".)
     let range = Range {
         off: first,
         len: (offset + len).div_ceil(page) * page - first,
     };
     let mut stat = CacheStat::default();
     // SAFETY: cachestat reads one `struct cachestat_range` and writes one `struct cachestat`,
-    // both `repr(C)` locals with the kernel's layout (five and two `__u64`s), valid for the call;
+    // both `repr(C)` locals with the kernel's layout (two and five `__u64`s), valid for the call;
     // the descriptor is open for as long as `file` is borrowed; flags must be 0.
     let r = unsafe {
         libc::syscall(
@@ -949,7 +960,7 @@ pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> bool {
             0u32,
         )
     };
-    r == 0 && stat.nr_cache >= range.len / page
+    (r == 0).then(|| (stat.nr_cache as f64 / (range.len / page) as f64).min(1.0))
 }
 
 /// Tells the kernel the file will be read front to back, so it reads ahead generously.
@@ -982,7 +993,7 @@ fn table_digest(tensors: &[TensorInfo]) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    /// A file just read through the page cache is held by it: `page_cache_holds` says so for
+    /// A file just read through the page cache is held by it: `page_cache_share` says so for
     /// any range of it (kernels without `cachestat(2)` say SKIPPED).
     #[test]
     fn a_file_just_read_is_in_the_page_cache() {
@@ -991,7 +1002,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 3 * READ_ALIGN + 100]).unwrap();
         let file = File::open(&path).unwrap();
         std::io::Read::read_to_end(&mut &file, &mut Vec::new()).unwrap();
-        if !page_cache_holds(&file, 0, 1) {
+        if page_cache_share(&file, 0, 1).is_none() {
             eprintln!("SKIPPED: cachestat(2) is not available on this kernel");
             return;
         }
@@ -1001,8 +1012,8 @@ mod tests {
             (4095, 2),
             (8192, 1),
         ] {
-            assert!(page_cache_holds(&file, at, len), "{at}+{len}");
+            assert_eq!(page_cache_share(&file, at, len), Some(1.0), "{at}+{len}");
         }
-        assert!(page_cache_holds(&file, 100, 0));
+        assert_eq!(page_cache_share(&file, 100, 0), Some(1.0));
     }
 }
