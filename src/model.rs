@@ -797,8 +797,9 @@ impl Model {
     /// (measured on this project's test machine: 1.7 GB/s with four 256 KiB reads in flight
     /// against 1.0 GB/s through the cache; see `benches/e2e.rs`). The second descriptor is
     /// opened through `/proc/self/fd`, so it is the very file that was validated, whatever its
-    /// path does meanwhile. Returns whether every shard can read directly; with `required`, a
-    /// filesystem that refuses direct I/O is an error.
+    /// path does meanwhile. A shard the page cache mostly holds keeps reading through it (with
+    /// `required` too: that flag is about the filesystem). Returns whether every shard reads
+    /// directly; with `required`, a filesystem that refuses direct I/O is an error.
     pub fn use_direct_reads(&mut self, required: bool) -> Result<bool> {
         use std::os::fd::AsRawFd;
         let mut all = true;
@@ -812,13 +813,12 @@ impl Model {
             // copied from it: faster than the disk. Decided once per shard: chunk by chunk, a
             // buffered read's readahead would pull the next chunks in, and every later chunk
             // would follow through the cache at its cold speed.
-            if !required
-                && page_cache_share(
-                    &shard.file,
-                    shard.kind.plain_start().unwrap_or(0),
-                    shard.data_len,
-                )
-                .is_some_and(|share| share >= 0.5)
+            if page_cache_share(
+                &shard.file,
+                shard.kind.plain_start().unwrap_or(0),
+                shard.data_len,
+            )
+            .is_some_and(|share| share >= 0.5)
             {
                 all = false;
                 continue;
