@@ -505,7 +505,10 @@ fn stream_groups(
         .map(|group| {
             let shapes: Vec<(&Plan, &[usize])> = group.iter().map(|&k| outputs[k]).collect();
             let (reads, computed) = pipeline::buffers_per_slot(&shapes);
-            let cache = model::ReadCache::bytes(models, reads)
+            // Packed inputs are decoded on PACKED_READERS readers, each with its own cache.
+            let packed = model::ReadCache::largest_block(models);
+            let readers = if packed.is_some() { PACKED_READERS } else { 1 };
+            let cache = model::ReadCache::bytes(models, reads) * readers as u64
                 + options
                     .compress
                     .as_ref()
@@ -529,9 +532,19 @@ fn stream_groups(
                 let fixed = options.chunk_bytes.is_some();
                 settings.hold(&granule, budget, reads + computed, fixed, options.memory)?;
             }
-            if models.iter().any(Model::has_packed_shards) {
-                // Consecutive chunks share a decoded block: one reader decodes each once.
-                settings.readers = 1;
+            if let Some(block) = packed {
+                // Decoding is the reader stage's work: two readers decode in parallel. A chunk
+                // of a whole block (where the budget allows and no chunk size was asked for)
+                // decodes at most two blocks of each input, so neighbouring chunks on the two
+                // readers seldom decode the same block twice; measured on a 0.96 GB BF16 pair:
+                // 1.30 s with one reader and 256 KiB chunks, 0.93 s with two and 1 MiB chunks.
+                settings.readers = PACKED_READERS;
+                let block = (block as usize).next_multiple_of(8);
+                let total = (block * (reads + computed) * settings.slots) as u64;
+                if options.chunk_bytes.is_none() && block > settings.chunk_bytes && total <= budget
+                {
+                    settings.chunk_bytes = block;
+                }
             }
             Ok(ReadGroup {
                 outputs: group,
@@ -541,6 +554,9 @@ fn stream_groups(
         .collect::<Result<Vec<_>>>()?;
     Ok((isa, with_settings))
 }
+
+/// Reader threads of a run with packed inputs (plain inputs get [`Settings::READERS`]).
+const PACKED_READERS: usize = 2;
 
 /// Outputs streamed together, reading their inputs once.
 struct ReadGroup {

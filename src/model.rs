@@ -204,6 +204,19 @@ impl ReadCache {
             + base_block.map_or(0, |b| BlockCache::bytes(1, b))
     }
 
+    /// Bytes of the largest decoded block of any packed shard of `models`; none when none is
+    /// packed.
+    pub fn largest_block<'a>(models: impl IntoIterator<Item = &'a Model>) -> Option<u64> {
+        models
+            .into_iter()
+            .flat_map(|m| &m.shards)
+            .filter_map(|s| match &s.kind {
+                ShardKind::Packed(p) => Some(p.max_block_bytes()),
+                _ => None,
+            })
+            .max()
+    }
+
     /// Blocks decoded through this cache so far.
     pub fn decoded(&self) -> u64 {
         self.cache.as_ref().map_or(0, |c| c.decoded())

@@ -706,9 +706,10 @@ fn read_round(
 /// restores it).
 ///
 /// Packed inputs are decoded here, through the reader's own [`ReadCache`] holding a decoded
-/// block per distinct input of a chunk (`reads`), so each block is decoded once when the
-/// inputs are read front to back by one reader (a run with packed inputs has one: see
-/// [`Settings::readers`]).
+/// block per distinct input of a chunk (`reads`). A run with packed inputs has two readers
+/// and, where the budget allows, chunks of a whole block (see `stream_groups` in `lib.rs`), so
+/// a chunk decodes at most two blocks of each input and the two readers seldom decode the
+/// same one.
 fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>, reads: usize) -> Result<()> {
     let mut cache = ReadCache::new(reads);
     for mut job in input {
