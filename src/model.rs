@@ -181,27 +181,16 @@ impl ReadCache {
     /// blocks plus the decoder's scratch ([`BlockCache`]), at the largest block size of any
     /// packed shard among them, and, for shards packed against a packed base, the decoder's own
     /// cache of one base block; 0 when none is packed.
-    pub fn bytes<'a>(models: impl IntoIterator<Item = &'a Model>, blocks: usize) -> u64 {
-        let packed: Vec<&PackedShard> = models
-            .into_iter()
+    pub fn bytes(models: &[Model], blocks: usize) -> u64 {
+        let bases = models
+            .iter()
             .flat_map(|m| &m.shards)
             .filter_map(|s| match &s.kind {
-                ShardKind::Packed(p) => Some(&**p),
+                ShardKind::Packed(p) => p.base().map(|b| &b.model),
                 _ => None,
-            })
-            .collect();
-        let largest = packed.iter().map(|p| p.max_block_bytes()).max();
-        let base_block = packed
-            .iter()
-            .filter_map(|p| p.base())
-            .flat_map(|b| &b.model.shards)
-            .filter_map(|s| match &s.kind {
-                ShardKind::Packed(p) => Some(p.max_block_bytes()),
-                _ => None,
-            })
-            .max();
-        largest.map_or(0, |b| BlockCache::bytes(blocks, b))
-            + base_block.map_or(0, |b| BlockCache::bytes(1, b))
+            });
+        ReadCache::largest_block(models).map_or(0, |b| BlockCache::bytes(blocks, b))
+            + ReadCache::largest_block(bases).map_or(0, |b| BlockCache::bytes(1, b))
     }
 
     /// Bytes of the largest decoded block of any packed shard of `models`; none when none is
@@ -790,13 +779,6 @@ impl Model {
             .iter()
             .map(|s| (s.name.clone(), s.len()))
             .collect()
-    }
-
-    /// Whether any shard is packed (read by decoding its blocks).
-    pub fn has_packed_shards(&self) -> bool {
-        self.shards
-            .iter()
-            .any(|s| matches!(s.kind, ShardKind::Packed(_)))
     }
 
     /// Whether every shard's reads go around the page cache (direct reads on, none refused).
