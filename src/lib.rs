@@ -634,12 +634,15 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .collect();
     let (isa, _) = engine(opts)?;
     let (mut models, plans) = plan_job(job)?;
-    if opts.io != IoMode::Buffered {
+    let part = opts.part.unwrap_or(Part::WHOLE);
+    // The input hasher (`--hash-inputs`, part 0) reads the inputs through the page cache; the
+    // pipeline then reads them there too, so the disk reads them once (`--io direct` insists).
+    let hashing = opts.hash_inputs && part.index == 0;
+    if opts.io == IoMode::Direct || (opts.io == IoMode::Auto && !hashing) {
         for model in &mut models {
             model.use_direct_reads(opts.io == IoMode::Direct)?;
         }
     }
-    let part = opts.part.unwrap_or(Part::WHOLE);
     // Each group's settings are decided (and refused) before anything is created.
     let part_shards: Vec<Vec<usize>> = plans.iter().map(|p| p.shards_of(part)).collect();
     let shapes: Vec<(&Plan, &[usize])> = plans
@@ -701,7 +704,6 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .collect();
     // Part 0 hashes every input file (`--hash-inputs`) on threads of its own while the
     // pipeline reads: see `lineage`.
-    let hashing = opts.hash_inputs && part.index == 0;
     let stop_hashing = std::sync::atomic::AtomicBool::new(false);
     let (result, hashes) = std::thread::scope(|scope| {
         let hasher =
