@@ -58,8 +58,8 @@ pub mod writer;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use error::UsageError;
 pub use error::{Error, Result};
+use error::{MethodFailure, UsageError};
 use kernel::Isa;
 use method::{Method, Note, Policy, Recipe};
 use model::Model;
@@ -481,9 +481,9 @@ fn share_a_read(a: &Plan, b: &Plan) -> bool {
 /// it runs with, for `outputs` (each a plan and the shards of it to write), and the kernel.
 ///
 /// Outputs share a read when [`share_a_read`] says so. A group's settings come out of the
-/// budget less what packed inputs' decoded blocks and `--compress`'s blocks in flight take, and
-/// make chunks hold the granule of its method ops whole; a budget that cannot is refused here,
-/// before anything is written.
+/// budget less what the outputs' staging buffers, packed inputs' decoded blocks and
+/// `--compress`'s blocks in flight take, and make chunks hold the granule of its method ops
+/// whole; a budget that cannot is refused here, before anything is written.
 fn stream_groups(
     models: &[Model],
     outputs: &[(&Plan, &[usize])],
@@ -513,13 +513,21 @@ fn stream_groups(
                     .compress
                     .as_ref()
                     .map_or(0, |o| o.memory_bytes() * group.len() as u64);
+            // Each output of the group is written through staging buffers of its own.
+            let stage_bytes = writer::stage_bytes_for(budget.saturating_sub(cache), group.len());
+            let cache = cache + writer::staging_bytes(stage_bytes) * group.len() as u64;
+            // A larger --memory gets larger staging buffers: what a refusal asks for counts
+            // them at their largest, so that it is enough.
+            let staging_growth = (writer::staging_bytes(writer::MAX_STAGE_BYTES)
+                - writer::staging_bytes(stage_bytes))
+                * group.len() as u64;
             let budget = budget.saturating_sub(cache);
             let mut settings = Settings::for_budget(budget, options.threads, isa, reads + computed)
                 .map_err(|e| match e {
                     Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
                         UsageError::MemoryTooSmall {
                             threads,
-                            needed: needed + cache,
+                            needed: needed + cache + staging_growth,
                         }
                         .into()
                     }
@@ -530,7 +538,18 @@ fn stream_groups(
             }
             if let Some(granule) = pipeline::largest_granule(&shapes) {
                 let fixed = options.chunk_bytes.is_some();
-                settings.hold(&granule, budget, reads + computed, fixed, options.memory)?;
+                settings
+                    .hold(&granule, budget, reads + computed, fixed, options.memory)
+                    .map_err(|mut e| {
+                        if let Error::Method {
+                            source: MethodFailure::RowTooLong { needed, .. },
+                            ..
+                        } = &mut e
+                        {
+                            *needed += staging_growth;
+                        }
+                        e
+                    })?;
             }
             if let Some(block) = packed {
                 // Decoding is the reader stage's work: two readers decode in parallel. A chunk
@@ -549,6 +568,7 @@ fn stream_groups(
             Ok(ReadGroup {
                 outputs: group,
                 settings,
+                stage_bytes,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -564,6 +584,8 @@ struct ReadGroup {
     outputs: Vec<usize>,
     /// What the pipeline runs them with.
     settings: Settings,
+    /// The size of the staging buffers each output's files are written through.
+    stage_bytes: usize,
 }
 
 /// Streams the selected shards of every output into its sink: the engine behind [`run`] (whose
@@ -587,6 +609,7 @@ pub fn stream(
     for ReadGroup {
         outputs: group,
         settings,
+        ..
     } in groups
     {
         let mut members: Vec<pipeline::Output<'_>> = group
@@ -650,7 +673,7 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
         .zip(&part_shards)
         .map(|(p, s)| (p, s.as_slice()))
         .collect();
-    stream_groups(&models, &shapes, opts)?;
+    let (_, groups) = stream_groups(&models, &shapes, opts)?;
     if let Some(root) = &job.root {
         std::fs::create_dir_all(root)
             .map_err(|e| Error::io(root, "creating output directory", e))?;
@@ -690,6 +713,11 @@ pub fn run(job: &MergeJob, cancel: &Cancel) -> Result<Summary> {
     let busy = std::sync::Arc::new(busy::Busy::default());
     for dir in &mut dirs {
         dir.count_busy(std::sync::Arc::clone(&busy));
+    }
+    for group in &groups {
+        for &k in &group.outputs {
+            dirs[k].set_stage_bytes(group.stage_bytes);
+        }
     }
     let mut writers: Vec<ShardWriter> = dirs.iter_mut().map(ShardWriter::new).collect();
     let outputs: Vec<pipeline::Output> = writers

@@ -149,6 +149,8 @@ pub struct OutputDir {
     /// How shards are packed, for a compressed output.
     compress: Option<PackOptions>,
     busy: Option<std::sync::Arc<crate::busy::Busy>>,
+    /// Size of the staging buffers its files are written through.
+    stage_bytes: usize,
     _lock: File,
 }
 
@@ -299,6 +301,7 @@ impl OutputDir {
             io,
             compress: compress.cloned(),
             busy: None,
+            stage_bytes: crate::writer::MAX_STAGE_BYTES,
             _lock: lock,
         };
         dir.save_record()?;
@@ -385,8 +388,15 @@ impl OutputDir {
             &format!("{}.{}.", self.part.tag(), name.replace('/', "%2F")),
             &self.path.join(name),
             self.io,
+            self.stage_bytes,
             self.busy.clone(),
         )
+    }
+
+    /// Writes its files through staging buffers of `stage_bytes` (the run's memory budget
+    /// decides: [`crate::writer::stage_bytes_for`]).
+    pub fn set_stage_bytes(&mut self, stage_bytes: usize) {
+        self.stage_bytes = stage_bytes;
     }
 
     /// The fingerprint of the run this directory is being written for: the plan's, and for a

@@ -264,7 +264,14 @@ pub fn unpack_dir(
         // writer the merges use: no page-cache copy), hashed as written, then checked before
         // they get their final name.
         let pending = guard.work.join(format!("{}.unpacked", entry.name));
-        let mut file = StreamFile::create(&guard.work, ".unpack.", &pending, IoMode::Auto, None)?;
+        let mut file = StreamFile::create(
+            &guard.work,
+            ".unpack.",
+            &pending,
+            IoMode::Auto,
+            crate::writer::MAX_STAGE_BYTES,
+            None,
+        )?;
         match shard {
             Some(shard) => {
                 shard.unpack_into(&mut file, threads)?;
