@@ -7,12 +7,14 @@
 //! models; `sweep5`, `expo --alpha 0.1,0.2,0.3,0.4,0.5`, five outputs from one read) measures,
 //! several times each and interleaved:
 //!
-//! - the **floor**: this process reading every input's files once, sequentially in 4 MiB
-//!   `pread`s, and writing files of exactly the sizes the merge writes (every output's), then
-//!   `fsync` — the tool's I/O pattern
-//!   with no arithmetic, hashing or bookkeeping. A reader thread and a writer thread overlap, as
-//!   the tool's stages do. Writes go through `O_DIRECT` (4096-aligned buffers and lengths, the
-//!   tail fixed with `ftruncate`) or the page cache (`--io`);
+//! - the **floor**: this process reading every input's files once, a piece of each input in
+//!   turn with the tool's reads (with `O_DIRECT`, four 256 KiB `pread`s in flight; through the
+//!   page cache, one of 4 MiB), and writing files of exactly the sizes the merge writes (every
+//!   output's) in the tool's 2 MiB writes, then `fsync` — the tool's I/O pattern with no
+//!   arithmetic, hashing or bookkeeping. Reader threads and a writer overlap, as the tool's
+//!   stages do, and the writer writes a piece of output no sooner than the merge could: once the
+//!   inputs it would come from have been read. Writes go through `O_DIRECT` (4096-aligned
+//!   buffers and lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
 //! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
 //! - with `--mergekit`, mergekit 0.1.5 on the same merges (ExPO as `task_arithmetic`, the same
@@ -37,8 +39,13 @@ use clap::{Parser, ValueEnum};
 use mergestream::synth::{Preset, Shape};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mergestream");
-/// The piece size of the floor's reads and writes: the tool's largest chunk.
+/// The piece size of the floor's buffered reads (and the size of its read buffers).
 const PIECE: usize = 4 << 20;
+/// The size of the floor's writes: the tool's direct write (src/writer.rs: STAGE_BYTES).
+const WRITE_PIECE: usize = 2 << 20;
+/// Writes the floor's writer lets wait for the disk: the tool's staging buffers per file
+/// (src/writer.rs: STAGES).
+const WRITE_STAGES: usize = 4;
 /// O_DIRECT alignment of buffers, offsets and lengths.
 const ALIGN: usize = 4096;
 const GB: f64 = 1e9;
@@ -873,12 +880,12 @@ fn pieces(models: &[&[PathBuf]], piece: u64) -> Res<Vec<(PathBuf, u64, usize)>> 
 
 /// Reads `pieces` on `readers` threads (each with one read in flight), with `O_DIRECT` when
 /// `direct` but from the page cache for a file it mostly holds (as the tool reads), handing each
-/// filled buffer to `full` (taking empty ones from `free`).
+/// filled buffer to `full` with the bytes read into it (taking empty ones from `free`).
 fn read_pieces(
     pieces: &[(PathBuf, u64, usize)],
     readers: usize,
     direct: bool,
-    full: &crossbeam_channel::Sender<AlignedBuf>,
+    full: &crossbeam_channel::Sender<(AlignedBuf, usize)>,
     free: &crossbeam_channel::Receiver<AlignedBuf>,
 ) -> Res<()> {
     // Each file opened twice, as the tool opens it: buffered, and with O_DIRECT when `direct`;
@@ -931,7 +938,7 @@ fn read_pieces(
                             }
                             got += r;
                         }
-                        if full.send(buf).is_err() {
+                        if full.send((buf, got)).is_err() {
                             return Ok(());
                         }
                     }
@@ -958,7 +965,7 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
     let lists: Vec<&[PathBuf]> = inputs.iter().map(Vec::as_slice).collect();
     let pieces = pieces(&lists, piece as u64)?;
     const IN_FLIGHT: usize = 8;
-    let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT);
+    let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(IN_FLIGHT);
     let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT + 1);
     for _ in 0..IN_FLIGHT {
         free_tx.send(AlignedBuf::new(PIECE)).expect("room");
@@ -971,10 +978,11 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
             drop(full_tx);
             r
         });
-        let written = write_files(out, sizes, io, &full_rx, &free_tx);
+        let input_bytes = pieces.iter().map(|p| p.2 as u64).sum();
+        let written = write_files(out, sizes, input_bytes, io, &full_rx, &free_tx);
         // Let the readers finish reading everything once the writer has its bytes: hand their
         // buffers back until they are done (dropping `free_tx` here would stop them early).
-        for buf in full_rx.iter() {
+        for (buf, _) in full_rx.iter() {
             let _ = free_tx.send(buf);
         }
         drop(free_tx);
@@ -1003,7 +1011,7 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
         let pieces = pieces(&[sft, aligned], piece as u64)?;
         let bytes: u64 = pieces.iter().map(|p| p.2 as u64).sum();
         drop_caches()?;
-        let (full_tx, full_rx) = crossbeam_channel::bounded::<AlignedBuf>(16);
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(16);
         let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(17);
         for _ in 0..16 {
             free_tx.send(AlignedBuf::new(piece)).expect("room");
@@ -1011,7 +1019,7 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
         let start = Instant::now();
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                for b in full_rx.iter() {
+                for (b, _) in full_rx.iter() {
                     let _ = free_tx.send(b);
                 }
             });
@@ -1030,16 +1038,63 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
     Ok(())
 }
 
-/// The floor's writer: files of `sizes` from pieces off `full` (contents do not matter),
-/// returned to `free`; zeros once the reader runs dry.
+/// The floor's writer: files of `sizes` (contents do not matter) in pieces of the tool's
+/// direct write size, written no sooner than the merge could write them: after a share of the
+/// `input_bytes` as large as the share of the output written so far has been read (reads
+/// arrive on `full`; their buffers go back to `free`). A merge cannot write an output byte
+/// before reading the inputs it comes from; a floor writing ahead of its reads would time the
+/// disk's writes and reads one after the other rather than sharing it.
 fn write_files(
     out: &Path,
     sizes: &[u64],
+    input_bytes: u64,
     io: IoMode,
-    full: &crossbeam_channel::Receiver<AlignedBuf>,
+    full: &crossbeam_channel::Receiver<(AlignedBuf, usize)>,
     free: &crossbeam_channel::Sender<AlignedBuf>,
 ) -> Res<()> {
-    let zeros = AlignedBuf::new(PIECE);
+    let output_bytes: u64 = sizes.iter().sum();
+    // Pieces allowed to be written, as the tool's writer stage hands staging buffers to its
+    // I/O thread: up to `WRITE_STAGES` of them ahead of the disk.
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(WRITE_STAGES - 1);
+    std::thread::scope(|scope| {
+        let disk = scope.spawn(move || write_pieces(out, sizes, io, &go_rx));
+        let mut read = 0u64;
+        let mut reads_done = false;
+        let mut allowed = 0u64;
+        while allowed < output_bytes {
+            let end = (allowed + WRITE_PIECE as u64).min(output_bytes);
+            // Wait for the reads this piece's bytes would be computed from.
+            while !reads_done
+                && (read as u128) * (output_bytes as u128) < (end as u128) * (input_bytes as u128)
+            {
+                match full.recv() {
+                    Ok((buf, n)) => {
+                        read += n as u64;
+                        let _ = free.send(buf);
+                    }
+                    Err(_) => reads_done = true,
+                }
+            }
+            if go_tx.send(()).is_err() {
+                break;
+            }
+            allowed = end;
+        }
+        drop(go_tx);
+        disk.join().expect("the floor's writer does not panic")
+    })
+}
+
+/// Writes files of `sizes` into `out` in pieces of [`WRITE_PIECE`] (across file ends, as one
+/// stream), each once `go` allows it, and syncs them.
+fn write_pieces(
+    out: &Path,
+    sizes: &[u64],
+    io: IoMode,
+    go: &crossbeam_channel::Receiver<()>,
+) -> Res<()> {
+    let zeros = AlignedBuf::new(WRITE_PIECE);
+    let mut credit = 0u64;
     for (k, &size) in sizes.iter().enumerate() {
         let path = out.join(format!("floor-{k}.bin"));
         let mut opts = OpenOptions::new();
@@ -1052,20 +1107,23 @@ fn write_files(
             .map_err(|e| format!("creating {}: {e}", path.display()))?;
         let mut at = 0u64;
         while at < size {
-            let len = (size - at).min(PIECE as u64) as usize;
+            let len = (size - at).min(WRITE_PIECE as u64) as usize;
+            while credit < len as u64 {
+                if go.recv().is_err() {
+                    credit = u64::MAX;
+                    break;
+                }
+                credit += WRITE_PIECE as u64;
+            }
+            credit = credit.saturating_sub(len as u64);
             // O_DIRECT writes whole blocks; the tail's padding is cut off below.
-            let len = match io {
+            let padded = match io {
                 IoMode::Direct => len.next_multiple_of(ALIGN),
                 IoMode::Buffered => len,
             };
-            let piece = full.recv().ok();
-            let bytes = piece.as_ref().unwrap_or(&zeros).as_slice();
-            file.write_all(&bytes[..len])
+            file.write_all(&zeros.as_slice()[..padded])
                 .map_err(|e| format!("writing {}: {e}", path.display()))?;
             at += len as u64;
-            if let Some(p) = piece {
-                let _ = free.send(p);
-            }
         }
         file.set_len(size)
             .and_then(|()| file.sync_all())
