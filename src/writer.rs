@@ -421,7 +421,7 @@ mod tests {
         assert_eq!(stage_bytes_for(32 * MIB, 5), 256 << 10);
         for (budget, files) in [(32 * MIB, 5), (16 * MIB, 2), (224 * MIB, 8), (8 * MIB, 1)] {
             let stage = stage_bytes_for(budget, files);
-            assert!(stage.is_power_of_two() && stage % ALIGN == 0);
+            assert!(stage.is_power_of_two() && stage.is_multiple_of(ALIGN));
             assert!(staging_bytes(stage) * files as u64 <= budget / 4);
         }
         // Too little for even the smallest: the smallest, refused later by the budget check.
