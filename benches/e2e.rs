@@ -10,10 +10,10 @@
 //! - the **floor**: this process reading every input's files once, a piece of each input in
 //!   turn with the tool's reads (with `O_DIRECT`, four 256 KiB `pread`s in flight; through the
 //!   page cache, one of 4 MiB), and writing files of exactly the sizes the merge writes (every
-//!   output's) in the tool's 2 MiB writes, then `fsync` — the tool's I/O pattern with no
-//!   arithmetic, hashing or bookkeeping. Reader threads and a writer overlap, as the tool's
-//!   stages do, and the writer writes a piece of output no sooner than the merge could: once the
-//!   inputs it would come from have been read. Writes go through `O_DIRECT` (4096-aligned
+//!   output's) in the tool's 2 MiB writes, two in flight, then `fsync` — the tool's I/O pattern
+//!   with no arithmetic, hashing or bookkeeping. Readers and writers overlap, as the tool's
+//!   stages do, and a piece of output is written no sooner than the merge could write it: once
+//!   the inputs it would come from have been read. Writes go through `O_DIRECT` (4096-aligned
 //!   buffers and lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
 //! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
@@ -29,7 +29,6 @@
 //! [--mergekit [--mergekit-venv DIR]] [--dir PATH] [--keep]`
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +45,8 @@ const WRITE_PIECE: usize = 2 << 20;
 /// Writes the floor's writer lets wait for the disk: the tool's staging buffers per file
 /// (src/writer.rs: STAGES).
 const WRITE_STAGES: usize = 4;
+/// Writes in flight at once, as the tool's I/O threads per file (src/writer.rs).
+const WRITES_IN_FLIGHT: usize = 2;
 /// O_DIRECT alignment of buffers, offsets and lengths.
 const ALIGN: usize = 4096;
 const GB: f64 = 1e9;
@@ -1043,7 +1044,8 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
 /// `input_bytes` as large as the share of the output written so far has been read (reads
 /// arrive on `full`; their buffers go back to `free`). A merge cannot write an output byte
 /// before reading the inputs it comes from; a floor writing ahead of its reads would time the
-/// disk's writes and reads one after the other rather than sharing it.
+/// disk's writes and reads one after the other rather than sharing it. As in the tool, up to
+/// [`WRITE_STAGES`] pieces wait for the disk and [`WRITES_IN_FLIGHT`] are written at once.
 fn write_files(
     out: &Path,
     sizes: &[u64],
@@ -1053,16 +1055,54 @@ fn write_files(
     free: &crossbeam_channel::Sender<AlignedBuf>,
 ) -> Res<()> {
     let output_bytes: u64 = sizes.iter().sum();
-    // Pieces allowed to be written, as the tool's writer stage hands staging buffers to its
-    // I/O thread: up to `WRITE_STAGES` of them ahead of the disk.
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(WRITE_STAGES - 1);
+    let mut files = Vec::new();
+    let mut pieces: Vec<(usize, u64, usize)> = Vec::new();
+    for (k, &size) in sizes.iter().enumerate() {
+        let path = out.join(format!("floor-{k}.bin"));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        if io == IoMode::Direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(WRITE_PIECE as u64) as usize;
+            pieces.push((k, at, len));
+            at += len as u64;
+        }
+        files.push((path, file));
+    }
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<usize>(WRITE_STAGES - WRITES_IN_FLIGHT);
+    let zeros = AlignedBuf::new(WRITE_PIECE);
     std::thread::scope(|scope| {
-        let disk = scope.spawn(move || write_pieces(out, sizes, io, &go_rx));
+        let disks: Vec<_> = (0..WRITES_IN_FLIGHT)
+            .map(|_| {
+                let (go_rx, files, pieces, zeros) = (go_rx.clone(), &files, &pieces, &zeros);
+                scope.spawn(move || -> Res<()> {
+                    for p in go_rx {
+                        let (k, at, len) = pieces[p];
+                        // O_DIRECT writes whole blocks; the tail's padding is cut off below.
+                        let padded = match io {
+                            IoMode::Direct => len.next_multiple_of(ALIGN),
+                            IoMode::Buffered => len,
+                        };
+                        let (path, file) = &files[k];
+                        file.write_all_at(&zeros.as_slice()[..padded], at)
+                            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(go_rx);
         let mut read = 0u64;
         let mut reads_done = false;
         let mut allowed = 0u64;
-        while allowed < output_bytes {
-            let end = (allowed + WRITE_PIECE as u64).min(output_bytes);
+        for (p, &(_, _, len)) in pieces.iter().enumerate() {
+            let end = allowed + len as u64;
             // Wait for the reads this piece's bytes would be computed from.
             while !reads_done
                 && (read as u128) * (output_bytes as u128) < (end as u128) * (input_bytes as u128)
@@ -1075,56 +1115,17 @@ fn write_files(
                     Err(_) => reads_done = true,
                 }
             }
-            if go_tx.send(()).is_err() {
+            if go_tx.send(p).is_err() {
                 break;
             }
             allowed = end;
         }
         drop(go_tx);
-        disk.join().expect("the floor's writer does not panic")
-    })
-}
-
-/// Writes files of `sizes` into `out` in pieces of [`WRITE_PIECE`] (across file ends, as one
-/// stream), each once `go` allows it, and syncs them.
-fn write_pieces(
-    out: &Path,
-    sizes: &[u64],
-    io: IoMode,
-    go: &crossbeam_channel::Receiver<()>,
-) -> Res<()> {
-    let zeros = AlignedBuf::new(WRITE_PIECE);
-    let mut credit = 0u64;
-    for (k, &size) in sizes.iter().enumerate() {
-        let path = out.join(format!("floor-{k}.bin"));
-        let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        if io == IoMode::Direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        let mut file = opts
-            .open(&path)
-            .map_err(|e| format!("creating {}: {e}", path.display()))?;
-        let mut at = 0u64;
-        while at < size {
-            let len = (size - at).min(WRITE_PIECE as u64) as usize;
-            while credit < len as u64 {
-                if go.recv().is_err() {
-                    credit = u64::MAX;
-                    break;
-                }
-                credit += WRITE_PIECE as u64;
-            }
-            credit = credit.saturating_sub(len as u64);
-            // O_DIRECT writes whole blocks; the tail's padding is cut off below.
-            let padded = match io {
-                IoMode::Direct => len.next_multiple_of(ALIGN),
-                IoMode::Buffered => len,
-            };
-            file.write_all(&zeros.as_slice()[..padded])
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            at += len as u64;
-        }
+        disks
+            .into_iter()
+            .try_for_each(|d| d.join().expect("the floor's writers do not panic"))
+    })?;
+    for ((path, file), &size) in files.iter().zip(sizes) {
         file.set_len(size)
             .and_then(|()| file.sync_all())
             .map_err(|e| format!("syncing {}: {e}", path.display()))?;
