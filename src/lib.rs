@@ -522,17 +522,29 @@ fn stream_groups(
                 - writer::staging_bytes(stage_bytes))
                 * group.len() as u64;
             let budget = budget.saturating_sub(cache);
-            let mut settings = Settings::for_budget(budget, options.threads, isa, reads + computed)
-                .map_err(|e| match e {
-                    Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
-                        UsageError::MemoryTooSmall {
-                            threads,
-                            needed: needed + cache + staging_growth,
-                        }
-                        .into()
+            // Inputs the page cache holds are copied from it: fewer readers do.
+            let plain_readers = if models.iter().all(Model::mostly_cached) {
+                Settings::CACHED_READERS
+            } else {
+                Settings::READERS
+            };
+            let mut settings = Settings::for_budget(
+                budget,
+                options.threads,
+                plain_readers,
+                isa,
+                reads + computed,
+            )
+            .map_err(|e| match e {
+                Error::Usage(UsageError::MemoryTooSmall { threads, needed }) => {
+                    UsageError::MemoryTooSmall {
+                        threads,
+                        needed: needed + cache + staging_growth,
                     }
-                    e => e,
-                })?;
+                    .into()
+                }
+                e => e,
+            })?;
             if let Some(chunk) = options.chunk_bytes {
                 settings.chunk_bytes = chunk.max(8) & !7;
             }

@@ -279,6 +279,13 @@ impl Identity {
 }
 
 impl Shard {
+    /// Whether the page cache holds at least half of the shard's data (`cachestat(2)`; not
+    /// where the kernel cannot tell).
+    pub fn mostly_cached(&self) -> bool {
+        let start = self.kind.plain_start().unwrap_or(0);
+        page_cache_share(&self.file, start, self.data_len).is_some_and(|share| share >= 0.5)
+    }
+
     /// Opens the shard file at `path` in `format`. A safetensors shard may be packed (told by
     /// its first bytes: a packed shard starts with [`packed::MAGIC`], which no safetensors file
     /// can).
@@ -547,6 +554,11 @@ pub struct Model {
 }
 
 impl Model {
+    /// Whether the page cache holds most of every shard ([`Shard::mostly_cached`]).
+    pub fn mostly_cached(&self) -> bool {
+        self.shards.iter().all(Shard::mostly_cached)
+    }
+
     /// Opens and validates the model at `path`.
     pub fn open(path: &Path) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "opening model", e))?;
@@ -808,13 +820,7 @@ impl Model {
             // copied from it: faster than the disk. Decided once per shard: chunk by chunk, a
             // buffered read's readahead would pull the next chunks in, and every later chunk
             // would follow through the cache at its cold speed.
-            if page_cache_share(
-                &shard.file,
-                shard.kind.plain_start().unwrap_or(0),
-                shard.data_len,
-            )
-            .is_some_and(|share| share >= 0.5)
-            {
+            if shard.mostly_cached() {
                 all = false;
                 continue;
             }

@@ -52,19 +52,25 @@ impl Settings {
     /// machine's virtio disk): one chunk's reads in flight at a time reach 1.0 GB/s, four
     /// reach 1.7 GB/s with direct I/O (1.0–1.1 through the page cache), eight no more.
     pub const READERS: usize = 4;
+    /// Reader threads when the page cache holds every input: a read is then a copy, work for a
+    /// CPU rather than the disk, and more readers only take turns on the cores. Measured (1.8
+    /// GB pair, warm, five alternating rounds, 2026-11-26): two readers 0.87–1.00 s against
+    /// 0.96–1.08 s for four; one, 0.84–1.10 s.
+    pub const CACHED_READERS: usize = 2;
 
-    /// Settings whose buffers fit in `buffer_budget` bytes when a slot holds `buffers` chunk
-    /// buffers: as many slots as keep every stage busy (one per reader, two per worker, and the
-    /// writer's), at the largest chunk size that fits.
+    /// Settings with `readers` reader threads whose buffers fit in `buffer_budget` bytes when a
+    /// slot holds `buffers` chunk buffers: as many slots as keep every stage busy (one per
+    /// reader, two per worker, and the writer's), at the largest chunk size that fits.
     pub fn for_budget(
         buffer_budget: u64,
         threads: usize,
+        readers: usize,
         isa: Isa,
         buffers: usize,
     ) -> Result<Settings> {
         let threads = threads.max(1);
         let buffers = buffers.max(1);
-        let readers = Self::READERS;
+        let readers = readers.max(1);
         let slots = readers + 2 * threads + 1;
         let per_buffer = buffer_budget / (buffers * slots) as u64;
         let chunk = (per_buffer.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
