@@ -34,8 +34,9 @@ pub struct Settings {
     pub chunk_bytes: usize,
     /// Chunks in flight: the pool holds this many slots.
     pub slots: usize,
-    /// Reader threads, each with one chunk's reads in flight. A run reading packed inputs has
-    /// one: consecutive chunks fall in one decoded block, which each reader would decode again.
+    /// Reader threads, each with one chunk's reads in flight: [`Settings::READERS`] for inputs
+    /// read from the disk, [`Settings::CACHED_READERS`] when the page cache holds them all, and
+    /// two for packed inputs (each with its own cache of decoded blocks).
     pub readers: usize,
     /// The kernel to run.
     pub isa: Isa,
