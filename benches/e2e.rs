@@ -35,18 +35,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use mergestream::pipeline::Settings;
 use mergestream::synth::{Preset, Shape};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mergestream");
 /// The piece size of the floor's buffered reads (and the size of its read buffers).
 const PIECE: usize = 4 << 20;
-/// The size of the floor's writes: the tool's direct write (src/writer.rs: STAGE_BYTES).
-const WRITE_PIECE: usize = 2 << 20;
-/// Writes the floor's writer lets wait for the disk: the tool's staging buffers per file
-/// (src/writer.rs: STAGES).
+/// The size of the floor's writes: the tool's direct write with the default budget.
+const WRITE_PIECE: usize = mergestream::writer::MAX_STAGE_BYTES;
+/// Pieces the floor's writer lets wait for the disk, those being written included: two
+/// queued behind the two in flight (the tool's staging buffers also hold one filling and one
+/// being hashed).
 const WRITE_STAGES: usize = 4;
-/// Writes in flight at once, as the tool's I/O threads per file (src/writer.rs).
-const WRITES_IN_FLIGHT: usize = 2;
+/// Writes in flight at once, as the tool's I/O threads per file.
+const WRITES_IN_FLIGHT: usize = mergestream::writer::WRITES_IN_FLIGHT;
 /// O_DIRECT alignment of buffers, offsets and lengths.
 const ALIGN: usize = 4096;
 const GB: f64 = 1e9;
@@ -962,7 +964,11 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     let direct = io == IoMode::Direct;
     // The tool's chunk and reader count (src/pipeline.rs: Settings).
-    let (piece, readers) = if direct { (256 << 10, 4) } else { (PIECE, 1) };
+    let (piece, readers) = if direct {
+        (Settings::MAX_CHUNK_BYTES, Settings::READERS)
+    } else {
+        (PIECE, 1)
+    };
     let lists: Vec<&[PathBuf]> = inputs.iter().map(Vec::as_slice).collect();
     let pieces = pieces(&lists, piece as u64)?;
     const IN_FLIGHT: usize = 8;

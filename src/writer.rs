@@ -78,7 +78,7 @@ pub(crate) const STAGES: usize = 6;
 /// Writes of one file in flight at once, each on an I/O thread of its own: with one, a busy CPU
 /// that delays the next write's submission leaves the disk idle. Measured (1.8 GB pair, warm,
 /// ten alternating runs, 2026-11-26): a median 0.92 s against 0.98 s with one; cold, alike.
-const WRITES_IN_FLIGHT: usize = 2;
+pub const WRITES_IN_FLIGHT: usize = 2;
 
 /// Memory one output file's staging buffers take while it is written, with buffers of
 /// `stage_bytes`.
