@@ -787,14 +787,7 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
     let offset = job.elems.start;
     for work in &step.work {
         let len = (n * work.width) as usize;
-        let ins: Vec<&[u8]> = work
-            .inputs
-            .iter()
-            .map(|&i| {
-                let (_, at) = &step.reads[i];
-                &inputs[i].bytes()[..(n * at.dtype.size() as u64) as usize]
-            })
-            .collect();
+        let ins = work_inputs(&step, inputs, n, work);
         if let Round::Reduce { .. } = job.round {
             let partial = match work.kernel.method() {
                 Some(op) if op.next_pass().is_some() => Some(
@@ -849,6 +842,17 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The input bytes of `work` in a chunk of `n` elements, in the op's order.
+fn work_inputs<'a>(step: &Step, inputs: &'a [ChunkBuf], n: u64, work: &Work) -> Vec<&'a [u8]> {
+    work.inputs
+        .iter()
+        .map(|&i| {
+            let (_, at) = &step.reads[i];
+            &inputs[i].bytes()[..(n * at.dtype.size() as u64) as usize]
+        })
+        .collect()
 }
 
 /// An op's error in the pipeline: [`Error::Method`], or [`Error::Internal`] when the pipeline
@@ -969,8 +973,11 @@ fn reduce(
         let Some(partial) = partial else { continue };
         let op = work.kernel.method().expect("partials come from method ops");
         let comb = comb.get_or_insert_with(|| op.combiner());
-        comb.push(partial.clone())
-            .map_err(|e| method_error(run, &job.step, e))?;
+        comb.push(
+            partial.clone(),
+            &work_inputs(&job.step, &job.slot.inputs, job.n(), work),
+        )
+        .map_err(|e| method_error(run, &job.step, e))?;
     }
     if last {
         for (work, comb) in job.step.work.iter().zip(combiners.iter_mut()) {

@@ -82,9 +82,9 @@ pub fn run(
             }
         });
         let mut comb = op.combiner();
-        for slot in parts {
+        for (slot, &range) in parts.into_iter().zip(&ranges) {
             if let Some(p) = slot.into_inner().ok().flatten() {
-                comb.push(p?)?;
+                comb.push(p?, &slice(range))?;
             }
         }
         op.finish_pass(comb)?;

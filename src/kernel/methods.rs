@@ -12,7 +12,7 @@
 //!         let p = op.partial(chunk.offset, &chunk.inputs)?;   // pure, &self
 //!         ...hand p to the combiner in chunk order...
 //!     }
-//!     comb.push(p)?  (in chunk order);  op.finish_pass(comb)?;
+//!     comb.push(p, &chunk.inputs)?  (in chunk order);  op.finish_pass(comb)?;
 //! }
 //! op.output(chunk.offset, &chunk.inputs, &mut chunk.out)?;    // element-wise, any order
 //! ```
@@ -51,6 +51,7 @@ use super::stats::{
     key_bits, lane_sum, magnitude_key, Order, PairwiseTree, SelectPhase, Selection, TieFinder,
     BINS, BLOCK,
 };
+use super::torch_order::{CascadeSum, NormTwo};
 use super::FloatDtype;
 
 /// A merge method of this module (mergekit's names and defaults).
@@ -516,6 +517,72 @@ pub struct Combiner {
     hists: Vec<Option<Vec<u64>>>,
     ties: Vec<Option<TieFinder>>,
     trees: Vec<PairwiseTree>,
+    /// model_stock in float32: the norms and dots in torch's order, folded from the chunks'
+    /// inputs as they are pushed.
+    torch: Option<TorchStock>,
+}
+
+/// model_stock's float32 statistics in torch's order ([`super::torch_order`]): `‖d_k‖²` per
+/// model, `Σ d_a·d_b` per pair, over the whole tensor.
+#[derive(Clone, Debug)]
+struct TorchStock {
+    inputs: Vec<FloatDtype>,
+    norms: Vec<NormTwo>,
+    dots: Vec<CascadeSum>,
+}
+
+impl TorchStock {
+    fn new(inputs: &[FloatDtype], n: u64) -> TorchStock {
+        let k = inputs.len() - 1;
+        TorchStock {
+            inputs: inputs.to_vec(),
+            norms: (0..k).map(|_| NormTwo::new(n)).collect(),
+            dots: (0..k * k.saturating_sub(1) / 2)
+                .map(|_| CascadeSum::new(n))
+                .collect(),
+        }
+    }
+
+    /// Folds in one chunk's inputs, `len` elements, in tensor order.
+    fn push(&mut self, inputs: &[&[u8]], len: usize) {
+        let k = self.norms.len();
+        let mut v: Vec<Vec<f32>> = (0..=k).map(|_| vec![0f32; TILE]).collect();
+        let mut d: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; TILE]).collect();
+        let mut prod = vec![0f32; TILE];
+        let mut a = 0;
+        while a < len {
+            let b = (a + TILE).min(len);
+            let n = b - a;
+            for (i, vi) in v.iter_mut().enumerate() {
+                let src = self.inputs[i];
+                decode::<Ff>(src, slice_of(inputs[i], src, a, b), &mut vi[..n]);
+            }
+            deltas::<Ff>(&v, &mut d, n);
+            for (norm, dk) in self.norms.iter_mut().zip(&d) {
+                norm.push(&dk[..n]);
+            }
+            let mut dots = self.dots.iter_mut();
+            for i in 0..k {
+                for j in i + 1..k {
+                    for ((p, &x), &y) in prod[..n].iter_mut().zip(&d[i][..n]).zip(&d[j][..n]) {
+                        *p = x * y;
+                    }
+                    if let Some(dot) = dots.next() {
+                        dot.push(&prod[..n]);
+                    }
+                }
+            }
+            a = b;
+        }
+    }
+
+    /// `[‖d_k‖², …, Σ d_a·d_b, …]`, each an f32 value held in an f64, as [`stock_t`] takes them.
+    fn sums(&self) -> Vec<f64> {
+        let norms = self.norms.iter().map(|s| s.finish() as f64);
+        norms
+            .chain(self.dots.iter().map(|s| s.finish() as f64))
+            .collect()
+    }
 }
 
 #[inline]
@@ -888,6 +955,13 @@ impl Op {
         Ok(len)
     }
 
+    /// Whether the sums pass takes torch's float32 order ([`TorchStock`]): model_stock over the
+    /// whole tensor in float32, where mergekit's cosines come from torch's float32 `sum` and
+    /// `norm` and their last bits decide the interpolation factor's.
+    fn torch_sums(&self) -> bool {
+        self.method == Method::ModelStock && !self.filter_wise && self.c == FloatDtype::F32
+    }
+
     /// Whether statistics and chunk boundaries follow rows (DELLA's ranks, model_stock's
     /// `filter_wise` ratios) rather than [`BLOCK`]s.
     fn row_local(&self) -> bool {
@@ -1069,6 +1143,10 @@ impl Op {
 
     /// Per block (a row for row-local methods) of the chunk, the pass's quantities.
     fn sums_partial<D: Dt>(&self, offset: u64, inputs: &[&[u8]], len: usize) -> Vec<Vec<f64>> {
+        if self.torch_sums() {
+            // Folded in order by the combiner, from the chunk's inputs.
+            return Vec::new();
+        }
         let block = (self.row as usize).min(len.max(1));
         let k = self.models_count();
         let mut v: Vec<Vec<f32>> = (0..=k).map(|_| vec![0f32; block]).collect();
@@ -1129,9 +1207,29 @@ impl Op {
     }
 
     /// model_stock's norms² and product sums of one block (or row) of task vectors `d[k][..n]`:
-    /// `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`.
+    /// `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`. In float32 the block is a whole row
+    /// (`filter_wise`; whole tensors go through [`TorchStock`]) and the sums are torch's.
     fn stock_block<D: Dt>(&self, d: &[Vec<f32>], n: usize, s: &mut [f64], q: &mut Vec<f64>) {
         let k = d.len();
+        if D::D == FloatDtype::F32 {
+            for x in d {
+                let mut norm = NormTwo::new(n as u64);
+                norm.push(&x[..n]);
+                q.push(norm.finish() as f64);
+            }
+            let mut prod = vec![0f32; n];
+            for a in 0..k {
+                for b in a + 1..k {
+                    for ((p, &x), &y) in prod.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
+                        *p = x * y;
+                    }
+                    let mut dot = CascadeSum::new(n as u64);
+                    dot.push(&prod);
+                    q.push(dot.finish() as f64);
+                }
+            }
+            return;
+        }
         let s = &mut s[..n];
         for x in d {
             for (s, &e) in s.iter_mut().zip(&x[..n]) {
@@ -1158,8 +1256,16 @@ impl Op {
             next: 0,
             hists: Vec::new(),
             ties: Vec::new(),
-            trees: vec![PairwiseTree::default(); self.quantities],
+            trees: Vec::new(),
+            torch: None,
         };
+        if pass == Pass::Sums {
+            if self.torch_sums() {
+                c.torch = Some(TorchStock::new(&self.inputs, self.n));
+            } else {
+                c.trees = vec![PairwiseTree::default(); self.quantities];
+            }
+        }
         if pass == Pass::Select {
             for sel in &self.sels {
                 match sel.s.phase {
@@ -1216,7 +1322,10 @@ impl Op {
                 }
             }
             Pass::Sums => {
-                self.sums = Some(comb.trees.iter().map(|t| t.finish()).collect());
+                self.sums = Some(match &comb.torch {
+                    Some(t) => t.sums(),
+                    None => comb.trees.iter().map(|t| t.finish()).collect(),
+                });
                 self.derive()?;
             }
         }
@@ -1855,8 +1964,9 @@ impl Combiner {
         self.pass
     }
 
-    /// Adds the next chunk's partial; chunks must come in order, without gaps.
-    pub fn push(&mut self, p: Partial) -> Result<(), MethodError> {
+    /// Adds the next chunk's partial; chunks must come in order, without gaps. `inputs` are the
+    /// chunk's inputs, as given to [`Op::partial`] (some statistics fold them in order here).
+    pub fn push(&mut self, p: Partial, inputs: &[&[u8]]) -> Result<(), MethodError> {
         if p.pass != self.pass {
             return Err(MethodError::WrongPass {
                 tensor: self.tensor.clone(),
@@ -1886,6 +1996,22 @@ impl Combiner {
                         _ => {}
                     }
                 }
+            }
+            Pass::Sums if self.torch.is_some() => {
+                let t = self.torch.as_mut().expect("checked above");
+                let len = p.len as usize;
+                if inputs.len() != t.inputs.len()
+                    || inputs
+                        .iter()
+                        .zip(&t.inputs)
+                        .any(|(b, d)| b.len() != len * d.size())
+                {
+                    return Err(MethodError::ChunkLengths {
+                        tensor: self.tensor.clone(),
+                        lens: inputs.iter().map(|b| b.len()).collect(),
+                    });
+                }
+                t.push(inputs, len);
             }
             Pass::Sums => {
                 for blk in p.sums {
@@ -2056,7 +2182,7 @@ mod tests {
         assert!(matches!(e, MethodError::PassPending { .. }), "{e}");
         let mut comb = op.combiner();
         let second = op.partial(BLOCK, &[&z, &z, &z]).unwrap();
-        let e = comb.push(second).unwrap_err();
+        let e = comb.push(second, &[&z, &z, &z]).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -2068,7 +2194,8 @@ mod tests {
             ),
             "{e}"
         );
-        comb.push(op.partial(0, &[&z, &z, &z]).unwrap()).unwrap();
+        comb.push(op.partial(0, &[&z, &z, &z]).unwrap(), &[&z, &z, &z])
+            .unwrap();
         let e = op.finish_pass(comb).unwrap_err();
         assert!(matches!(e, MethodError::Incomplete { .. }), "{e}");
     }
@@ -2086,7 +2213,7 @@ mod tests {
                     .iter()
                     .map(|b| &b[off as usize * size..end as usize * size])
                     .collect();
-                comb.push(op.partial(off, &ins).unwrap()).unwrap();
+                comb.push(op.partial(off, &ins).unwrap(), &ins).unwrap();
                 off = end;
             }
             op.finish_pass(comb).unwrap();

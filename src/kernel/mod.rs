@@ -57,6 +57,7 @@ pub mod methods;
 pub(crate) mod rng;
 pub(crate) mod scalar;
 pub(crate) mod stats;
+pub mod torch_order;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;

@@ -54,6 +54,25 @@ pub fn test_python() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// Whether the test venv's `py` can import `modules` (e.g. `"torch, transformers"`).
+/// `scripts/test-env.sh` installs torch and transformers unless told not to
+/// (`MERGESTREAM_TEST_NO_TORCH=1`): without them a test says SKIPPED, and under `CI=true` fails.
+pub fn has_python_modules(py: &Path, modules: &str) -> bool {
+    let ok = Command::new(py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must have {modules}: scripts/test-env.sh installs them"
+        );
+        eprintln!("SKIPPED: {modules} not in the test venv (MERGESTREAM_TEST_NO_TORCH=1?)");
+    }
+    ok
+}
+
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

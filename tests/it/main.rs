@@ -55,4 +55,5 @@ mod stats_methods;
 mod sweep;
 mod torch_bin;
 mod torch_models;
+mod torch_order;
 mod verify;

@@ -159,30 +159,10 @@ fn the_python_package_agrees_with_the_reference_crate_on_every_differential_seed
     }
 }
 
-/// Whether the test venv has torch and transformers: `scripts/test-env.sh` installs them unless
-/// told not to (`MERGESTREAM_TEST_NO_TORCH=1`); under `CI=true` they must be there.
-fn has_transformers(py: &std::path::Path) -> bool {
-    let ok = Command::new(py)
-        .args(["-c", "import torch, transformers, yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must run the transformers test: scripts/test-env.sh installs torch and transformers"
-        );
-        eprintln!(
-            "SKIPPED: torch/transformers not in the test venv (MERGESTREAM_TEST_NO_TORCH=1?)"
-        );
-    }
-    ok
-}
-
 #[test]
 fn transformers_loads_outputs_and_pyyaml_reads_their_cards() {
     let py = python();
-    if !has_transformers(&py) {
+    if !has_python_modules(&py, "torch, transformers, yaml") {
         return;
     }
     let dir = tempdir();

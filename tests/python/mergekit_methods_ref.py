@@ -147,6 +147,87 @@ def total(summands, block=BLOCK):
     return tree(block_sums(summands, block))
 
 
+# ------------------------------------------- torch's float32 reductions
+# model_stock in float32 takes torch's one-thread float32 `sum` and `norm` (ATen's cascade sum
+# and last-dimension norm kernel; see src/kernel/torch_order.rs), written here from that
+# description with numpy: `np.add.accumulate` adds strictly in order, in float32.
+
+
+def seq_f32(rows):
+    """Sequential float32 sum from +0.0 down axis 0 of `rows` (one result per column)."""
+    rows = np.asarray(rows, np.float32)
+    zero = np.zeros((1,) + rows.shape[1:], np.float32)
+    return np.add.accumulate(np.concatenate([zero, rows]), axis=0)[-1]
+
+
+def torch_sum_f32(x):
+    x = np.asarray(x, np.float32).reshape(-1)
+    n = x.size
+    w = 8 if n >= 8 else 1
+    vecs = n // w
+    rows = vecs // 4
+    rl = 4 * w
+    p = max(4, (0 if rows <= 1 else int(rows - 1).bit_length()) // 4)
+    step = 1 << p
+    acc = np.zeros((4, rl), np.float32)
+    full = rows // step
+    r = x[: rows * rl].reshape(rows, rl)
+    for b in range(full):
+        acc[0] = seq_f32(r[b * step : (b + 1) * step])
+        i = (b + 1) * step
+        for j in range(1, 4):
+            acc[j] = acc[j] + acc[j - 1]
+            acc[j - 1] = 0
+            if i & ((step - 1) << (j * p)):
+                break
+    acc[0] = acc[0] + seq_f32(r[full * step :])
+    for j in range(1, 4):
+        acc[0] = acc[0] + acc[j]
+    ps = acc[0]
+    for v in range(rows * 4, vecs):
+        ps[:w] = ps[:w] + x[v * w : (v + 1) * w]
+    for k in range(1, 4):
+        ps[:w] = ps[:w] + ps[k * w : (k + 1) * w]
+    if w == 1:
+        return F32(ps[0])
+    t = F32(0)
+    for e in x[vecs * w :]:
+        t = F32(t + e)
+    for lane in ps[:w]:
+        t = F32(t + lane)
+    return t
+
+
+def torch_norm2_f32(x):
+    """Σx² as torch.norm accumulates it (its float32 square root is the norm)."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    m = x.size - x.size % 8
+    v = x[:m].reshape(-1, 8)
+    lanes = seq_f32((v * v).astype(np.float32)) if m else np.zeros(8, np.float32)
+    s = lanes[0]
+    for lane in lanes[1:]:
+        s = F32(s + lane)
+    r = x.size - m
+    for i, e in enumerate(x[m:]):
+        s = F32(s + F32(e * e)) if i < r // 4 * 4 else fma_f32(e, e, s)
+    return F32(s)
+
+
+def fma_f32(a, b, c):
+    """float32 fma(a, b, c), correctly rounded: a·b is exact in float64, the float64 sum is
+    made round-to-odd (TwoSum's error nudges an inexact even result), which float32's
+    round-to-nearest-even then rounds correctly."""
+    p = float(a) * float(b)
+    c = float(c)
+    t = p + c
+    if math.isfinite(t):
+        bp = t - c
+        err = (p - bp) + (c - (t - bp))
+        if err != 0 and (np.float64(t).view(np.uint64) & 1) == 0:
+            t = float(np.nextafter(t, math.inf if err > 0 else -math.inf))
+    return F32(t)
+
+
 # ------------------------------------------------------------------- BLAKE3
 
 _IV = [0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19]
@@ -445,7 +526,10 @@ def slerp(p, name, shape, c, vals):
 
 def stock_t(c, ds, block):
     K = len(ds)
-    norms = [rs(c, math.sqrt(total(d.astype(np.float64) ** 2, block))) for d in ds]
+    if c == "F32":
+        norms = [rs(c, math.sqrt(float(torch_norm2_f32(d)))) for d in ds]
+    else:
+        norms = [rs(c, math.sqrt(total(d.astype(np.float64) ** 2, block))) for d in ds]
     cos = []
     with np.errstate(all="ignore"):
         for i in range(K):
@@ -453,7 +537,10 @@ def stock_t(c, ds, block):
                 npd = rs(c, norms[i] * norms[j])
                 floor = rs(c, 1e-6)
                 npd = floor if npd < floor else npd
-                dot = rs(c, total(rc(c, ds[i] * ds[j]).astype(np.float64), block))
+                if c == "F32":
+                    dot = torch_sum_f32((ds[i] * ds[j]).astype(F32))
+                else:
+                    dot = rs(c, total(rc(c, ds[i] * ds[j]).astype(np.float64), block))
                 x = rs(c, dot / npd)
                 if not math.isnan(x):
                     x = F32(min(max(x, F32(-1)), F32(1)))
