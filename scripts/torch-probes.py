@@ -63,3 +63,29 @@ rng = np.random.default_rng(0)
 bad = sum(np.float32(torch.acos(torch.tensor([[v]])).item()) != np.float32(math.acos(float(v)))
           for v in rng.uniform(-1, 1, 2000).astype(np.float32))
 print("%-70s %s" % ("torch f32 acos differs from the correctly rounded value", "%d / 2000" % bad))
+# model_stock's float32 statistics: torch's one-thread float32 sum (cascade) and norm (8 lanes,
+# then the tail rule), as src/kernel/torch_order.rs and the numpy reference reproduce them.
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+from mergekit_methods_ref import torch_norm2_f32, torch_sum_f32  # noqa: E402
+
+threads = torch.get_num_threads()
+torch.set_num_threads(1)
+rng = np.random.default_rng(1)
+same_sum = same_norm = 0
+for i in range(2000):
+    n = int(rng.integers(0, 200)) if i < 1980 else int(rng.integers(200, 300_000))
+    v = (rng.normal(0, 1, n) * np.exp(rng.normal(0, 3, n))).astype(np.float32)
+    t = torch.from_numpy(v)
+    same_sum += np.float32(t.sum().item()) == torch_sum_f32(v)
+    same_norm += np.float32(torch.norm(t).item()) == np.float32(math.sqrt(float(torch_norm2_f32(v))))
+show("one-thread f32 sum is the cascade order, of 2000 random vectors", int(same_sum), 2000)
+show("f32 norm is the 8-lane order with its tail rule, of 2000", int(same_norm), 2000)
+torch.set_num_threads(2)
+v = rng.normal(0, 1, 1 << 20).astype(np.float32)
+show("a whole-tensor f32 sum with 2 threads differs from 1 thread's (some vector)",
+     any(np.float32(torch.from_numpy(w).sum().item()) != torch_sum_f32(w)
+         for w in (rng.normal(0, 1, 1 << 20).astype(np.float32) for _ in range(8))), True)
+torch.set_num_threads(threads)
