@@ -50,6 +50,8 @@ import mergekit_methods_ref as ref  # noqa: E402
 
 METHODS = ["ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
            "dare_linear", "dare_ties", "della", "della_linear"]
+# Not in the default run: model_stock with `filter_wise: true` (per-row cosines).
+VARIANTS = {"model_stock_filter_wise": ("model_stock", {"filter_wise": True})}
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
 SELECTING = {"ties": "desc", "breadcrumbs": "band", "breadcrumbs_ties": "band"}
 ST = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
@@ -101,11 +103,14 @@ def make_models(root, st, seed, shape=None):
 
 
 def write_config(path, method, dirs, dtype):
+    method, extra = VARIANTS.get(method, (method, {}))
     lines = ["merge_method: %s" % method, "base_model: %s" % dirs[0], "dtype: %s" % dtype, "models:"]
     if method == "slerp":
         lines += ["  - model: %s" % dirs[1], "parameters:", "  t: %r" % SLERP_T]
     elif method == "model_stock":
         lines += ["  - model: %s" % d for d in dirs[1:]]
+        if extra:
+            lines += ["parameters:"] + ["  %s: %s" % (k, str(v).lower()) for k, v in extra.items()]
     else:
         for d, p in zip(dirs[1:], MODEL_PARAMS[method]):
             lines += ["  - model: %s" % d, "    parameters:"] + ["      %s: %r" % kv for kv in p.items()]
@@ -113,8 +118,9 @@ def write_config(path, method, dirs, dtype):
 
 
 def write_spec(path, method, dirs, st):
+    method, extra = VARIANTS.get(method, (method, {}))
     inputs = dirs[:2] if method == "slerp" else dirs
-    params = {"inputs": MODEL_PARAMS.get(method, []), "t": SLERP_T, "seed": 0}
+    params = dict({"inputs": MODEL_PARAMS.get(method, []), "t": SLERP_T, "seed": 0}, **extra)
     json.dump({"method": method, "compute": st, "out_dtype": st, "params": params,
                "inputs": [os.path.join(d, "model.safetensors") for d in inputs]}, open(path, "w"))
 
