@@ -1,7 +1,9 @@
 //! Throughput of the ExPO kernel (`mergestream::kernel::expo`) for every
 //! instruction set this CPU supports × every dtype, on 1 Mi elements, and of the
 //! N-input kernel (`mergestream::kernel::linear::combine`: mergekit's linear and
-//! task_arithmetic) for 3 and 8 inputs.
+//! task_arithmetic) for 3 and 8 inputs, and of torch's float32 reduction order
+//! (`mergestream::kernel::torch_order`: model_stock's float32 norms and dots, folded in order on
+//! one thread, so their speed bounds that reduction pass).
 //! Throughput is reported as bytes of *input* (all inputs) per second.
 //!
 //! What it deliberately does not do: no file I/O, threading or end-to-end
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use mergestream::kernel::linear::{combine, Combine};
+use mergestream::kernel::torch_order::{CascadeSum, NormTwo};
 use mergestream::kernel::{expo, FloatDtype, Isa};
 
 const N: usize = 1 << 20;
@@ -96,5 +99,37 @@ fn bench_combine(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_expo, bench_combine);
+fn bench_torch_order(c: &mut Criterion) {
+    let mut group = c.benchmark_group("torch_order");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let x: Vec<f32> = data(FloatDtype::F32, 0x2468_ACE1)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    group.throughput(Throughput::Bytes((N * 4) as u64));
+    group.bench_function("cascade_sum", |b| {
+        b.iter(|| {
+            let mut s = CascadeSum::new(N as u64);
+            for piece in x.chunks(1024) {
+                s.push(black_box(piece));
+            }
+            s.finish()
+        });
+    });
+    group.bench_function("norm_two", |b| {
+        b.iter(|| {
+            let mut s = NormTwo::new(N as u64);
+            for piece in x.chunks(1024) {
+                s.push(black_box(piece));
+            }
+            s.finish()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_expo, bench_combine, bench_torch_order);
 criterion_main!(benches);
