@@ -89,3 +89,12 @@ show("a whole-tensor f32 sum with 2 threads differs from 1 thread's (some vector
      any(np.float32(torch.from_numpy(w).sum().item()) != torch_sum_f32(w)
          for w in (rng.normal(0, 1, 1 << 20).astype(np.float32) for _ in range(8))), True)
 torch.set_num_threads(threads)
+# torch's float32 acos on CPU is MKL VML's (vsAcos in libtorch_cpu), dispatched by MKL on the
+# CPU: its bits follow MKL's instruction set, so they differ between AVX2 and AVX-512 machines.
+import subprocess  # noqa: E402
+
+probe = ("import torch, numpy as np, hashlib; v = np.random.default_rng(0).uniform(-1, 1, 100000)"
+         ".astype(np.float32); print(hashlib.md5(torch.acos(torch.from_numpy(v)).numpy().tobytes()).hexdigest())")
+digests = {subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, **extra), capture_output=True,
+                          text=True).stdout.strip() for extra in ({}, {"MKL_ENABLE_INSTRUCTIONS": "AVX2"})}
+show("f32 acos bits change with MKL_ENABLE_INSTRUCTIONS=AVX2 (on an AVX-512 machine)", len(digests) == 2, True)
