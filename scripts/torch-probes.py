@@ -98,3 +98,34 @@ probe = ("import torch, numpy as np, hashlib; v = np.random.default_rng(0).unifo
 digests = {subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, **extra), capture_output=True,
                           text=True).stdout.strip() for extra in ({}, {"MKL_ENABLE_INSTRUCTIONS": "AVX2"})}
 show("f32 acos bits change with MKL_ENABLE_INSTRUCTIONS=AVX2 (on an AVX-512 machine)", len(digests) == 2, True)
+# mergekit's float32 slerp on one thread is torch's reductions (above) plus torch's acos/sin:
+# a model from those pieces is bit-identical to it (what it cannot do without torch is acos).
+from mergekit.merge_methods.slerp import slerp as mk_slerp  # noqa: E402
+
+torch.set_num_threads(1)
+C = 1 << 20
+
+
+def slerp_model(a, b, t):
+    def norm(v):
+        return np.float32(math.sqrt(float(torch_norm2_f32(v))))
+    na = norm(np.array([norm(a[s:s + C]) for s in range(0, a.size, C)], np.float32))
+    nb = norm(np.array([norm(b[s:s + C]) for s in range(0, b.size, C)], np.float32))
+    na, nb = (na if na > np.float32(1e-8) else np.float32(1)), (nb if nb > np.float32(1e-8) else np.float32(1))
+    parts = [torch_sum_f32((a[s:s + C] / na).astype(np.float32) * (b[s:s + C] / nb).astype(np.float32))
+             for s in range(0, a.size, C)]
+    dot = min(max(torch_sum_f32(np.array(parts, np.float32)), np.float32(-1)), np.float32(1))
+    tt = torch.tensor([[t]], dtype=torch.float32)
+    th = torch.acos(torch.tensor([[float(dot)]]))
+    ca, cb = torch.sin((1 - tt) * th) / torch.sin(th), torch.sin(tt * th) / torch.sin(th)
+    return (ca * torch.from_numpy(a) + cb * torch.from_numpy(b)).numpy().reshape(-1)
+
+
+same = 0
+for n in (1000, 3 * C + 12345):
+    a = rng.normal(0, 0.02, n).astype(np.float32)
+    b = (a + rng.normal(0, 0.002, n)).astype(np.float32)
+    want = mk_slerp(torch.tensor([0.5]), torch.from_numpy(a).reshape(1, -1), torch.from_numpy(b).reshape(1, -1))
+    same += bool((want.reshape(-1).numpy().view(np.uint32) == slerp_model(a, b, 0.5).view(np.uint32)).all())
+show("mergekit f32 slerp (1 thread) = torch-order sums + torch acos/sin, of 2 tensors", same, 2)
+torch.set_num_threads(threads)
