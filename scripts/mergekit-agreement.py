@@ -51,7 +51,8 @@ import mergekit_methods_ref as ref  # noqa: E402
 METHODS = ["ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock",
            "dare_linear", "dare_ties", "della", "della_linear"]
 # Not in the default run: model_stock with `filter_wise: true` (per-row cosines).
-VARIANTS = {"model_stock_filter_wise": ("model_stock", {"filter_wise": True})}
+VARIANTS = {"model_stock_filter_wise": ("model_stock", {"filter_wise": True}),
+            "ties_rescale": ("ties", {"rescale": True})}
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
 SELECTING = {"ties": "desc", "breadcrumbs": "band", "breadcrumbs_ties": "band"}
 ST = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
@@ -114,6 +115,8 @@ def write_config(path, method, dirs, dtype):
     else:
         for d, p in zip(dirs[1:], MODEL_PARAMS[method]):
             lines += ["  - model: %s" % d, "    parameters:"] + ["      %s: %r" % kv for kv in p.items()]
+        if extra:
+            lines += ["parameters:"] + ["  %s: %s" % (k, str(v).lower()) for k, v in extra.items()]
     open(path, "w").write("\n".join(lines) + "\n")
 
 
