@@ -33,6 +33,7 @@ Usage:
 The python running it needs numpy; mergekit-yaml defaults to /tmp/mkvenv/bin/mergekit-yaml.
 """
 import argparse
+import math
 import json
 import os
 import shlex
@@ -84,17 +85,25 @@ def shapes(h=256, inter=688, vocab=1000, kv=128, layers=2):
                "tie_word_embeddings": False, "max_position_embeddings": 256}
 
 
-def make_models(root, st, seed, shape=None):
+def make_models(root, st, seed, shape=None, shared=0.0):
     shp, cfg = shapes(*(shape or ()))
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(v, dtype=np.float32) * np.float32(0.02) for k, v in shp.items()}
+    # With --shared-update S the fine-tunes' updates share a component (their cosine is about S).
+    common = {k: rng.standard_normal(v, dtype=np.float32) for k, v in shp.items()} if shared else {}
     dirs = []
     for m in range(3):
         d = os.path.join(root, "%s-m%d" % (st, m))
         os.makedirs(d, exist_ok=True)
         tensors = {}
         for k, v in base.items():
-            x = v if m == 0 else v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(0.002)
+            if m == 0:
+                x = v
+            elif shared:
+                own = rng.standard_normal(v.shape, dtype=np.float32)
+                x = v + (np.float32(math.sqrt(shared)) * common[k] + np.float32(math.sqrt(1 - shared)) * own) * np.float32(0.002)
+            else:
+                x = v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(0.002)
             tensors[k] = (st, v.shape, ref.f32_to_bits(st, x.astype(np.float32).reshape(-1)))
         ref.write_safetensors(os.path.join(d, "model.safetensors"), tensors)
         json.dump(dict(cfg, torch_dtype={"BF16": "bfloat16", "F32": "float32", "F16": "float16"}[st]),
@@ -260,6 +269,8 @@ def main():
     ap.add_argument("--candidate", action="append", default=[])
     ap.add_argument("--shape", help="HIDDEN,INTER,VOCAB,KV,LAYERS (default 256,688,1000,128,2)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--shared-update", type=float, default=0.0,
+                    help="fine-tunes whose updates share this fraction (their cosine; default 0: independent)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (they are removed once compared)")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the numpy reference candidate (slow on large sets)")
@@ -276,7 +287,7 @@ def main():
     results = []
     for dtype in args.dtypes.split(","):
         st = ST[dtype]
-        dirs = make_models(args.dir, st, seed=len(results) + 11, shape=shape)
+        dirs = make_models(args.dir, st, seed=len(results) + 11, shape=shape, shared=args.shared_update)
         for method in args.methods.split(","):
             tag = "%s-%s" % (method, dtype)
             cfg = os.path.join(args.dir, tag + ".yml")
