@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use mergestream::kernel::linear::{combine, Combine};
-use mergestream::kernel::torch_order::{CascadeSum, NormTwo};
+use mergestream::kernel::torch_order::{CascadeSum, Load, NormTwo};
 use mergestream::kernel::{expo, FloatDtype, Isa};
 
 const N: usize = 1 << 20;
@@ -112,7 +112,7 @@ fn bench_torch_order(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((N * 4) as u64));
     group.bench_function("cascade_sum", |b| {
         b.iter(|| {
-            let mut s = CascadeSum::new(N as u64);
+            let mut s = CascadeSum::new(N as u64, Load::F32);
             for piece in x.chunks(1024) {
                 s.push(black_box(piece));
             }
@@ -121,7 +121,7 @@ fn bench_torch_order(c: &mut Criterion) {
     });
     group.bench_function("norm_two", |b| {
         b.iter(|| {
-            let mut s = NormTwo::new(N as u64);
+            let mut s = NormTwo::new(N as u64, Load::F32);
             for piece in x.chunks(1024) {
                 s.push(black_box(piece));
             }

@@ -69,7 +69,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-from mergekit_methods_ref import torch_norm2_f32, torch_sum_f32  # noqa: E402
+from mergekit_methods_ref import torch_norm2, torch_sum  # noqa: E402
 
 threads = torch.get_num_threads()
 torch.set_num_threads(1)
@@ -79,14 +79,14 @@ for i in range(2000):
     n = int(rng.integers(0, 200)) if i < 1980 else int(rng.integers(200, 300_000))
     v = (rng.normal(0, 1, n) * np.exp(rng.normal(0, 3, n))).astype(np.float32)
     t = torch.from_numpy(v)
-    same_sum += np.float32(t.sum().item()) == torch_sum_f32(v)
-    same_norm += np.float32(torch.norm(t).item()) == np.float32(math.sqrt(float(torch_norm2_f32(v))))
+    same_sum += np.float32(t.sum().item()) == torch_sum(v)
+    same_norm += np.float32(torch.norm(t).item()) == np.float32(math.sqrt(float(torch_norm2(v))))
 show("one-thread f32 sum is the cascade order, of 2000 random vectors", int(same_sum), 2000)
 show("f32 norm is the 8-lane order with its tail rule, of 2000", int(same_norm), 2000)
 torch.set_num_threads(2)
 v = rng.normal(0, 1, 1 << 20).astype(np.float32)
 show("a whole-tensor f32 sum with 2 threads differs from 1 thread's (some vector)",
-     any(np.float32(torch.from_numpy(w).sum().item()) != torch_sum_f32(w)
+     any(np.float32(torch.from_numpy(w).sum().item()) != torch_sum(w)
          for w in (rng.normal(0, 1, 1 << 20).astype(np.float32) for _ in range(8))), True)
 torch.set_num_threads(threads)
 # torch's float32 acos on CPU is MKL VML's (vsAcos in libtorch_cpu), dispatched by MKL on the
@@ -108,13 +108,13 @@ C = 1 << 20
 
 def slerp_model(a, b, t):
     def norm(v):
-        return np.float32(math.sqrt(float(torch_norm2_f32(v))))
+        return np.float32(math.sqrt(float(torch_norm2(v))))
     na = norm(np.array([norm(a[s:s + C]) for s in range(0, a.size, C)], np.float32))
     nb = norm(np.array([norm(b[s:s + C]) for s in range(0, b.size, C)], np.float32))
     na, nb = (na if na > np.float32(1e-8) else np.float32(1)), (nb if nb > np.float32(1e-8) else np.float32(1))
-    parts = [torch_sum_f32((a[s:s + C] / na).astype(np.float32) * (b[s:s + C] / nb).astype(np.float32))
+    parts = [torch_sum((a[s:s + C] / na).astype(np.float32) * (b[s:s + C] / nb).astype(np.float32))
              for s in range(0, a.size, C)]
-    dot = min(max(torch_sum_f32(np.array(parts, np.float32)), np.float32(-1)), np.float32(1))
+    dot = min(max(torch_sum(np.array(parts, np.float32)), np.float32(-1)), np.float32(1))
     tt = torch.tensor([[t]], dtype=torch.float32)
     th = torch.acos(torch.tensor([[float(dot)]]))
     ca, cb = torch.sin((1 - tt) * th) / torch.sin(th), torch.sin(tt * th) / torch.sin(th)

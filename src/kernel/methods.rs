@@ -53,7 +53,7 @@ use super::stats::{
     key_bits, lane_sum, magnitude_key, Order, PairwiseTree, SelectPhase, Selection, TieFinder,
     BINS, BLOCK,
 };
-use super::torch_order::{CascadeSum, NormTwo};
+use super::torch_order::{CascadeSum, Load, NormTwo};
 use super::FloatDtype;
 
 /// A merge method of this module (mergekit's names and defaults).
@@ -524,29 +524,48 @@ pub struct Combiner {
     torch: Option<TorchStock>,
 }
 
-/// model_stock's float32 statistics in torch's order ([`super::torch_order`]): `‖d_k‖²` per
-/// model, `Σ d_a·d_b` per pair, over the whole tensor.
+/// How torch loads a tensor of compute dtype `c` in its reductions.
+fn torch_load(c: FloatDtype) -> Load {
+    match c {
+        FloatDtype::F32 => Load::F32,
+        FloatDtype::BF16 | FloatDtype::F16 => Load::Half,
+    }
+}
+
+/// model_stock's statistics in torch's order ([`super::torch_order`]): `‖d_k‖²` per model,
+/// `Σ c(d_a·d_b)` per pair, over the whole tensor.
 #[derive(Clone, Debug)]
 struct TorchStock {
+    c: FloatDtype,
     inputs: Vec<FloatDtype>,
     norms: Vec<NormTwo>,
     dots: Vec<CascadeSum>,
 }
 
 impl TorchStock {
-    fn new(inputs: &[FloatDtype], n: u64) -> TorchStock {
+    fn new(c: FloatDtype, inputs: &[FloatDtype], n: u64) -> TorchStock {
         let k = inputs.len() - 1;
+        let load = torch_load(c);
         TorchStock {
+            c,
             inputs: inputs.to_vec(),
-            norms: (0..k).map(|_| NormTwo::new(n)).collect(),
+            norms: (0..k).map(|_| NormTwo::new(n, load)).collect(),
             dots: (0..k * k.saturating_sub(1) / 2)
-                .map(|_| CascadeSum::new(n))
+                .map(|_| CascadeSum::new(n, load))
                 .collect(),
         }
     }
 
     /// Folds in one chunk's inputs, `len` elements, in tensor order.
     fn push(&mut self, inputs: &[&[u8]], len: usize) {
+        match self.c {
+            FloatDtype::F32 => self.push_t::<Ff>(inputs, len),
+            FloatDtype::BF16 => self.push_t::<Bf>(inputs, len),
+            FloatDtype::F16 => self.push_t::<Hf>(inputs, len),
+        }
+    }
+
+    fn push_t<D: Dt>(&mut self, inputs: &[&[u8]], len: usize) {
         let k = self.norms.len();
         let mut v: Vec<Vec<f32>> = (0..=k).map(|_| vec![0f32; TILE]).collect();
         let mut d: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; TILE]).collect();
@@ -557,9 +576,9 @@ impl TorchStock {
             let n = b - a;
             for (i, vi) in v.iter_mut().enumerate() {
                 let src = self.inputs[i];
-                decode::<Ff>(src, slice_of(inputs[i], src, a, b), &mut vi[..n]);
+                decode::<D>(src, slice_of(inputs[i], src, a, b), &mut vi[..n]);
             }
-            deltas::<Ff>(&v, &mut d, n);
+            deltas::<D>(&v, &mut d, n);
             for (norm, dk) in self.norms.iter_mut().zip(&d) {
                 norm.push(&dk[..n]);
             }
@@ -567,7 +586,7 @@ impl TorchStock {
             for i in 0..k {
                 for j in i + 1..k {
                     for ((p, &x), &y) in prod[..n].iter_mut().zip(&d[i][..n]).zip(&d[j][..n]) {
-                        *p = x * y;
+                        *p = D::r(x * y);
                     }
                     if let Some(dot) = dots.next() {
                         dot.push(&prod[..n]);
@@ -957,11 +976,11 @@ impl Op {
         Ok(len)
     }
 
-    /// Whether the sums pass takes torch's float32 order ([`TorchStock`]): model_stock over the
-    /// whole tensor in float32, where mergekit's cosines come from torch's float32 `sum` and
-    /// `norm` and their last bits decide the interpolation factor's.
+    /// Whether the sums pass takes torch's order ([`TorchStock`]): model_stock over the whole
+    /// tensor, where mergekit's cosines come from torch's `sum` and `norm` and their last bits
+    /// decide the interpolation factor's.
     fn torch_sums(&self) -> bool {
-        self.method == Method::ModelStock && !self.filter_wise && self.c == FloatDtype::F32
+        self.method == Method::ModelStock && !self.filter_wise
     }
 
     /// Whether statistics and chunk boundaries follow rows (DELLA's ranks, model_stock's
@@ -1181,8 +1200,7 @@ impl Op {
                     }
                 }
                 Method::ModelStock => {
-                    deltas::<D>(&v, &mut d, n);
-                    self.stock_block::<D>(&d, n, s, &mut q);
+                    unreachable!("model_stock's sums are folded by its combiner (torch_sums)")
                 }
                 _ => {
                     deltas::<D>(&v, &mut d, n);
@@ -1208,43 +1226,25 @@ impl Op {
         out
     }
 
-    /// model_stock's norms² and product sums of one block (or row) of task vectors `d[k][..n]`:
-    /// `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`. In float32 the block is a whole row
-    /// (`filter_wise`; whole tensors go through [`TorchStock`]) and the sums are torch's.
-    fn stock_block<D: Dt>(&self, d: &[Vec<f32>], n: usize, s: &mut [f64], q: &mut Vec<f64>) {
+    /// model_stock's norms² and product sums of one row of task vectors `d[k][..n]` (with
+    /// `filter_wise`), in torch's order: `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`.
+    fn stock_row<D: Dt>(&self, d: &[Vec<f32>], n: usize, q: &mut Vec<f64>) {
         let k = d.len();
-        if D::D == FloatDtype::F32 {
-            for x in d {
-                let mut norm = NormTwo::new(n as u64);
-                norm.push(&x[..n]);
-                q.push(norm.finish() as f64);
-            }
-            let mut prod = vec![0f32; n];
-            for a in 0..k {
-                for b in a + 1..k {
-                    for ((p, &x), &y) in prod.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
-                        *p = x * y;
-                    }
-                    let mut dot = CascadeSum::new(n as u64);
-                    dot.push(&prod);
-                    q.push(dot.finish() as f64);
-                }
-            }
-            return;
-        }
-        let s = &mut s[..n];
+        let load = torch_load(D::D);
         for x in d {
-            for (s, &e) in s.iter_mut().zip(&x[..n]) {
-                *s = e as f64 * e as f64;
-            }
-            q.push(lane_sum(s));
+            let mut norm = NormTwo::new(n as u64, load);
+            norm.push(&x[..n]);
+            q.push(norm.finish() as f64);
         }
+        let mut prod = vec![0f32; n];
         for a in 0..k {
             for b in a + 1..k {
-                for ((s, &x), &y) in s.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
-                    *s = D::r(x * y) as f64;
+                for ((p, &x), &y) in prod.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
+                    *p = D::r(x * y);
                 }
-                q.push(lane_sum(s));
+                let mut dot = CascadeSum::new(n as u64, load);
+                dot.push(&prod);
+                q.push(dot.finish() as f64);
             }
         }
     }
@@ -1263,7 +1263,7 @@ impl Op {
         };
         if pass == Pass::Sums {
             if self.torch_sums() {
-                c.torch = Some(TorchStock::new(&self.inputs, self.n));
+                c.torch = Some(TorchStock::new(self.c, &self.inputs, self.n));
             } else {
                 c.trees = vec![PairwiseTree::default(); self.quantities];
             }
@@ -1565,7 +1565,7 @@ impl Op {
                         None => {
                             deltas::<D>(&v, &mut d, n);
                             let mut q = Vec::with_capacity(k + k * (k - 1) / 2);
-                            self.stock_block::<D>(&d, n, &mut scratch.sums, &mut q);
+                            self.stock_row::<D>(&d, n, &mut q);
                             stock_t(self.c, k, &q)
                         }
                     };
@@ -1836,7 +1836,6 @@ struct Scratch {
     sw: Vec<f32>,
     mixed: Vec<f32>,
     div: Vec<f32>,
-    sums: Vec<f64>,
 }
 
 impl Scratch {
@@ -1850,7 +1849,6 @@ impl Scratch {
             sw: vec![0.0; n],
             mixed: vec![0.0; n],
             div: vec![0.0; n],
-            sums: vec![0.0; n],
         }
     }
 }

@@ -27,12 +27,35 @@
 //! one-thread order, the same for any chunking of the stream (chunk boundaries only change
 //! where a call to `push` ends).
 
-/// Lanes of torch's float32 reduction vectors, whatever the ISA.
+/// Lanes of torch's float reduction vectors, whatever the ISA.
 const LANES: usize = 8;
 /// Independent accumulators of `row_sum` (`ilp_factor`).
 const ILP: usize = 4;
 /// Cascade levels of `multi_row_sum`.
 const LEVELS: usize = 4;
+/// Elements of the longest vector (a 16-bit one).
+const MAX_VEC: usize = 16;
+
+/// How torch loads the elements of a reduction: float32 vectors of 8 lanes, or 16-bit vectors
+/// (bfloat16, float16; values given here as the floats they convert to) of 16 elements, whose
+/// two 8-element halves the sum adds as floats before accumulating them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// float32 elements, 8 per vector.
+    F32,
+    /// bfloat16 or float16 elements, 16 per vector.
+    Half,
+}
+
+impl Load {
+    /// Elements per vector.
+    fn vec_len(self) -> usize {
+        match self {
+            Load::F32 => LANES,
+            Load::Half => 2 * LANES,
+        }
+    }
+}
 
 /// ATen's `CeilLog2`.
 fn ceil_log2(x: u64) -> u32 {
@@ -43,23 +66,26 @@ fn ceil_log2(x: u64) -> u32 {
     }
 }
 
-/// A streamed `Tensor.sum` of `n` float32 elements in torch's order (see the module docs).
+/// A streamed `Tensor.sum` of `n` elements in torch's order (see the module docs).
 #[derive(Clone, Debug)]
 pub struct CascadeSum {
     n: u64,
+    load: Load,
     /// Elements pushed so far.
     seen: u64,
-    /// Lanes per vector: 8, or 1 on the scalar path (`n < 8`).
+    /// Elements per vector: 8 or 16, or 1 on the scalar path (`n` below one vector).
+    vec_len: usize,
+    /// Lanes per vector: 8, or 1 on the scalar path.
     width: usize,
-    /// Whole rows of `ILP × width` elements.
+    /// Whole rows of `ILP` vectors.
     rows: u64,
-    /// Elements covered by vectors: `rows × ILP × width` plus the vectors after them.
+    /// Elements covered by vectors: the rows plus the vectors after them.
     vector_elems: u64,
     level_power: u32,
     /// `acc[level][k × width + lane]`.
     acc: [[f32; ILP * LANES]; LEVELS],
-    /// A row being filled when a push ends inside one.
-    row: [f32; ILP * LANES],
+    /// A row (or, after the rows, a vector) being filled when a push ends inside one.
+    buf: [f32; ILP * MAX_VEC],
     filled: usize,
     rows_done: u64,
     /// The scalar tail's accumulator (vector path).
@@ -67,20 +93,27 @@ pub struct CascadeSum {
 }
 
 impl CascadeSum {
-    /// A sum of `n` elements, pushed in order.
-    pub fn new(n: u64) -> CascadeSum {
-        let width = if n >= LANES as u64 { LANES } else { 1 };
-        let vecs = n / width as u64;
+    /// A sum of `n` elements loaded as `load`, pushed in order.
+    pub fn new(n: u64, load: Load) -> CascadeSum {
+        let full = load.vec_len();
+        let (vec_len, width) = if n >= full as u64 {
+            (full, LANES)
+        } else {
+            (1, 1)
+        };
+        let vecs = n / vec_len as u64;
         let rows = vecs / ILP as u64;
         CascadeSum {
             n,
+            load,
             seen: 0,
+            vec_len,
             width,
             rows,
-            vector_elems: if width == 1 { n } else { vecs * LANES as u64 },
+            vector_elems: vecs * vec_len as u64,
             level_power: 4.max(ceil_log2(rows) / LEVELS as u32),
             acc: [[0.0; ILP * LANES]; LEVELS],
-            row: [0.0; ILP * LANES],
+            buf: [0.0; ILP * MAX_VEC],
             filled: 0,
             rows_done: 0,
             tail: 0.0,
@@ -88,13 +121,27 @@ impl CascadeSum {
     }
 
     fn row_len(&self) -> usize {
-        ILP * self.width
+        ILP * self.vec_len
+    }
+
+    /// Lane `lane` of the vector at `v` (its first element): the element itself, or for a
+    /// 16-bit vector the float sum of its two halves' elements.
+    #[inline(always)]
+    fn lane(&self, v: &[f32], lane: usize) -> f32 {
+        match (self.load, self.width) {
+            (Load::Half, LANES) => v[lane] + v[lane + LANES],
+            _ => v[lane],
+        }
     }
 
     /// Adds one whole row and cascades after every `2^level_power` rows.
     fn add_row(&mut self, row: &[f32]) {
-        for (a, &x) in self.acc[0].iter_mut().zip(row) {
-            *a += x;
+        let (w, vl) = (self.width, self.vec_len);
+        for k in 0..ILP {
+            for lane in 0..w {
+                let x = self.lane(&row[k * vl..], lane);
+                self.acc[0][k * w + lane] += x;
+            }
         }
         self.rows_done += 1;
         let done = self.rows_done;
@@ -124,57 +171,66 @@ impl CascadeSum {
         }
     }
 
+    /// Adds one vector after the rows into the first accumulator.
+    fn add_vector(&mut self, v: &[f32]) {
+        for lane in 0..self.width {
+            let x = self.lane(v, lane);
+            self.acc[0][lane] += x;
+        }
+    }
+
     /// Adds the next elements of the vector.
     pub fn push(&mut self, mut xs: &[f32]) {
         let row_len = self.row_len();
         let rows_end = self.rows * row_len as u64;
         while !xs.is_empty() && self.seen < self.n {
-            if self.seen < rows_end {
-                let take = ((rows_end - self.seen) as usize).min(xs.len());
-                let (now, rest) = xs.split_at(take);
-                xs = rest;
-                let mut now = now;
-                while !now.is_empty() {
-                    if self.filled == 0 && now.len() >= row_len {
-                        let (r, rest) = now.split_at(row_len);
-                        self.add_row(r);
-                        now = rest;
-                        continue;
-                    }
-                    let k = (row_len - self.filled).min(now.len());
-                    self.row[self.filled..self.filled + k].copy_from_slice(&now[..k]);
-                    self.filled += k;
-                    now = &now[k..];
-                    if self.filled == row_len {
-                        let r = self.row;
-                        self.add_row(&r[..row_len]);
-                        self.filled = 0;
-                    }
-                }
-                self.seen += take as u64;
-                if self.seen == rows_end {
-                    self.end_rows();
-                }
-                continue;
-            }
-            if self.seen < self.vector_elems {
-                // The vectors after the last whole row, into the first accumulator, lane by
-                // lane (elements in order are vectors in order).
-                let take = ((self.vector_elems - self.seen) as usize).min(xs.len());
-                for (i, &x) in xs[..take].iter().enumerate() {
-                    let lane = ((self.seen + i as u64) % self.width as u64) as usize;
-                    self.acc[0][lane] += x;
+            let in_rows = self.seen < rows_end;
+            let (unit, end) = if in_rows {
+                (row_len, rows_end)
+            } else if self.seen < self.vector_elems {
+                (self.vec_len, self.vector_elems)
+            } else {
+                let take = ((self.n - self.seen) as usize).min(xs.len());
+                for &x in &xs[..take] {
+                    self.tail += x;
                 }
                 self.seen += take as u64;
                 xs = &xs[take..];
                 continue;
+            };
+            let take = ((end - self.seen) as usize).min(xs.len());
+            let (mut now, rest) = xs.split_at(take);
+            xs = rest;
+            while !now.is_empty() {
+                if self.filled == 0 && now.len() >= unit {
+                    let (u, rest) = now.split_at(unit);
+                    if in_rows {
+                        self.add_row(u);
+                    } else {
+                        self.add_vector(u);
+                    }
+                    self.seen += unit as u64;
+                    now = rest;
+                    continue;
+                }
+                let k = (unit - self.filled).min(now.len());
+                self.buf[self.filled..self.filled + k].copy_from_slice(&now[..k]);
+                self.filled += k;
+                self.seen += k as u64;
+                now = &now[k..];
+                if self.filled == unit {
+                    let u = self.buf;
+                    if in_rows {
+                        self.add_row(&u[..unit]);
+                    } else {
+                        self.add_vector(&u[..unit]);
+                    }
+                    self.filled = 0;
+                }
             }
-            let take = ((self.n - self.seen) as usize).min(xs.len());
-            for &x in &xs[..take] {
-                self.tail += x;
+            if in_rows && self.seen == rows_end {
+                self.end_rows();
             }
-            self.seen += take as u64;
-            xs = &xs[take..];
         }
     }
 
@@ -200,38 +256,42 @@ impl CascadeSum {
     }
 }
 
-/// A streamed squared `torch.norm` (p = 2) of `n` float32 elements in torch's order (see the
-/// module docs); its square root in float32 is torch's norm.
+/// A streamed squared `torch.norm` (p = 2) of `n` elements loaded as `load`, in torch's order
+/// (see the module docs); its square root in float32 is torch's norm (then rounded to the
+/// tensor's dtype).
 #[derive(Clone, Debug)]
 pub struct NormTwo {
     n: u64,
+    /// Elements the vector loop covers (a multiple of the vector length).
+    vector_elems: u64,
     seen: u64,
     lanes: [f32; LANES],
     /// The elements after the last whole vector, in order.
-    tail: [f32; LANES],
+    tail: [f32; MAX_VEC],
 }
 
 impl NormTwo {
-    /// The norm of `n` elements, pushed in order.
-    pub fn new(n: u64) -> NormTwo {
+    /// The norm of `n` elements loaded as `load`, pushed in order.
+    pub fn new(n: u64, load: Load) -> NormTwo {
         NormTwo {
             n,
+            vector_elems: n - n % load.vec_len() as u64,
             seen: 0,
             lanes: [0.0; LANES],
-            tail: [0.0; LANES],
+            tail: [0.0; MAX_VEC],
         }
     }
 
     /// Adds the next elements of the vector.
     pub fn push(&mut self, mut xs: &[f32]) {
-        let vector_elems = self.n - self.n % LANES as u64;
         while !xs.is_empty() && self.seen < self.n {
-            if self.seen < vector_elems {
-                let take = ((vector_elems - self.seen) as usize).min(xs.len());
+            if self.seen < self.vector_elems {
+                let take = ((self.vector_elems - self.seen) as usize).min(xs.len());
                 let (now, rest) = xs.split_at(take);
                 xs = rest;
                 let mut now = now;
-                // Up to a lane boundary one by one, then whole vectors.
+                // Up to a lane boundary one by one, then whole groups of 8: a 16-bit vector's
+                // two halves go through the 8 lanes one after the other, in element order too.
                 while !now.is_empty() && !self.seen.is_multiple_of(LANES as u64) {
                     let lane = (self.seen % LANES as u64) as usize;
                     self.lanes[lane] += now[0] * now[0];
@@ -253,7 +313,7 @@ impl NormTwo {
             }
             let take = ((self.n - self.seen) as usize).min(xs.len());
             for &x in &xs[..take] {
-                self.tail[(self.seen - vector_elems) as usize] = x;
+                self.tail[(self.seen - self.vector_elems) as usize] = x;
                 self.seen += 1;
             }
             xs = &xs[take..];
@@ -267,7 +327,7 @@ impl NormTwo {
         for &l in &self.lanes[1..] {
             s += l;
         }
-        let tail = &self.tail[..(self.n % LANES as u64) as usize];
+        let tail = &self.tail[..(self.n - self.vector_elems) as usize];
         let (squared, fused) = tail.split_at(tail.len() / 4 * 4);
         for &x in squared {
             s += x * x;
@@ -286,21 +346,37 @@ mod tests {
     /// The order spelled out directly, element by element, from the module docs (indexed as
     /// ATen's loops are).
     #[allow(clippy::needless_range_loop)]
-    fn sum_ref(x: &[f32]) -> f32 {
+    fn sum_ref(x: &[f32], load: Load) -> f32 {
         let n = x.len();
-        let width = if n >= LANES { LANES } else { 1 };
-        let vecs = n / width;
+        let (vl, width) = if n >= load.vec_len() {
+            (load.vec_len(), LANES)
+        } else {
+            (1, 1)
+        };
+        let lane = |v: usize, l: usize| -> f32 {
+            if load == Load::Half && width == LANES {
+                x[v * vl + l] + x[v * vl + l + LANES]
+            } else {
+                x[v * vl + l]
+            }
+        };
+        let vecs = n / vl;
         let rows = vecs / ILP;
         let p = 4.max(ceil_log2(rows as u64) / 4);
         let step = 1usize << p;
         let rl = ILP * width;
         let mut acc = vec![vec![0f32; rl]; LEVELS];
         let mut i = 0;
+        let add_row = |acc: &mut Vec<Vec<f32>>, i: usize| {
+            for k in 0..ILP {
+                for l in 0..width {
+                    acc[0][k * width + l] += lane(i * ILP + k, l);
+                }
+            }
+        };
         while i + step <= rows {
             for _ in 0..step {
-                for j in 0..rl {
-                    acc[0][j] += x[i * rl + j];
-                }
+                add_row(&mut acc, i);
                 i += 1;
             }
             for j in 1..LEVELS {
@@ -314,9 +390,7 @@ mod tests {
             }
         }
         while i < rows {
-            for j in 0..rl {
-                acc[0][j] += x[i * rl + j];
-            }
+            add_row(&mut acc, i);
             i += 1;
         }
         for j in 1..LEVELS {
@@ -326,21 +400,21 @@ mod tests {
             }
         }
         for v in rows * ILP..vecs {
-            for lane in 0..width {
-                acc[0][lane] += x[v * width + lane];
+            for l in 0..width {
+                acc[0][l] += lane(v, l);
             }
         }
         for k in 1..ILP {
-            for lane in 0..width {
-                let v = acc[0][k * width + lane];
-                acc[0][lane] += v;
+            for l in 0..width {
+                let v = acc[0][k * width + l];
+                acc[0][l] += v;
             }
         }
         if width == 1 {
             return acc[0][0];
         }
         let mut t = 0f32;
-        for &e in &x[vecs * width..] {
+        for &e in &x[vecs * vl..] {
             t += e;
         }
         for &l in &acc[0][..LANES] {
@@ -364,48 +438,59 @@ mod tests {
 
     #[test]
     fn streamed_sum_follows_the_spelled_out_order_for_any_chunking() {
-        for &n in &[
-            0usize, 1, 3, 4, 5, 7, 8, 9, 31, 32, 33, 100, 511, 512, 513, 4096, 70_001,
-        ] {
-            let x = values(n, n as u64 + 7);
-            let want = sum_ref(&x);
-            for chunk in [1usize, 3, 8, 32, 100, 4096, usize::MAX] {
-                let mut s = CascadeSum::new(n as u64);
-                for c in x.chunks(chunk.min(n.max(1))) {
-                    s.push(c);
+        let lens = [
+            0usize, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513,
+            4096, 70_001,
+        ];
+        for load in [Load::F32, Load::Half] {
+            for &n in &lens {
+                let x = values(n, n as u64 + 7);
+                let want = sum_ref(&x, load);
+                for chunk in [1usize, 3, 8, 32, 100, 4096, usize::MAX] {
+                    let mut s = CascadeSum::new(n as u64, load);
+                    for c in x.chunks(chunk.min(n.max(1))) {
+                        s.push(c);
+                    }
+                    let got = s.finish();
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{load:?} n {n} chunk {chunk}"
+                    );
                 }
-                assert_eq!(s.finish().to_bits(), want.to_bits(), "n {n} chunk {chunk}");
             }
         }
     }
 
     #[test]
     fn streamed_norm_follows_the_spelled_out_order_for_any_chunking() {
-        for &n in &[0usize, 1, 7, 8, 9, 15, 16, 17, 1000, 4099] {
-            let x = values(n, n as u64 + 3);
-            let mut lanes = [0f32; LANES];
-            let m = n - n % LANES;
-            for (i, &e) in x[..m].iter().enumerate() {
-                lanes[i % LANES] += e * e;
-            }
-            let mut want = lanes[0];
-            for &l in &lanes[1..] {
-                want += l;
-            }
-            let r = n - m;
-            for (i, &e) in x[m..].iter().enumerate() {
-                if i < r / 4 * 4 {
-                    want += e * e;
-                } else {
-                    want = e.mul_add(e, want);
+        for (load, step) in [(Load::F32, 8), (Load::Half, 16)] {
+            for &n in &[0usize, 1, 7, 8, 9, 15, 16, 17, 31, 1000, 4099] {
+                let x = values(n, n as u64 + 3);
+                let mut lanes = [0f32; LANES];
+                let m = n - n % step;
+                for (i, &e) in x[..m].iter().enumerate() {
+                    lanes[i % LANES] += e * e;
                 }
-            }
-            for chunk in [1usize, 5, 8, 64, usize::MAX] {
-                let mut s = NormTwo::new(n as u64);
-                for c in x.chunks(chunk.min(n.max(1))) {
-                    s.push(c);
+                let mut want = lanes[0];
+                for &l in &lanes[1..] {
+                    want += l;
                 }
-                assert_eq!(s.finish().to_bits(), want.to_bits(), "n {n} chunk {chunk}");
+                let r = n - m;
+                for (i, &e) in x[m..].iter().enumerate() {
+                    if i < r / 4 * 4 {
+                        want += e * e;
+                    } else {
+                        want = e.mul_add(e, want);
+                    }
+                }
+                for chunk in [1usize, 5, 8, 64, usize::MAX] {
+                    let mut s = NormTwo::new(n as u64, load);
+                    for c in x.chunks(chunk.min(n.max(1))) {
+                        s.push(c);
+                    }
+                    assert_eq!(s.finish().to_bits(), want.to_bits(), "{load:?} n {n}");
+                }
             }
         }
     }

@@ -147,10 +147,11 @@ def total(summands, block=BLOCK):
     return tree(block_sums(summands, block))
 
 
-# ------------------------------------------- torch's float32 reductions
-# model_stock in float32 takes torch's one-thread float32 `sum` and `norm` (ATen's cascade sum
-# and last-dimension norm kernel; see src/kernel/torch_order.rs), written here from that
-# description with numpy: `np.add.accumulate` adds strictly in order, in float32.
+# ------------------------------------------- torch's reductions
+# model_stock takes torch's one-thread `sum` and `norm` (ATen's cascade sum and last-dimension
+# norm kernel; see src/kernel/torch_order.rs), written here from that description with numpy:
+# `np.add.accumulate` adds strictly in order, in float32. `half`: the tensor is bfloat16 or
+# float16 (given as float32 values): 16-element vectors, whose halves the sum adds first.
 
 
 def seq_f32(rows):
@@ -160,19 +161,25 @@ def seq_f32(rows):
     return np.add.accumulate(np.concatenate([zero, rows]), axis=0)[-1]
 
 
-def torch_sum_f32(x):
+def torch_sum(x, half=False):
     x = np.asarray(x, np.float32).reshape(-1)
     n = x.size
-    w = 8 if n >= 8 else 1
-    vecs = n // w
+    full = 16 if half else 8
+    vl, w = (full, 8) if n >= full else (1, 1)
+    vecs = n // vl
+    if half and w == 8:
+        pv = x[: vecs * 16].reshape(vecs, 2, 8)
+        lanes = (pv[:, 0, :] + pv[:, 1, :]).astype(F32)
+    else:
+        lanes = x[: vecs * vl].reshape(vecs, w)
     rows = vecs // 4
     rl = 4 * w
     p = max(4, (0 if rows <= 1 else int(rows - 1).bit_length()) // 4)
     step = 1 << p
     acc = np.zeros((4, rl), np.float32)
-    full = rows // step
-    r = x[: rows * rl].reshape(rows, rl)
-    for b in range(full):
+    full_steps = rows // step
+    r = lanes[: rows * 4].reshape(rows, rl)
+    for b in range(full_steps):
         acc[0] = seq_f32(r[b * step : (b + 1) * step])
         i = (b + 1) * step
         for j in range(1, 4):
@@ -180,28 +187,28 @@ def torch_sum_f32(x):
             acc[j - 1] = 0
             if i & ((step - 1) << (j * p)):
                 break
-    acc[0] = acc[0] + seq_f32(r[full * step :])
+    acc[0] = acc[0] + seq_f32(r[full_steps * step :])
     for j in range(1, 4):
         acc[0] = acc[0] + acc[j]
     ps = acc[0]
     for v in range(rows * 4, vecs):
-        ps[:w] = ps[:w] + x[v * w : (v + 1) * w]
+        ps[:w] = ps[:w] + lanes[v]
     for k in range(1, 4):
         ps[:w] = ps[:w] + ps[k * w : (k + 1) * w]
     if w == 1:
         return F32(ps[0])
     t = F32(0)
-    for e in x[vecs * w :]:
+    for e in x[vecs * vl :]:
         t = F32(t + e)
     for lane in ps[:w]:
         t = F32(t + lane)
     return t
 
 
-def torch_norm2_f32(x):
+def torch_norm2(x, half=False):
     """Σx² as torch.norm accumulates it (its float32 square root is the norm)."""
     x = np.asarray(x, np.float32).reshape(-1)
-    m = x.size - x.size % 8
+    m = x.size - x.size % (16 if half else 8)
     v = x[:m].reshape(-1, 8)
     lanes = seq_f32((v * v).astype(np.float32)) if m else np.zeros(8, np.float32)
     s = lanes[0]
@@ -526,10 +533,8 @@ def slerp(p, name, shape, c, vals):
 
 def stock_t(c, ds, block):
     K = len(ds)
-    if c == "F32":
-        norms = [rs(c, math.sqrt(float(torch_norm2_f32(d)))) for d in ds]
-    else:
-        norms = [rs(c, math.sqrt(total(d.astype(np.float64) ** 2, block))) for d in ds]
+    half = c != "F32"
+    norms = [rs(c, math.sqrt(float(torch_norm2(d, half)))) for d in ds]
     cos = []
     with np.errstate(all="ignore"):
         for i in range(K):
@@ -537,10 +542,7 @@ def stock_t(c, ds, block):
                 npd = rs(c, norms[i] * norms[j])
                 floor = rs(c, 1e-6)
                 npd = floor if npd < floor else npd
-                if c == "F32":
-                    dot = torch_sum_f32((ds[i] * ds[j]).astype(F32))
-                else:
-                    dot = rs(c, total(rc(c, ds[i] * ds[j]).astype(np.float64), block))
+                dot = rs(c, torch_sum(rc(c, ds[i] * ds[j]), half))
                 x = rs(c, dot / npd)
                 if not math.isnan(x):
                     x = F32(min(max(x, F32(-1)), F32(1)))
