@@ -30,9 +30,9 @@
 //! over the models axis are sequential f32 from `+0.0` rounded once to `c`, and the result is
 //! rounded to the output dtype (NaN becomes the dtype's canonical positive quiet NaN).
 //! Whole-tensor sums and rank thresholds come from the crate's streamed statistics (fixed
-//! association, tie rule: lower index first), except model_stock's norms and dots in float32,
-//! which are torch's own one-thread float32 order ([`super::torch_order`], folded in chunk
-//! order by the [`Combiner`]); randomness from a counter-based generator
+//! association, tie rule: lower index first), except model_stock's norms and dots, which are
+//! torch's own one-thread order ([`super::torch_order`], folded in chunk order by the
+//! [`Combiner`]); randomness from a counter-based generator
 //! (Philox4x32-10 keyed by the seed and the tensor name); SLERP's `acos`/`sin` from plain IEEE
 //! f64 arithmetic, so every machine computes the same bits.
 //!

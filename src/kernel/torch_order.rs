@@ -1,26 +1,31 @@
-//! torch's float32 CPU reductions, reproduced bit for bit and streamed: `Tensor.sum` over a
-//! contiguous vector (ATen's cascade sum) and `torch.norm` / `linalg.vector_norm` with p = 2
-//! over one (ATen's last-dimension norm kernel), as torch computes them on one thread.
+//! torch's CPU reductions of float tensors, reproduced bit for bit and streamed: `Tensor.sum`
+//! over a contiguous vector (ATen's cascade sum) and `torch.norm` / `linalg.vector_norm` with
+//! p = 2 over one (ATen's last-dimension norm kernel), as torch computes them on one thread,
+//! for float32 tensors and for bfloat16/float16 ones (which both accumulate in float32).
 //!
-//! mergekit's model_stock takes its cosines from these two reductions in float32. A float32
-//! sum's last bits depend on its association, so agreeing with mergekit means summing in
-//! torch's order, not in a more accurate one. That order was read from ATen's kernels and
-//! checked against torch 2.15 (`scripts/torch-probes.py`, and `tests/it/torch_order.rs`, which
-//! compares these functions with torch on every test run). It is the same on AVX2, AVX-512 and
-//! no-SIMD builds: both kernels work in 8-lane vectors whatever the ISA.
+//! mergekit's model_stock takes its cosines from these two reductions. A float sum's last bits
+//! depend on its association, so agreeing with mergekit means summing in torch's order, not in
+//! a more accurate one. That order was read from ATen's kernels and checked against torch 2.15
+//! (`scripts/torch-probes.py`, and `tests/it/torch_order.rs`, which compares these functions
+//! with torch on every test run). It is the same on AVX2, AVX-512 and no-SIMD builds: both
+//! kernels work in 8-lane float vectors whatever the ISA.
 //!
-//! * **Sum** (`vectorized_inner_sum`): for `n ≥ 8`, the first `8⌊n/8⌋` elements are
-//!   vectors of 8 lanes; groups of 4 vectors (32 elements) are *rows*, added into 4 levels of
-//!   accumulators that cascade every `2^p` rows, `p = max(4, ⌈log2 rows⌉ / 4)`; the vectors
-//!   after the last whole row go into the first accumulator; the 4 accumulators are added in
-//!   order, then a scalar `acc = 0` takes the last `n mod 8` elements and then the 8 lanes in
-//!   order. For `n < 8` (`scalar_inner_sum`) the same cascade runs on rows of 4 scalars.
+//! * **Sum** (`vectorized_inner_sum`): a *vector* is 8 float32 elements, or 16 bfloat16/float16
+//!   ones whose two 8-element halves are added as floats (`[x0 + x8, …, x7 + x15]`): 8 lanes
+//!   either way. For `n` of at least one vector, the first `⌊n/v⌋` vectors (`v` elements each)
+//!   are grouped 4 to a *row*, added into 4 levels of accumulators that cascade every `2^p`
+//!   rows, `p = max(4, ⌈log2 rows⌉ / 4)`; the vectors after the last whole row go into the
+//!   first accumulator; the 4 accumulators are added in order, then a scalar `acc = 0` takes the
+//!   last `n mod v` elements and then the 8 lanes in order. Below one vector
+//!   (`scalar_inner_sum`) the same cascade runs on rows of 4 scalars.
 //! * **Norm²** (`norm_two_reduce_step`): one 8-lane accumulator takes `x·x` (rounded, then
-//!   added: no fused multiply-add) over the first `8⌊n/8⌋` elements; its lanes are added in
-//!   order; then of the last `r = n mod 8` elements, the first `4⌊r/4⌋` add their rounded
-//!   squares one by one and the rest are fused multiply-adds `s = fma(x, x, s)` (the scalar
-//!   tail loop as torch's compiler built it: found by probing, 3000 of 3000 random vectors of
-//!   every tail length agree, and no simpler rule does).
+//!   added: no fused multiply-add) over the first `v⌊n/v⌋` elements in order (a 16-bit
+//!   vector's halves go through the lanes one after the other); its lanes are added in order;
+//!   then of the last `r = n mod v` elements, the first `4⌊r/4⌋` add their rounded squares one
+//!   by one and the rest are fused multiply-adds `s = fma(x, x, s)` (the scalar tail loop as
+//!   torch's compiler built it: found by probing float32, where 3000 of 3000 random vectors of
+//!   every tail length agree and no simpler rule does; for 16-bit tensors, whose results are
+//!   rounded to 8 or 11 bits, the tail rule is assumed the same).
 //!
 //! With several threads torch splits a whole-tensor sum into one range per thread and adds
 //! the ranges' sums, so its last bits follow the machine's core count; these functions are the
