@@ -528,7 +528,8 @@ pub struct Combiner {
 fn torch_load(c: FloatDtype) -> Load {
     match c {
         FloatDtype::F32 => Load::F32,
-        FloatDtype::BF16 | FloatDtype::F16 => Load::Half,
+        FloatDtype::BF16 => Load::Bf16,
+        FloatDtype::F16 => Load::F16,
     }
 }
 

@@ -25,7 +25,8 @@
 //!   by one and the rest are fused multiply-adds `s = fma(x, x, s)` (the scalar tail loop as
 //!   torch's compiler built it: found by probing float32, where 3000 of 3000 random vectors of
 //!   every tail length agree and no simpler rule does; for 16-bit tensors, whose results are
-//!   rounded to 8 or 11 bits, the tail rule is assumed the same).
+//!   rounded to 8 bits, the tail rule is assumed the same). A **float16** norm is not
+//!   vectorised: ATen's generic reduction adds the squares one by one into one accumulator.
 //!
 //! With several threads torch splits a whole-tensor sum into one range per thread and adds
 //! the ranges' sums, so its last bits follow the machine's core count; these functions are the
@@ -41,15 +42,18 @@ const LEVELS: usize = 4;
 /// Elements of the longest vector (a 16-bit one).
 const MAX_VEC: usize = 16;
 
-/// How torch loads the elements of a reduction: float32 vectors of 8 lanes, or 16-bit vectors
-/// (bfloat16, float16; values given here as the floats they convert to) of 16 elements, whose
-/// two 8-element halves the sum adds as floats before accumulating them.
+/// The dtype of the tensor torch reduces, which picks its kernels: float32 vectors of 8
+/// lanes, or 16-bit vectors (values given here as the floats they convert to) of 16 elements,
+/// whose two 8-element halves the sum adds as floats before accumulating them. The norm of a
+/// float16 tensor is not vectorised at all (see [`NormTwo`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Load {
     /// float32 elements, 8 per vector.
     F32,
-    /// bfloat16 or float16 elements, 16 per vector.
-    Half,
+    /// bfloat16 elements, 16 per vector.
+    Bf16,
+    /// float16 elements, 16 per vector.
+    F16,
 }
 
 impl Load {
@@ -57,7 +61,7 @@ impl Load {
     fn vec_len(self) -> usize {
         match self {
             Load::F32 => LANES,
-            Load::Half => 2 * LANES,
+            Load::Bf16 | Load::F16 => 2 * LANES,
         }
     }
 }
@@ -134,7 +138,7 @@ impl CascadeSum {
     #[inline(always)]
     fn lane(&self, v: &[f32], lane: usize) -> f32 {
         match (self.load, self.width) {
-            (Load::Half, LANES) => v[lane] + v[lane + LANES],
+            (Load::Bf16 | Load::F16, LANES) => v[lane] + v[lane + LANES],
             _ => v[lane],
         }
     }
@@ -263,10 +267,14 @@ impl CascadeSum {
 
 /// A streamed squared `torch.norm` (p = 2) of `n` elements loaded as `load`, in torch's order
 /// (see the module docs); its square root in float32 is torch's norm (then rounded to the
-/// tensor's dtype).
+/// tensor's dtype). A float16 tensor takes ATen's generic reduction instead of the
+/// last-dimension kernel: one float accumulator, element by element (a float16 square is exact
+/// in float32, so fused or not makes no difference).
 #[derive(Clone, Debug)]
 pub struct NormTwo {
     n: u64,
+    /// Accumulator lanes: 8, or 1 for float16.
+    width: usize,
     /// Elements the vector loop covers (a multiple of the vector length).
     vector_elems: u64,
     seen: u64,
@@ -278,9 +286,14 @@ pub struct NormTwo {
 impl NormTwo {
     /// The norm of `n` elements loaded as `load`, pushed in order.
     pub fn new(n: u64, load: Load) -> NormTwo {
+        let (width, step) = match load {
+            Load::F16 => (1, 1),
+            _ => (LANES, load.vec_len() as u64),
+        };
         NormTwo {
             n,
-            vector_elems: n - n % load.vec_len() as u64,
+            width,
+            vector_elems: n - n % step,
             seen: 0,
             lanes: [0.0; LANES],
             tail: [0.0; MAX_VEC],
@@ -295,6 +308,13 @@ impl NormTwo {
                 let (now, rest) = xs.split_at(take);
                 xs = rest;
                 let mut now = now;
+                if self.width == 1 {
+                    for &x in now {
+                        self.lanes[0] += x * x;
+                    }
+                    self.seen += now.len() as u64;
+                    continue;
+                }
                 // Up to a lane boundary one by one, then whole groups of 8: a 16-bit vector's
                 // two halves go through the 8 lanes one after the other, in element order too.
                 while !now.is_empty() && !self.seen.is_multiple_of(LANES as u64) {
@@ -329,7 +349,7 @@ impl NormTwo {
     pub fn finish(&self) -> f32 {
         debug_assert_eq!(self.seen, self.n, "a norm finished early");
         let mut s = self.lanes[0];
-        for &l in &self.lanes[1..] {
+        for &l in &self.lanes[1..self.width] {
             s += l;
         }
         let tail = &self.tail[..(self.n - self.vector_elems) as usize];
@@ -359,7 +379,7 @@ mod tests {
             (1, 1)
         };
         let lane = |v: usize, l: usize| -> f32 {
-            if load == Load::Half && width == LANES {
+            if load != Load::F32 && width == LANES {
                 x[v * vl + l] + x[v * vl + l + LANES]
             } else {
                 x[v * vl + l]
@@ -447,7 +467,7 @@ mod tests {
             0usize, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513,
             4096, 70_001,
         ];
-        for load in [Load::F32, Load::Half] {
+        for load in [Load::F32, Load::Bf16] {
             for &n in &lens {
                 let x = values(n, n as u64 + 7);
                 let want = sum_ref(&x, load);
@@ -468,8 +488,24 @@ mod tests {
     }
 
     #[test]
+    fn a_float16_norm_is_one_accumulator() {
+        let x = values(5000, 11);
+        let mut want = 0f32;
+        for &e in &x {
+            want += e * e;
+        }
+        for chunk in [1usize, 7, 64, usize::MAX] {
+            let mut s = NormTwo::new(x.len() as u64, Load::F16);
+            for c in x.chunks(chunk.min(x.len())) {
+                s.push(c);
+            }
+            assert_eq!(s.finish().to_bits(), want.to_bits(), "chunk {chunk}");
+        }
+    }
+
+    #[test]
     fn streamed_norm_follows_the_spelled_out_order_for_any_chunking() {
-        for (load, step) in [(Load::F32, 8), (Load::Half, 16)] {
+        for (load, step) in [(Load::F32, 8), (Load::Bf16, 16)] {
             for &n in &[0usize, 1, 7, 8, 9, 15, 16, 17, 31, 1000, 4099] {
                 let x = values(n, n as u64 + 3);
                 let mut lanes = [0f32; LANES];

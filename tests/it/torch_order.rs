@@ -140,9 +140,10 @@ fn sixteen_bit_sums_and_norms_are_torchs() {
         return;
     }
     type Conv = (fn(f32) -> u16, fn(u16) -> f32);
-    let kinds: [(&str, Conv); 2] = [
+    let kinds: [(&str, Load, Conv); 2] = [
         (
             "bfloat16",
+            Load::Bf16,
             (
                 |v| half::bf16::from_f32(v).to_bits(),
                 |b| half::bf16::from_bits(b).to_f32(),
@@ -150,6 +151,7 @@ fn sixteen_bit_sums_and_norms_are_torchs() {
         ),
         (
             "float16",
+            Load::F16,
             (
                 |v| half::f16::from_f32(v).to_bits(),
                 |b| half::f16::from_bits(b).to_f32(),
@@ -165,14 +167,14 @@ for p in sys.argv[2:]:
     x = torch.from_numpy(np.fromfile(p, dtype="<i2")).view(dt)
     print(int(x.sum(dim=-1).view(torch.int16)) & 0xFFFF, int(torch.norm(x, dim=-1).view(torch.int16)) & 0xFFFF)
 "#;
-    for (name, (to_bits, from_bits)) in kinds {
+    for (name, load, (to_bits, from_bits)) in kinds {
         let mut cases = Vec::new();
         // Sums: every length class, cancelling.
         for n in (1..=70).chain([255, 256, 257, 1000, 4096 + 9, 70_001]) {
             cases.push(cancelling(n, n as u64, to_bits, from_bits));
         }
         // Norms: a huge first element owns lane 0; small ones at every 16th element from the
-        // 8th land in lane 0 (and vanish into it) with 8 lanes, in lane 8 with 16.
+        // 8th land in lane 0 (and vanish into it) with 8 lanes (or one), in lane 8 with 16.
         let n = 1 << 23;
         let (big, small) = if name == "bfloat16" {
             (32768.0, 6.0)
@@ -185,6 +187,17 @@ for p in sys.argv[2:]:
             lanes[i] = to_bits(small);
         }
         cases.push(lanes);
+        // Norms: long vectors of small values, whose float accumulation errors reach the
+        // 16-bit result (one accumulator and eight round differently on some of them).
+        for seed in 0..6u64 {
+            let n = 1_000_000 + 77_777 * seed as usize;
+            let v = values(n, seed + 100);
+            cases.push(
+                v.iter()
+                    .map(|&x| to_bits(x.clamp(-0.5, 0.5) * 0.004))
+                    .collect(),
+            );
+        }
         let files: Vec<_> = cases
             .iter()
             .enumerate()
@@ -202,8 +215,8 @@ for p in sys.argv[2:]:
         for (bits, want) in cases.iter().zip(&want) {
             let x: Vec<f32> = bits.iter().map(|&b| from_bits(b)).collect();
             let (mut sum, mut norm) = (
-                CascadeSum::new(x.len() as u64, Load::Half),
-                NormTwo::new(x.len() as u64, Load::Half),
+                CascadeSum::new(x.len() as u64, load),
+                NormTwo::new(x.len() as u64, load),
             );
             for piece in x.chunks(4093) {
                 sum.push(piece);

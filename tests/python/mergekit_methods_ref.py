@@ -205,9 +205,12 @@ def torch_sum(x, half=False):
     return t
 
 
-def torch_norm2(x, half=False):
-    """Σx² as torch.norm accumulates it (its float32 square root is the norm)."""
+def torch_norm2(x, half=False, f16=False):
+    """Σx² as torch.norm accumulates it (its float32 square root is the norm). A float16
+    tensor (`f16`) takes ATen's generic reduction: one accumulator, element by element."""
     x = np.asarray(x, np.float32).reshape(-1)
+    if f16:
+        return F32(seq_f32((x * x).astype(np.float32)))
     m = x.size - x.size % (16 if half else 8)
     v = x[:m].reshape(-1, 8)
     lanes = seq_f32((v * v).astype(np.float32)) if m else np.zeros(8, np.float32)
@@ -534,7 +537,7 @@ def slerp(p, name, shape, c, vals):
 def stock_t(c, ds, block):
     K = len(ds)
     half = c != "F32"
-    norms = [rs(c, math.sqrt(float(torch_norm2(d, half)))) for d in ds]
+    norms = [rs(c, math.sqrt(float(torch_norm2(d, half, c == "F16")))) for d in ds]
     cos = []
     with np.errstate(all="ignore"):
         for i in range(K):
