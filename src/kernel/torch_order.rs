@@ -7,8 +7,11 @@
 //! depend on its association, so agreeing with mergekit means summing in torch's order, not in
 //! a more accurate one. That order was read from ATen's kernels and checked against torch 2.15
 //! (`scripts/torch-probes.py`, and `tests/it/torch_order.rs`, which compares these functions
-//! with torch on every test run). It is the same on AVX2, AVX-512 and no-SIMD builds: both
-//! kernels work in 8-lane float vectors whatever the ISA.
+//! with torch on every test run). It is the same whether torch dispatches to AVX2 or AVX-512:
+//! both kernels work in 8-lane float vectors either way. Torch's no-SIMD build
+//! (`ATEN_CPU_CAPABILITY=default`, for CPUs without AVX2) differs in one place: its float32
+//! norm adds plain rounded squares in the tail too, which only tensors whose size is not a
+//! multiple of 8 notice.
 //!
 //! * **Sum** (`vectorized_inner_sum`): a *vector* is 8 float32 elements, or 16 bfloat16/float16
 //!   ones whose two 8-element halves are added as floats (`[x0 + x8, …, x7 + x15]`): 8 lanes
