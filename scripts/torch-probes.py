@@ -69,7 +69,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-from mergekit_methods_ref import torch_norm2, torch_sum  # noqa: E402
+from mergekit_methods_ref import seq_f32, torch_norm2, torch_sum  # noqa: E402
 
 threads = torch.get_num_threads()
 torch.set_num_threads(1)
@@ -83,6 +83,34 @@ for i in range(2000):
     same_norm += np.float32(torch.norm(t).item()) == np.float32(math.sqrt(float(torch_norm2(v))))
 show("one-thread f32 sum is the cascade order, of 2000 random vectors", int(same_sum), 2000)
 show("f32 norm is the 8-lane order with its tail rule, of 2000", int(same_norm), 2000)
+# 16-bit tensors: the sum adds each 16-element vector's halves first (cancelling sums, whose
+# 16-bit result shows the float order); the bfloat16 norm has 8 lanes, the float16 norm one
+# accumulator (long vectors of small values, whose 16-bit norms tell the two apart).
+for dt, f16 in ((torch.bfloat16, False), (torch.float16, True)):
+    same_sum = 0
+    for i in range(300):
+        n = int(rng.integers(1, 1500))
+        half = (rng.normal(0, 1, n // 2) * np.exp(rng.normal(0, 2, n // 2))).astype(np.float32)
+        half = torch.from_numpy(half).to(dt).float().numpy()
+        v = np.concatenate([half, -half, rng.normal(0, 1, n - 2 * (n // 2)).astype(np.float32)])
+        v = v + rng.normal(0, 1e-3, n).astype(np.float32)
+        rng.shuffle(v)
+        t = torch.from_numpy(v.astype(np.float32)).to(dt)
+        model = torch.tensor(float(torch_sum(t.float().numpy(), True))).to(dt)
+        same_sum += bool(t.sum() == model) or bool(t.sum().isnan() and model.isnan())
+    show("%s sum: vector halves added first, of 300 cancelling vectors" % dt, same_sum, 300)
+    fits = []
+    for i in range(12):
+        n = 1_000_000 + 77_777 * i
+        v = rng.uniform(-0.5, 0.5, n) * np.exp2(rng.integers(0, 40, n) - 26.0)  # many binades
+        t = torch.from_numpy((np.clip(v, -0.5, 0.5) * 0.004).astype(np.float32)).to(dt)
+        x = t.float().numpy()
+        one = torch.tensor(math.sqrt(float(seq_f32((x * x).astype(np.float32))))).to(dt)
+        eight = torch.tensor(math.sqrt(float(torch_norm2(x, True)))).to(dt)
+        if one != eight:
+            fits.append("one" if torch.norm(t) == one else "eight" if torch.norm(t) == eight else "neither")
+    show("%s norm: accumulators, where one and eight differ" % dt, sorted(set(fits)),
+         ["one"] if f16 else ["eight"])
 torch.set_num_threads(2)
 v = rng.normal(0, 1, 1 << 20).astype(np.float32)
 show("a whole-tensor f32 sum with 2 threads differs from 1 thread's (some vector)",
