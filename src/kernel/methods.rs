@@ -519,8 +519,8 @@ pub struct Combiner {
     hists: Vec<Option<Vec<u64>>>,
     ties: Vec<Option<TieFinder>>,
     trees: Vec<PairwiseTree>,
-    /// model_stock in float32: the norms and dots in torch's order, folded from the chunks'
-    /// inputs as they are pushed.
+    /// model_stock: the norms and dots in torch's order, folded from the chunks' inputs as
+    /// they are pushed.
     torch: Option<TorchStock>,
 }
 
@@ -580,21 +580,26 @@ impl TorchStock {
                 decode::<D>(src, slice_of(inputs[i], src, a, b), &mut vi[..n]);
             }
             deltas::<D>(&v, &mut d, n);
-            for (norm, dk) in self.norms.iter_mut().zip(&d) {
-                norm.push(&dk[..n]);
-            }
-            let mut dots = self.dots.iter_mut();
-            for i in 0..k {
-                for j in i + 1..k {
-                    for ((p, &x), &y) in prod[..n].iter_mut().zip(&d[i][..n]).zip(&d[j][..n]) {
-                        *p = D::r(x * y);
-                    }
-                    if let Some(dot) = dots.next() {
-                        dot.push(&prod[..n]);
-                    }
+            self.fold::<D>(&d, n, &mut prod);
+            a = b;
+        }
+    }
+
+    /// Folds in the next `n` elements of the task vectors `d` (`prod`: scratch, `n` long).
+    fn fold<D: Dt>(&mut self, d: &[Vec<f32>], n: usize, prod: &mut [f32]) {
+        for (norm, dk) in self.norms.iter_mut().zip(d) {
+            norm.push(&dk[..n]);
+        }
+        let mut dots = self.dots.iter_mut();
+        for i in 0..d.len() {
+            for j in i + 1..d.len() {
+                for ((p, &x), &y) in prod[..n].iter_mut().zip(&d[i][..n]).zip(&d[j][..n]) {
+                    *p = D::r(x * y);
+                }
+                if let Some(dot) = dots.next() {
+                    dot.push(&prod[..n]);
                 }
             }
-            a = b;
         }
     }
 
@@ -1230,24 +1235,9 @@ impl Op {
     /// model_stock's norms² and product sums of one row of task vectors `d[k][..n]` (with
     /// `filter_wise`), in torch's order: `[Σd_k², …, Σ c(d_a·d_b), …]`, appended to `q`.
     fn stock_row<D: Dt>(&self, d: &[Vec<f32>], n: usize, q: &mut Vec<f64>) {
-        let k = d.len();
-        let load = torch_load(D::D);
-        for x in d {
-            let mut norm = NormTwo::new(n as u64, load);
-            norm.push(&x[..n]);
-            q.push(norm.finish() as f64);
-        }
-        let mut prod = vec![0f32; n];
-        for a in 0..k {
-            for b in a + 1..k {
-                for ((p, &x), &y) in prod.iter_mut().zip(&d[a][..n]).zip(&d[b][..n]) {
-                    *p = D::r(x * y);
-                }
-                let mut dot = CascadeSum::new(n as u64, load);
-                dot.push(&prod);
-                q.push(dot.finish() as f64);
-            }
-        }
+        let mut row = TorchStock::new(D::D, &self.inputs, n as u64);
+        row.fold::<D>(d, n, &mut vec![0f32; n]);
+        q.extend(row.sums());
     }
 
     /// A new combiner for the pending pass.

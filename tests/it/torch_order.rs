@@ -68,18 +68,10 @@ for p in sys.argv[1:]:
     n = torch.norm(x, dim=-1).numpy().view(np.uint32)
     print(int(s), int(n))
 "#;
-    let out = Command::new(&py)
-        .arg("-c")
-        .arg(script)
-        .args(cases.iter().map(|c| &c.2))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = lines.lines().collect();
+    let files: Vec<_> = cases.iter().map(|c| c.2.clone()).collect();
+    let lines = torch_lines(&py, script, &files);
     assert_eq!(lines.len(), cases.len());
-    for ((n, x, _), line) in cases.iter().zip(lines) {
-        let want: Vec<u32> = line.split(' ').map(|v| v.parse().unwrap()).collect();
+    for ((n, x, _), want) in cases.iter().zip(&lines) {
         // Pushed in uneven pieces, as chunks of a stream arrive.
         let (mut sum, mut norm) = (
             CascadeSum::new(*n as u64, Load::F32),
@@ -89,8 +81,12 @@ for p in sys.argv[1:]:
             sum.push(piece);
             norm.push(piece);
         }
-        assert_eq!(sum.finish().to_bits(), want[0], "sum of {n}");
-        assert_eq!(norm.finish().sqrt().to_bits(), want[1], "norm of {n}");
+        assert_eq!(sum.finish().to_bits() as u64, want[0], "sum of {n}");
+        assert_eq!(
+            norm.finish().sqrt().to_bits() as u64,
+            want[1],
+            "norm of {n}"
+        );
     }
 }
 
