@@ -906,7 +906,7 @@ fn read_pieces(
             };
             let buffered = open(false)?;
             let len = buffered.metadata().map_err(|e| e.to_string())?.len();
-            let cached = mergestream::model::page_cache_share(&buffered, 0, len)
+            let cached = mergestream::model::sampled_cache_share(&buffered, 0, len)
                 .is_some_and(|share| share >= 0.5);
             files.push((p.clone(), buffered, open(direct)?, cached));
         }

@@ -283,11 +283,12 @@ impl Identity {
 
 impl Shard {
     /// Whether the page cache held at least half of the shard's data when first asked
-    /// (`cachestat(2)`; not where the kernel cannot tell). Decided once per opened shard.
+    /// (`cachestat(2)`; not where the kernel cannot tell). Decided once per opened shard, from
+    /// 32 evenly spaced 1 MiB windows of a large shard.
     pub fn mostly_cached(&self) -> bool {
         *self.mostly_cached.get_or_init(|| {
             let start = self.kind.plain_start().unwrap_or(0);
-            page_cache_share(&self.file, start, self.data_len).is_some_and(|share| share >= 0.5)
+            sampled_cache_share(&self.file, start, self.data_len).is_some_and(|share| share >= 0.5)
         })
     }
 
@@ -970,6 +971,29 @@ pub fn page_cache_share(file: &File, offset: u64, len: u64) -> Option<f64> {
     (r == 0).then(|| (stat.nr_cache as f64 / (range.len / page) as f64).min(1.0))
 }
 
+/// Windows a large shard's page-cache share is sampled in, and their size. `cachestat(2)` walks
+/// the page cache's entries for every page it is asked about, about 1.5 ms per GB on this
+/// project's test machine: 0.4 s for both inputs of a Llama-3-70B merge, against 0.1 ms for
+/// the windows. Page-cache contents come in long runs (a file read or written earlier, the
+/// pages reclaim left), which evenly spaced windows see.
+const CACHE_PROBES: u64 = 32;
+const CACHE_PROBE_BYTES: u64 = 1 << 20;
+
+/// [`page_cache_share`] of `len` bytes at `offset`, estimated from 32 evenly spaced 1 MiB
+/// windows when they cover less than the range: what a shard's read path is decided
+/// on. Public for the benchmark's floor.
+pub fn sampled_cache_share(file: &File, offset: u64, len: u64) -> Option<f64> {
+    if len <= CACHE_PROBES * CACHE_PROBE_BYTES {
+        return page_cache_share(file, offset, len);
+    }
+    let stride = (len - CACHE_PROBE_BYTES) / (CACHE_PROBES - 1);
+    let mut total = 0.0;
+    for k in 0..CACHE_PROBES {
+        total += page_cache_share(file, offset + k * stride, CACHE_PROBE_BYTES)?;
+    }
+    Some(total / CACHE_PROBES as f64)
+}
+
 /// Tells the kernel the file will be read front to back, so it reads ahead generously.
 /// A hint only: failure changes nothing but speed.
 fn advise_sequential(file: &File) {
@@ -1022,5 +1046,44 @@ mod tests {
             assert_eq!(page_cache_share(&file, at, len), Some(1.0), "{at}+{len}");
         }
         assert_eq!(page_cache_share(&file, 100, 0), Some(1.0));
+    }
+
+    /// A large file's share is estimated from windows; it follows the exact share when half of
+    /// the file leaves the page cache.
+    #[test]
+    fn a_sampled_share_follows_the_exact_one() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let len = 3 * CACHE_PROBES * CACHE_PROBE_BYTES / 2 + 12345;
+        std::fs::write(&path, vec![7u8; len as usize]).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        std::io::Read::read_to_end(&mut &file, &mut Vec::new()).unwrap();
+        if page_cache_share(&file, 0, 1).is_none() {
+            eprintln!("SKIPPED: cachestat(2) is not available on this kernel");
+            return;
+        }
+        assert_eq!(sampled_cache_share(&file, 100, len - 100), Some(1.0));
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+        let r = unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                (len / 2) as libc::off_t,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        let exact = page_cache_share(&file, 100, len - 100).unwrap();
+        if exact > 0.6 {
+            eprintln!("SKIPPED: this filesystem keeps the pages (exact share {exact})");
+            return;
+        }
+        let sampled = sampled_cache_share(&file, 100, len - 100).unwrap();
+        assert!(
+            (sampled - exact).abs() <= 1.0 / 16.0,
+            "sampled {sampled}, exact {exact}"
+        );
     }
 }
