@@ -5,7 +5,7 @@
 //! `mergestream synth` (and, for the 3-model merge, a second pair), then for each workload
 //! (`--workloads`: `expo`, one ExPO output; `linear3`, a mergekit `linear` config over three
 //! models; `sweep5`, `expo --alpha 0.1,0.2,0.3,0.4,0.5`, five outputs from one read) measures,
-//! several times each and interleaved:
+//! several times each and interleaved (the floor first in even runs, the tool first in odd ones):
 //!
 //! - the **floor**: this process reading every input's files once, a piece of each input in
 //!   turn with the tool's reads (with `O_DIRECT`, four 256 KiB `pread`s in flight; through the
@@ -589,23 +589,26 @@ fn bench_size(
     let mut tool_rss = 0;
     for i in 0..ctx.runs {
         eprintln!("e2e: {label}: run {}/{}", i + 1, ctx.runs);
-        remove_dir(&out)?;
-        if ctx.cold {
-            drop_caches()?;
-        } else {
-            warm_cache(&inputs)?;
+        // The floor goes first in even runs and second in odd ones, so that neither always
+        // meets the disk right after the other's writes.
+        for tool_turn in [i % 2 == 1, i % 2 == 0] {
+            remove_dir(&out)?;
+            remove_dir(&floor_out)?;
+            if ctx.cold {
+                drop_caches()?;
+            } else {
+                warm_cache(&inputs)?;
+            }
+            if tool_turn {
+                let m = measure(&mut tool, &log)?;
+                tool_t.push(m.wall);
+                tool_cpu.push(m.cpu);
+                tool_rss = tool_rss.max(m.max_rss_kib >> 10);
+            } else {
+                floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io)?);
+            }
         }
-        floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io)?);
         remove_dir(&floor_out)?;
-        if ctx.cold {
-            drop_caches()?;
-        } else {
-            warm_cache(&inputs)?;
-        }
-        let m = measure(&mut tool, &log)?;
-        tool_t.push(m.wall);
-        tool_cpu.push(m.cpu);
-        tool_rss = tool_rss.max(m.max_rss_kib >> 10);
     }
 
     let mk = mergekit.map(|mk| {
