@@ -13,8 +13,9 @@
 //!   output's) in the tool's 2 MiB writes, two in flight, then `fsync` — the tool's I/O pattern
 //!   with no arithmetic, hashing or bookkeeping. Readers and writers overlap, as the tool's
 //!   stages do, and a piece of output is written no sooner than the merge could write it: once
-//!   the inputs it would come from have been read. Writes go through `O_DIRECT` (4096-aligned
-//!   buffers and lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
+//!   the inputs it would come from have been read. Each file is allocated to its length first
+//!   (`fallocate`), as the tool does. Writes go through `O_DIRECT` (4096-aligned buffers and
+//!   lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
 //! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
 //! - with `--mergekit`, mergekit 0.1.5 on the same merges (ExPO as `task_arithmetic`, the same
@@ -1076,6 +1077,15 @@ fn write_files(
         let file = opts
             .open(&path)
             .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        // Allocated to its (padded) length first, as the tool's writer does.
+        let reserve = match io {
+            IoMode::Direct => size.next_multiple_of(ALIGN as u64),
+            IoMode::Buffered => size,
+        };
+        if reserve > 0 {
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, reserve)
+                .map_err(|e| format!("allocating {}: {e}", path.display()))?;
+        }
         let mut at = 0u64;
         while at < size {
             let len = (size - at).min(WRITE_PIECE as u64) as usize;

@@ -447,6 +447,7 @@ impl ShardSink for ShardWriter<'_> {
         let open = match &self.dir.compress {
             None => {
                 let mut file = self.dir.create(&shard.name)?;
+                file.preallocate(shard.file_len())?;
                 self.buffered |= !file.is_direct();
                 file.write(&shard.prefix)?;
                 OpenShard::Plain(Box::new(file))
