@@ -515,3 +515,54 @@ fn models_given_as_hugging_face_ids_come_from_the_local_cache() {
     );
     assert!(!missing.exists());
 }
+
+/// The end-of-run summary says how busy each stage was: a `busy:` line on stderr, and in the
+/// `--json` summary each stage's seconds and its share of the run's wall time per thread.
+#[test]
+fn the_summary_says_how_busy_each_stage_was() {
+    let dir = tempdir();
+    let pair = dir.path().join("pair");
+    synth(&pair, &["--preset", "tiny-mistral"]);
+    let out = dir.path().join("json");
+    let r = expo(&pair, &out, "0.3", &["--json", "--threads", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let doc: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let seconds = doc["seconds"].as_f64().unwrap();
+    let threads = |key: &str| doc[key].as_f64().unwrap();
+    for (stage, over) in [
+        ("reader", threads("readers")),
+        ("compute", threads("threads")),
+        ("writer", 1.0),
+        ("hasher", threads("outputs")),
+        ("disk_writes", threads("outputs")),
+    ] {
+        let busy = &doc["busy"][stage];
+        let spent = busy["seconds"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage}: {doc}"));
+        let fraction = busy["fraction"].as_f64().unwrap();
+        assert!(spent > 0.0, "{stage} did some work: {doc}");
+        assert!(spent <= seconds * over * 1.01 + 0.01, "{stage}: {doc}");
+        assert!(
+            (fraction - spent / (seconds * over)).abs() < 1e-9,
+            "{stage}: {doc}"
+        );
+    }
+    let out = dir.path().join("line");
+    let args = expo_args(pair.to_str().unwrap(), out.to_str().unwrap(), "0.3", &[]);
+    let refs: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--quiet")
+        .collect();
+    let r = run(&refs);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let err = stderr(&r);
+    let line = err
+        .lines()
+        .find(|l| l.contains("busy: "))
+        .unwrap_or_else(|| panic!("no busy line: {err}"));
+    for stage in ["reader ", "compute ", "writer ", "hasher ", "disk writes "] {
+        assert!(line.contains(stage), "{stage}in {line}");
+    }
+}
