@@ -355,9 +355,10 @@ impl StreamFile {
     ///   shard;
     /// - two direct writes can really be in flight: ext4 serializes direct writes that extend
     ///   a file or fill a hole (each holds the inode lock until its I/O completes), and not
-    ///   writes into allocated blocks. Measured (1.8 GB pair, warm, eight alternating runs,
-    ///   2026-11-26): a median 0.91 s against 0.935 s, with a quarter of the spread; a bare
-    ///   two-thread writer took as long as a one-thread one without it.
+    ///   writes into allocated blocks. Measured (1.8 GB pair, warm, two series of eight
+    ///   alternating runs, 2026-11-26): medians of 0.925 s against 0.99 s and 0.91 s against
+    ///   0.935 s, with a quarter of the spread; a bare two-thread writer took as long as a
+    ///   one-thread one without it.
     ///
     /// A filesystem without `fallocate` is written as before. `persist` cuts the file to the
     /// length written.

@@ -536,13 +536,20 @@ fn the_summary_says_how_busy_each_stage_was() {
         ("hasher", threads("outputs")),
         ("disk_writes", threads("outputs")),
     ] {
+        // Each output has several I/O threads, so its disk writes may add up to more than the
+        // wall time (the share is per output, as the summary prints it).
+        let bound = if stage == "disk_writes" {
+            over * mergestream::writer::WRITES_IN_FLIGHT as f64
+        } else {
+            over
+        };
         let busy = &doc["busy"][stage];
         let spent = busy["seconds"]
             .as_f64()
             .unwrap_or_else(|| panic!("{stage}: {doc}"));
         let fraction = busy["fraction"].as_f64().unwrap();
         assert!(spent > 0.0, "{stage} did some work: {doc}");
-        assert!(spent <= seconds * over * 1.01 + 0.01, "{stage}: {doc}");
+        assert!(spent <= seconds * bound * 1.01 + 0.01, "{stage}: {doc}");
         assert!(
             (fraction - spent / (seconds * over)).abs() < 1e-9,
             "{stage}: {doc}"
