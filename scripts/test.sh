@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 export MERGESTREAM_TEST_PYTHON
 MERGESTREAM_TEST_PYTHON=$(bash scripts/test-env.sh)
 
+# The memory tests write gigabytes in the temporary directory, one test at a time (the largest
+# 8.4 GB, some 15 GB with the smaller ones beside it); an ENOSPC there is the disk, not the tool.
+tmp=${TMPDIR:-/tmp}
+echo "== disk: $(df -Ph "$tmp" | awk 'NR==2 {print $4}') free in $tmp (the memory tests need up to ~15 GB)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (default features, then with the test hooks)"
