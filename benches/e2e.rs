@@ -36,6 +36,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use mergestream::iobuf::{IoBuf, ALIGN};
 use mergestream::pipeline::Settings;
 use mergestream::synth::{Preset, Shape};
 
@@ -50,8 +51,6 @@ const WRITE_PIECE: usize = mergestream::writer::MAX_STAGE_BYTES;
 const WRITE_STAGES: usize = 4;
 /// Writes in flight at once, as the tool's I/O threads per file.
 const WRITES_IN_FLIGHT: usize = mergestream::writer::WRITES_IN_FLIGHT;
-/// O_DIRECT alignment of buffers, offsets and lengths.
-const ALIGN: usize = 4096;
 const GB: f64 = 1e9;
 const MERGEKIT: &str = "mergekit==0.1.5";
 
@@ -589,12 +588,14 @@ fn bench_size(
     let mut tool_cpu = Vec::new();
     let mut tool_rss = 0;
     for i in 0..ctx.runs {
-        eprintln!("e2e: {label}: run {}/{}", i + 1, ctx.runs);
         // The floor goes first in even runs and second in odd ones, so that neither always
         // meets the disk right after the other's writes.
         for tool_turn in [i % 2 == 1, i % 2 == 0] {
             remove_dir(&out)?;
             remove_dir(&floor_out)?;
+            // The removals' journal commit (and, on a filesystem mounted with `discard`, the
+            // discards of the freed blocks) happens now, not during the next run's writes.
+            sync_disks();
             if ctx.cold {
                 drop_caches()?;
             } else {
@@ -610,6 +611,14 @@ fn bench_size(
             }
         }
         remove_dir(&floor_out)?;
+        eprintln!(
+            "e2e: {label}: run {}/{}: floor {:.3} s, mergestream {:.3} s ({:.2} s CPU)",
+            i + 1,
+            ctx.runs,
+            floor_t[i],
+            tool_t[i],
+            tool_cpu[i]
+        );
     }
 
     let mk = mergekit.map(|mk| {
@@ -810,7 +819,7 @@ fn direct_works(dir: &Path) -> bool {
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
         .open(&path)
-        .and_then(|f| f.write_all_at(AlignedBuf::new(ALIGN).as_slice(), 0))
+        .and_then(|f| f.write_all_at(IoBuf::new(ALIGN).as_slice(), 0))
         .is_ok();
     let _ = std::fs::remove_file(&path);
     ok
@@ -828,32 +837,15 @@ fn warm_cache(inputs: &[Vec<PathBuf>]) -> Res<()> {
     Ok(())
 }
 
-fn drop_caches() -> Res<()> {
+fn sync_disks() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
+}
+
+fn drop_caches() -> Res<()> {
+    sync_disks();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n")
         .map_err(|e| format!("dropping the page cache: {e}"))
-}
-
-/// A zeroed buffer whose start is 4096-aligned, for O_DIRECT (an over-sized Vec, sliced).
-struct AlignedBuf {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let bytes = vec![0u8; len + ALIGN];
-        let start = bytes.as_ptr().align_offset(ALIGN);
-        AlignedBuf { bytes, start, len }
-    }
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[self.start..self.start + self.len]
-    }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
-    }
 }
 
 /// The pieces of every input's files in the order the tool reads them: a piece of each model in
@@ -892,8 +884,8 @@ fn read_pieces(
     pieces: &[(PathBuf, u64, usize)],
     readers: usize,
     direct: bool,
-    full: &crossbeam_channel::Sender<(AlignedBuf, usize)>,
-    free: &crossbeam_channel::Receiver<AlignedBuf>,
+    full: &crossbeam_channel::Sender<(IoBuf, usize)>,
+    free: &crossbeam_channel::Receiver<IoBuf>,
 ) -> Res<()> {
     // Each file opened twice, as the tool opens it: buffered, and with O_DIRECT when `direct`;
     // a file the page cache mostly holds is read from it, as the tool reads a shard.
@@ -969,17 +961,17 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
     let direct = io == IoMode::Direct;
     // The tool's chunk and reader count (src/pipeline.rs: Settings).
     let (piece, readers) = if direct {
-        (Settings::MAX_CHUNK_BYTES, Settings::READERS)
+        (Settings::DISK_CHUNK_BYTES, Settings::READERS)
     } else {
         (PIECE, 1)
     };
     let lists: Vec<&[PathBuf]> = inputs.iter().map(Vec::as_slice).collect();
     let pieces = pieces(&lists, piece as u64)?;
     const IN_FLIGHT: usize = 8;
-    let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(IN_FLIGHT);
-    let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(IN_FLIGHT + 1);
+    let (full_tx, full_rx) = crossbeam_channel::bounded::<(IoBuf, usize)>(IN_FLIGHT);
+    let (free_tx, free_rx) = crossbeam_channel::bounded::<IoBuf>(IN_FLIGHT + 1);
     for _ in 0..IN_FLIGHT {
-        free_tx.send(AlignedBuf::new(PIECE)).expect("room");
+        free_tx.send(IoBuf::new(PIECE)).expect("room");
     }
     let start = Instant::now();
     std::thread::scope(|scope| {
@@ -1022,10 +1014,10 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
         let pieces = pieces(&[sft, aligned], piece as u64)?;
         let bytes: u64 = pieces.iter().map(|p| p.2 as u64).sum();
         drop_caches()?;
-        let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(16);
-        let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(17);
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<(IoBuf, usize)>(16);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<IoBuf>(17);
         for _ in 0..16 {
-            free_tx.send(AlignedBuf::new(piece)).expect("room");
+            free_tx.send(IoBuf::new(piece)).expect("room");
         }
         let start = Instant::now();
         std::thread::scope(|scope| {
@@ -1061,8 +1053,8 @@ fn write_files(
     sizes: &[u64],
     input_bytes: u64,
     io: IoMode,
-    full: &crossbeam_channel::Receiver<(AlignedBuf, usize)>,
-    free: &crossbeam_channel::Sender<AlignedBuf>,
+    full: &crossbeam_channel::Receiver<(IoBuf, usize)>,
+    free: &crossbeam_channel::Sender<IoBuf>,
 ) -> Res<()> {
     let output_bytes: u64 = sizes.iter().sum();
     let mut files = Vec::new();
@@ -1095,7 +1087,10 @@ fn write_files(
         files.push((path, file));
     }
     let (go_tx, go_rx) = crossbeam_channel::bounded::<usize>(WRITE_STAGES - WRITES_IN_FLIGHT);
-    let zeros = AlignedBuf::new(WRITE_PIECE);
+    // Written through, so that its pages are real ones (as the tool's staging buffers are), not
+    // the kernel's shared zero page.
+    let mut zeros = IoBuf::new(WRITE_PIECE);
+    zeros.as_mut_slice().fill(0);
     std::thread::scope(|scope| {
         let disks: Vec<_> = (0..WRITES_IN_FLIGHT)
             .map(|_| {

@@ -38,6 +38,7 @@ pub mod format;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iobuf;
 pub mod kernel;
 pub mod lineage;
 pub mod manifest;
@@ -522,16 +523,18 @@ fn stream_groups(
                 - writer::staging_bytes(stage_bytes))
                 * group.len() as u64;
             let budget = budget.saturating_sub(cache);
-            // Inputs the page cache holds are copied from it: fewer readers do.
-            let plain_readers = if models.iter().all(Model::mostly_cached) {
-                Settings::CACHED_READERS
+            // Inputs the page cache holds are copied from it: fewer readers do, in chunks that
+            // stay in L2. Inputs on the disk are read in fewer, larger requests.
+            let (plain_readers, max_chunk) = if models.iter().all(Model::mostly_cached) {
+                (Settings::CACHED_READERS, Settings::CACHED_CHUNK_BYTES)
             } else {
-                Settings::READERS
+                (Settings::READERS, Settings::DISK_CHUNK_BYTES)
             };
             let mut settings = Settings::for_budget(
                 budget,
                 options.threads,
                 plain_readers,
+                max_chunk,
                 isa,
                 reads + computed,
             )

@@ -225,39 +225,49 @@ impl ReadCache {
 /// Alignment of direct reads: a page, which covers 512- and 4096-byte sectors.
 pub const READ_ALIGN: usize = 4096;
 
-/// A buffer one chunk of one input is read into. It is page-aligned with a page of slack at
-/// each end, so a direct read can fetch the whole pages around the chunk (tensor data starts
-/// anywhere in a file); [`ChunkBuf::bytes`] is the chunk itself. Made without `unsafe` by
-/// over-allocating and slicing.
+/// A buffer one chunk of one input is read into: a page-aligned stretch of an arena (an
+/// [`IoBuf`](crate::iobuf::IoBuf) holding every buffer of a run, on huge pages where the
+/// system allows, so that a direct read lands in one or two stretches of contiguous memory and
+/// goes to the disk as one request of few segments), with a page of slack at each end, so a
+/// direct read can fetch the whole pages around the chunk (tensor data starts anywhere in a
+/// file); [`ChunkBuf::bytes`] is the chunk itself.
+///
+/// Measured (1.8 GB pair, cold, two alternating rounds, 2026-11-26): reads into huge pages took
+/// 0.51–0.56 ms per request against 0.67–0.70 ms into 4 KiB pages, and the run 2.07–2.28 s
+/// against 2.68–2.75 s.
 #[derive(Debug)]
-pub struct ChunkBuf {
-    raw: Vec<u8>,
-    /// Index of the first aligned byte of `raw`.
-    start: usize,
-    /// Where the chunk's bytes are, relative to `start`.
+pub struct ChunkBuf<'a> {
+    raw: &'a mut [u8],
+    /// Where the chunk's bytes are in `raw`.
     range: std::ops::Range<usize>,
 }
 
-impl ChunkBuf {
-    /// A buffer for chunks of up to `capacity` bytes.
-    pub fn new(capacity: usize) -> ChunkBuf {
-        let raw = vec![0u8; capacity + 3 * READ_ALIGN];
-        let start = raw.as_ptr().align_offset(READ_ALIGN);
-        ChunkBuf {
-            raw,
-            start,
-            range: 0..0,
-        }
+impl<'a> ChunkBuf<'a> {
+    /// Bytes of arena one buffer for chunks of up to `capacity` bytes takes: the chunk in whole
+    /// pages, and a page of slack at each end.
+    pub fn stride(capacity: usize) -> usize {
+        capacity.next_multiple_of(READ_ALIGN) + 2 * READ_ALIGN
+    }
+
+    /// As many buffers for chunks of up to `capacity` bytes as `arena` (page-aligned) holds.
+    pub fn carve(arena: &'a mut [u8], capacity: usize) -> impl Iterator<Item = ChunkBuf<'a>> {
+        assert!(
+            (arena.as_ptr() as usize).is_multiple_of(READ_ALIGN),
+            "an arena of chunk buffers starts on a page"
+        );
+        arena
+            .chunks_exact_mut(Self::stride(capacity))
+            .map(|raw| ChunkBuf { raw, range: 0..0 })
     }
 
     /// The bytes of the chunk last read.
     pub fn bytes(&self) -> &[u8] {
-        &self.raw[self.start + self.range.start..self.start + self.range.end]
+        &self.raw[self.range.clone()]
     }
 
     /// The largest chunk it holds.
     pub fn capacity(&self) -> usize {
-        self.raw.len() - self.start - 2 * READ_ALIGN
+        self.raw.len() - 2 * READ_ALIGN
     }
 }
 
@@ -392,11 +402,7 @@ impl Shard {
         assert!(len <= buf.capacity(), "a chunk larger than its buffer");
         match &self.kind {
             ShardKind::Packed(p) => {
-                p.read_at(
-                    offset,
-                    &mut buf.raw[buf.start..buf.start + len],
-                    cache.blocks()?,
-                )?;
+                p.read_at(offset, &mut buf.raw[..len], cache.blocks()?)?;
                 buf.range = 0..len;
                 Ok(())
             }
@@ -420,7 +426,7 @@ impl Shard {
             let first = at / align * align;
             let need = (at + len as u64 - first) as usize;
             let span = need.div_ceil(READ_ALIGN) * READ_ALIGN;
-            let dst = &mut buf.raw[buf.start..buf.start + span];
+            let dst = &mut buf.raw[..span];
             let mut got = 0;
             while got < need {
                 match direct.read_at(&mut dst[got..], first + got as u64) {
@@ -442,8 +448,7 @@ impl Shard {
                 return Ok(());
             }
         }
-        self.file
-            .read_exact_at(&mut buf.raw[buf.start..buf.start + len], at)?;
+        self.file.read_exact_at(&mut buf.raw[..len], at)?;
         buf.range = 0..len;
         Ok(())
     }

@@ -20,6 +20,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::busy::{Busy, Stage};
 use crate::error::{Error, MethodFailure, Result, UsageError};
+use crate::iobuf::IoBuf;
 use crate::kernel::{self, methods, Isa};
 use crate::method::{Input, Op};
 use crate::model::{ChunkBuf, Model, ReadCache};
@@ -43,10 +44,19 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The largest chunk worth having. Measured (benches/e2e.rs, 1.8 GB pair): 128–256 KiB
-    /// chunks keep a chunk's buffers in L2 from read to write and run ~1.5x faster than 4 MiB
-    /// ones; more slots than the stages need only spill the cache.
-    pub const MAX_CHUNK_BYTES: usize = 256 << 10;
+    /// The largest chunk worth having when the page cache holds every input (a read is a
+    /// copy). Measured (benches/e2e.rs, 1.8 GB pair): 128–256 KiB chunks keep a chunk's buffers
+    /// in L2 from read to write and run ~1.5x faster than 4 MiB ones; more slots than the
+    /// stages need only spill the cache. With huge-page buffers (2026-11-26, warm, six
+    /// alternating rounds): 0.76–0.83 s against 0.79–0.84 s for 512 KiB and 0.83–0.93 s for
+    /// 1 MiB.
+    pub const CACHED_CHUNK_BYTES: usize = 256 << 10;
+    /// The largest chunk worth having when inputs are read from the disk: each input's chunk is
+    /// one read, and the disk does better with fewer, larger requests, while data that arrives
+    /// by DMA is not in a CPU cache to keep. Measured (1.8 GB pair, cold, three alternating
+    /// rounds, huge-page buffers, 2026-11-26): 2.00–2.03 s (one 3.08 s) against 2.19–2.29 s
+    /// for 256 KiB, and 1.99–2.33 s for 1 MiB.
+    pub const DISK_CHUNK_BYTES: usize = 512 << 10;
     /// The smallest chunk: below it per-chunk overhead dominates.
     pub const MIN_CHUNK_BYTES: usize = 64 << 10;
     /// Reader threads. Measured (`benches/e2e.rs --reads`, cold cache, two 2 GiB inputs on this
@@ -61,11 +71,13 @@ impl Settings {
 
     /// Settings with `readers` reader threads whose buffers fit in `buffer_budget` bytes when a
     /// slot holds `buffers` chunk buffers: as many slots as keep every stage busy (one per
-    /// reader, two per worker, and the writer's), at the largest chunk size that fits.
+    /// reader, two per worker, and the writer's), at the largest chunk size up to `max_chunk`
+    /// that fits.
     pub fn for_budget(
         buffer_budget: u64,
         threads: usize,
         readers: usize,
+        max_chunk: usize,
         isa: Isa,
         buffers: usize,
     ) -> Result<Settings> {
@@ -74,7 +86,7 @@ impl Settings {
         let readers = readers.max(1);
         let slots = readers + 2 * threads + 1;
         let per_buffer = buffer_budget / (buffers * slots) as u64;
-        let chunk = (per_buffer.min(Self::MAX_CHUNK_BYTES as u64) as usize) & !7;
+        let chunk = (per_buffer.min(max_chunk as u64) as usize) & !7;
         if chunk < Self::MIN_CHUNK_BYTES {
             return Err(Error::Usage(UsageError::MemoryTooSmall {
                 threads,
@@ -90,7 +102,7 @@ impl Settings {
         })
     }
 
-    /// Makes chunks hold `granule` whole: chunk buffers grow beyond [`Self::MAX_CHUNK_BYTES`]
+    /// Makes chunks hold `granule` whole: chunk buffers grow beyond the chosen size
     /// if `buffer_budget` allows `buffers` of them per slot; else, or when the chunk size was
     /// `fixed` by the caller, a method error naming the tensor (and, for the budget, the
     /// `--memory` that would do: `memory` is the cap the budget came from).
@@ -326,8 +338,8 @@ struct Step {
 }
 
 /// The buffers of one chunk in flight.
-struct Slot {
-    inputs: Vec<ChunkBuf>,
+struct Slot<'a> {
+    inputs: Vec<ChunkBuf<'a>>,
     outputs: Vec<Vec<u8>>,
 }
 
@@ -341,7 +353,7 @@ enum Round {
 }
 
 /// One chunk of one step.
-struct Job {
+struct Job<'a> {
     seq: u64,
     step: Arc<Step>,
     /// Elements of the step's tensor.
@@ -350,14 +362,14 @@ struct Job {
     /// Which of the step's reads the round needs (a reduction round reads only what the ops
     /// still reducing take).
     needed: Arc<[bool]>,
-    slot: Slot,
+    slot: Slot<'a>,
     /// Per work item, in a reduction round: the chunk's partial statistics.
     partials: Vec<Option<methods::Partial>>,
     /// What went wrong computing the chunk (reported by the writer, in order).
     error: Option<Error>,
 }
 
-impl Job {
+impl Job<'_> {
     fn n(&self) -> u64 {
         self.elems.end - self.elems.start
     }
@@ -433,13 +445,14 @@ pub fn run(
     };
     let shapes: Vec<(&Plan, &[usize])> = outputs.iter().map(|o| (o.plan, o.shards)).collect();
     let (reads, computed) = buffers_per_slot(&shapes);
+    // Every slot's input buffers, in one mapping (declared before the channels that hold them).
+    let mut arena = IoBuf::new(ChunkBuf::stride(settings.chunk_bytes) * reads * settings.slots);
+    let mut chunk_bufs = ChunkBuf::carve(arena.as_mut_slice(), settings.chunk_bytes);
     let (pool_tx, pool_rx) = bounded::<Slot>(settings.slots);
     for _ in 0..settings.slots {
         pool_tx
             .send(Slot {
-                inputs: (0..reads)
-                    .map(|_| ChunkBuf::new(settings.chunk_bytes))
-                    .collect(),
+                inputs: chunk_bufs.by_ref().take(reads).collect(),
                 outputs: (0..computed)
                     .map(|_| vec![0u8; settings.chunk_bytes])
                     .collect(),
@@ -616,10 +629,10 @@ fn lcm(a: u64, b: u64) -> u64 {
 /// Reads every chunk of the selected shards, in output order: for a step with method ops,
 /// first the chunks of each reduction round, waiting after each for the writer to apply its
 /// statistics, then the chunks of the output round.
-fn read_stage(
+fn read_stage<'b>(
     run: &Run,
-    pool: Receiver<Slot>,
-    out: &Sender<Job>,
+    pool: Receiver<Slot<'b>>,
+    out: &Sender<Job<'b>>,
     round_done: &Receiver<()>,
 ) -> Result<()> {
     let mut seq = 0;
@@ -664,13 +677,13 @@ fn read_stage(
 
 /// Reads (the `needed` inputs of) every chunk of `step` for `round` and sends it on; false if
 /// a later stage has stopped.
-fn read_round(
+fn read_round<'b>(
     run: &Run,
     step: &Arc<Step>,
     round: Round,
     needed: &Arc<[bool]>,
-    pool: &Receiver<Slot>,
-    out: &Sender<Job>,
+    pool: &Receiver<Slot<'b>>,
+    out: &Sender<Job<'b>>,
     seq: &mut u64,
 ) -> Result<bool> {
     let mut at = step.elems.start;
@@ -717,7 +730,12 @@ fn read_round(
 /// and, where the budget allows, chunks of a whole block (see `stream_groups` in `lib.rs`), so
 /// a chunk decodes at most two blocks of each input and the two readers seldom decode the
 /// same one.
-fn reader(run: &Run, input: Receiver<Job>, output: Sender<Job>, reads: usize) -> Result<()> {
+fn reader<'b>(
+    run: &Run,
+    input: Receiver<Job<'b>>,
+    output: Sender<Job<'b>>,
+    reads: usize,
+) -> Result<()> {
     let mut cache = ReadCache::new(reads);
     for mut job in input {
         if run.cancel.aborted() {
@@ -764,7 +782,7 @@ fn read_chunk(
     shard.read_chunk(info.start + at, len, buf, cache)
 }
 
-fn compute_stage(run: &Run, input: Receiver<Job>, output: Sender<Job>) {
+fn compute_stage<'b>(run: &Run, input: Receiver<Job<'b>>, output: Sender<Job<'b>>) {
     for mut job in input {
         let started = std::time::Instant::now();
         if let Err(e) = compute(run, &mut job) {
@@ -870,10 +888,10 @@ struct Cursor {
 }
 
 /// Puts chunks back in order and feeds each output's bytes to its sink, shard by shard.
-fn write_stage(
+fn write_stage<'b>(
     run: &Run,
-    input: Receiver<Job>,
-    pool: Sender<Slot>,
+    input: Receiver<Job<'b>>,
+    pool: Sender<Slot<'b>>,
     outputs: &mut [Output],
     progress: &dyn Progress,
     round_done: Sender<()>,

@@ -26,6 +26,7 @@ use tempfile::NamedTempFile;
 
 use crate::busy::{Busy, Stage as BusyStage};
 use crate::error::{Error, Result};
+use crate::iobuf::IoBuf;
 
 /// How output files are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,7 @@ impl std::fmt::Display for IoMode {
 }
 
 /// Direct I/O alignment of buffers, offsets and lengths (a page; covers 512 and 4096 sectors).
-pub(crate) const ALIGN: usize = 4096;
+pub(crate) use crate::iobuf::ALIGN;
 /// Size of one staging buffer, so of one direct write, where the memory budget allows.
 /// Measured (`mergestream expo`, 1.8 GB pair, 2-core VM, virtio disk, 2026-11-26, six
 /// interleaved cold runs each): with reads sharing the disk, 2 MiB writes ran in a median
@@ -100,12 +101,10 @@ pub fn stage_bytes_for(budget: u64, files: usize) -> usize {
     stage
 }
 
-/// A 4096-aligned buffer, made without `unsafe` by over-allocating and slicing.
+/// A staging buffer: an [`IoBuf`] (on a huge page where it holds one, so that a full buffer's
+/// direct write is one disk request) and how much of it is filled.
 struct Stage {
-    raw: Vec<u8>,
-    start: usize,
-    /// Bytes the buffer holds.
-    capacity: usize,
+    buf: IoBuf,
     /// Bytes to write (the data, padded for direct I/O at the end of the file).
     len: usize,
     /// Bytes of the file's data (what is hashed).
@@ -114,29 +113,25 @@ struct Stage {
 
 impl Stage {
     fn new(capacity: usize) -> Stage {
-        let raw = vec![0u8; capacity + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
         Stage {
-            raw,
-            start,
-            capacity,
+            buf: IoBuf::new(capacity),
             len: 0,
             data: 0,
         }
     }
     fn filled(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
+        &self.buf.as_slice()[..self.len]
     }
     fn data(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.data]
+        &self.buf.as_slice()[..self.data]
     }
     fn spare(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start + self.len..self.start + self.capacity]
+        &mut self.buf.as_mut_slice()[self.len..]
     }
     /// Zero-pads the contents to the alignment (for the last write of a direct file).
     fn pad(&mut self) {
         let padded = self.len.div_ceil(ALIGN) * ALIGN;
-        self.raw[self.start + self.len..self.start + padded].fill(0);
+        self.buf.as_mut_slice()[self.len..padded].fill(0);
         self.len = padded;
     }
 }
@@ -404,7 +399,7 @@ impl StreamFile {
             self.current.len += n;
             self.current.data += n;
             bytes = &bytes[n..];
-            if self.current.len == self.current.capacity {
+            if self.current.len == self.current.buf.len() {
                 self.submit_current()?;
             }
         }
