@@ -1029,6 +1029,28 @@ fn table_digest(tensors: &[TensorInfo]) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    /// An arena is carved into disjoint, page-aligned buffers, each holding a chunk of the asked
+    /// size plus a page of slack at each end, as many as fit.
+    #[test]
+    fn an_arena_is_carved_into_page_aligned_buffers_that_hold_a_chunk() {
+        for capacity in [8, READ_ALIGN, 256 << 10, (512 << 10) + 24] {
+            let stride = ChunkBuf::stride(capacity);
+            let mut arena = crate::iobuf::IoBuf::new(3 * stride + stride / 2);
+            let base = arena.as_slice().as_ptr() as usize;
+            let bufs: Vec<ChunkBuf> = ChunkBuf::carve(arena.as_mut_slice(), capacity).collect();
+            assert_eq!(bufs.len(), 3, "capacity {capacity}");
+            for (k, buf) in bufs.iter().enumerate() {
+                assert_eq!(buf.raw.as_ptr() as usize, base + k * stride);
+                assert!((buf.raw.as_ptr() as usize).is_multiple_of(READ_ALIGN));
+                assert!(buf.capacity() >= capacity);
+                // The widest direct read of a chunk: from the page before an unaligned start
+                // to the end of the page after.
+                assert!(buf.raw.len() >= (capacity + READ_ALIGN - 1).next_multiple_of(READ_ALIGN));
+                assert!(buf.bytes().is_empty());
+            }
+        }
+    }
+
     /// A file just read through the page cache is held by it: `page_cache_share` says so for
     /// any range of it (kernels without `cachestat(2)` say SKIPPED).
     #[test]
