@@ -232,9 +232,10 @@ pub const READ_ALIGN: usize = 4096;
 /// direct read can fetch the whole pages around the chunk (tensor data starts anywhere in a
 /// file); [`ChunkBuf::bytes`] is the chunk itself.
 ///
-/// Measured (1.8 GB pair, cold, two alternating rounds, 2026-11-26): reads into huge pages took
-/// 0.51–0.56 ms per request against 0.67–0.70 ms into 4 KiB pages, and the run 2.07–2.28 s
-/// against 2.68–2.75 s.
+/// Measured (1.8 GB pair, cold, two alternating rounds, 2026-11-26, with each buffer on a huge
+/// page of its own, the arena's layout less its memory): reads into huge pages took 0.51–0.56 ms
+/// per request against 0.67–0.70 ms into 4 KiB pages, and the run 2.07–2.28 s against
+/// 2.68–2.75 s.
 #[derive(Debug)]
 pub struct ChunkBuf<'a> {
     raw: &'a mut [u8],
