@@ -222,8 +222,9 @@ impl ReadCache {
     }
 }
 
-/// Alignment of direct reads: a page, which covers 512- and 4096-byte sectors.
-pub const READ_ALIGN: usize = 4096;
+/// Alignment of direct reads: the direct-I/O alignment [`IoBuf`](crate::iobuf::IoBuf)s start
+/// on (a page, which covers 512- and 4096-byte sectors).
+pub const READ_ALIGN: usize = crate::iobuf::ALIGN;
 
 /// A buffer one chunk of one input is read into: a page-aligned stretch of an arena (an
 /// [`IoBuf`](crate::iobuf::IoBuf) holding every buffer of a run, on huge pages where the
