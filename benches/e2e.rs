@@ -5,10 +5,10 @@
 //! `mergestream synth` (and, for the 3-model merge, a second pair), then for each workload
 //! (`--workloads`: `expo`, one ExPO output; `linear3`, a mergekit `linear` config over three
 //! models; `sweep5`, `expo --alpha 0.1,0.2,0.3,0.4,0.5`, five outputs from one read) measures,
-//! several times each and interleaved (the floor first in even runs, the tool first in odd ones):
+//! several times each and interleaved (the three in turn, each run starting with a different one):
 //!
 //! - the **floor**: this process reading every input's files once, a piece of each input in
-//!   turn with the tool's reads (with `O_DIRECT`, four 256 KiB `pread`s in flight; through the
+//!   turn with the tool's reads (with `O_DIRECT`, four 512 KiB `pread`s in flight; through the
 //!   page cache, one of 4 MiB), and writing files of exactly the sizes the merge writes (every
 //!   output's) in the tool's 2 MiB writes, two in flight, then `fsync` — the tool's I/O pattern
 //!   with no arithmetic, hashing or bookkeeping. Readers and writers overlap, as the tool's
@@ -16,6 +16,12 @@
 //!   the inputs it would come from have been read. Each file is allocated to its length first
 //!   (`fallocate`), as the tool does. Writes go through `O_DIRECT` (4096-aligned buffers and
 //!   lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
+//! - the **reading floor**: the floor, with every byte it reads also read once by a CPU (a
+//!   thread of its own folds each piece into a word before the writer takes it), the least any
+//!   merge must add to the disk's work. On a VM the two can differ by far more than that pass's
+//!   CPU time: on this project's virtio VM, in spells of minutes, a process that reads the bytes
+//!   the disk delivered sees its requests take up to ~1.7× as long, while the floor, which
+//!   never looks at them, does not (README, Performance);
 //! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
 //! - with `--mergekit`, mergekit 0.1.5 on the same merges (ExPO as `task_arithmetic`, the same
@@ -250,13 +256,13 @@ fn run(args: &Args) -> Res<()> {
         }
     }
 
-    println!("| size | merge | I/O | cache | floor s | floor GB/s | mergestream s | mergestream GB/s | ratio to floor | CPU s | peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| size | merge | I/O | cache | floor s | floor GB/s | reading floor s | mergestream s | mergestream GB/s | ratio to floor | ratio to reading floor | CPU s | peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown());
     }
     println!();
-    println!("Times are median (min) of the measured runs; GB/s = output bytes / s; the floor reads every input once and writes every output; ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
+    println!("Times are median (min) of the measured runs; GB/s = output bytes / s; the floor reads every input once and writes every output; the reading floor also reads every input byte with a CPU; ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
     for n in &notes {
         println!("- {n}");
     }
@@ -347,6 +353,14 @@ fn model_bytes(preset: Preset, layers: u64) -> u64 {
     2 * (2 * v * h + h + layers * per_layer)
 }
 
+/// What a turn of a measured run times.
+#[derive(Clone, Copy)]
+enum Turn {
+    Floor,
+    ReadingFloor,
+    Tool,
+}
+
 /// One size's and workload's results.
 struct Row {
     label: String,
@@ -355,6 +369,7 @@ struct Row {
     cache: &'static str,
     out_bytes: u64,
     floor: Stats,
+    reading_floor: Stats,
     tool: Stats,
     tool_cpu: Stats,
     tool_rss_mib: u64,
@@ -374,16 +389,18 @@ impl Row {
             ),
         };
         format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             self.label,
             self.workload.name(),
             self.io,
             self.cache,
             self.floor.show(),
             rate(self.floor.median),
+            self.reading_floor.show(),
             self.tool.show(),
             rate(self.tool.median),
             self.tool.median / self.floor.median,
+            self.tool.median / self.reading_floor.median,
             self.tool_cpu.show(),
             self.tool_rss_mib,
             mergekit.0,
@@ -584,13 +601,15 @@ fn bench_size(
     tool.arg("--quiet");
 
     let mut floor_t = Vec::new();
+    let mut reading_t = Vec::new();
     let mut tool_t = Vec::new();
     let mut tool_cpu = Vec::new();
     let mut tool_rss = 0;
     for i in 0..ctx.runs {
-        // The floor goes first in even runs and second in odd ones, so that neither always
-        // meets the disk right after the other's writes.
-        for tool_turn in [i % 2 == 1, i % 2 == 0] {
+        // Each run starts with a different one of the three, so that none always meets the
+        // disk right after another's writes.
+        const TURNS: [Turn; 3] = [Turn::Floor, Turn::ReadingFloor, Turn::Tool];
+        for k in 0..TURNS.len() {
             remove_dir(&out)?;
             remove_dir(&floor_out)?;
             // The removals' journal commit (and, on a filesystem mounted with `discard`, the
@@ -601,21 +620,28 @@ fn bench_size(
             } else {
                 warm_cache(&inputs)?;
             }
-            if tool_turn {
-                let m = measure(&mut tool, &log)?;
-                tool_t.push(m.wall);
-                tool_cpu.push(m.cpu);
-                tool_rss = tool_rss.max(m.max_rss_kib >> 10);
-            } else {
-                floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io)?);
+            match TURNS[(i + k) % TURNS.len()] {
+                Turn::Tool => {
+                    let m = measure(&mut tool, &log)?;
+                    tool_t.push(m.wall);
+                    tool_cpu.push(m.cpu);
+                    tool_rss = tool_rss.max(m.max_rss_kib >> 10);
+                }
+                Turn::Floor => {
+                    floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io, false)?);
+                }
+                Turn::ReadingFloor => {
+                    reading_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io, true)?);
+                }
             }
         }
         remove_dir(&floor_out)?;
         eprintln!(
-            "e2e: {label}: run {}/{}: floor {:.3} s, mergestream {:.3} s ({:.2} s CPU)",
+            "e2e: {label}: run {}/{}: floor {:.3} s, reading floor {:.3} s, mergestream {:.3} s ({:.2} s CPU)",
             i + 1,
             ctx.runs,
             floor_t[i],
+            reading_t[i],
             tool_t[i],
             tool_cpu[i]
         );
@@ -683,6 +709,7 @@ fn bench_size(
         cache: if ctx.cold { "cold" } else { "warm" },
         out_bytes,
         floor: Stats::of(floor_t),
+        reading_floor: Stats::of(reading_t),
         tool: Stats::of(tool_t),
         tool_cpu: Stats::of(tool_cpu),
         tool_rss_mib: tool_rss,
@@ -950,13 +977,27 @@ fn read_pieces(
     })
 }
 
+/// `bytes` folded into a word: a read of each byte by a CPU, at the speed of memory.
+fn fold(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(8).fold(0, |x, w| {
+        x ^ u64::from_ne_bytes(w.try_into().expect("eight bytes"))
+    })
+}
+
 /// The disk floor: reads every input's files once (a piece of each in turn, as the tool reads
 /// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
 /// reader threads), while another thread writes files of `sizes` (every output's) into `out`
 /// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct (reads but for files
-/// the page cache mostly holds), as the tool does.
+/// the page cache mostly holds), as the tool does. With `reading`, a thread of its own also
+/// reads every byte read once (the reading floor).
 /// Returns the wall time.
-fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<f64> {
+fn floor(
+    inputs: &[Vec<PathBuf>],
+    out: &Path,
+    sizes: &[u64],
+    io: IoMode,
+    reading: bool,
+) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     let direct = io == IoMode::Direct;
     // The tool's chunk and reader count (src/pipeline.rs: Settings).
@@ -973,14 +1014,34 @@ fn floor(inputs: &[Vec<PathBuf>], out: &Path, sizes: &[u64], io: IoMode) -> Res<
     for _ in 0..IN_FLIGHT {
         free_tx.send(IoBuf::new(PIECE)).expect("room");
     }
+    let (read_tx, read_rx) = if reading {
+        let (tx, rx) = crossbeam_channel::bounded::<(IoBuf, usize)>(IN_FLIGHT);
+        (tx, Some(rx))
+    } else {
+        (full_tx.clone(), None)
+    };
     let start = Instant::now();
     std::thread::scope(|scope| {
         let pieces = &pieces;
         let reader = scope.spawn(move || {
-            let r = read_pieces(pieces, readers, direct, &full_tx, &free_rx);
-            drop(full_tx);
+            let r = read_pieces(pieces, readers, direct, &read_tx, &free_rx);
+            drop(read_tx);
             r
         });
+        // The reading floor's pass over the bytes, on a thread of its own (as the tool computes
+        // on threads other than its readers'), so that the reads in flight are the floor's.
+        if let Some(read_rx) = read_rx {
+            let full_tx = full_tx.clone();
+            scope.spawn(move || {
+                for (buf, n) in read_rx {
+                    std::hint::black_box(fold(&buf.as_slice()[..n]));
+                    if full_tx.send((buf, n)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(full_tx);
         let input_bytes = pieces.iter().map(|p| p.2 as u64).sum();
         let written = write_files(out, sizes, input_bytes, io, &full_rx, &free_tx);
         // Let the readers finish reading everything once the writer has its bytes: hand their
