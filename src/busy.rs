@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 pub enum Stage {
     /// Reading input chunks (pread, decompression).
     Read,
-    /// The kernels, summed over the compute workers.
+    /// The kernels of method and combine ops, summed over the compute workers.
     Compute,
-    /// Putting chunks in order and copying them into the output files' staging buffers.
+    /// Putting chunks in order and copying them into the output files' staging buffers, or, for
+    /// ExPO, computing them there.
     Write,
     /// blake3 of the output files, summed over their hasher threads.
     Hash,

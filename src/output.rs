@@ -480,6 +480,23 @@ impl ShardSink for ShardWriter<'_> {
         }
     }
 
+    fn write_with(
+        &mut self,
+        len: usize,
+        unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        match self.current.as_mut() {
+            Some(OpenShard::Plain(file)) => file.write_with(len, unit, fill),
+            Some(OpenShard::Packed(writer)) => {
+                let mut bytes = vec![0u8; len];
+                fill(0, &mut bytes);
+                writer.write(&bytes)
+            }
+            None => Err(Error::internal("a shard's bytes came before its begin")),
+        }
+    }
+
     fn finish(&mut self, shard: &OutShard) -> Result<()> {
         let open = self
             .current

@@ -4,8 +4,9 @@
 //! of one method over the same models). The reader walks that order once, cutting every tensor
 //! into chunks of whole elements, and for each chunk reads every *distinct* input any output
 //! needs — once, however many outputs use it — into a *slot* taken from a fixed pool. Compute
-//! workers run every output's op on the slot; the writer puts chunks back in order and hands
-//! each output's bytes to that output's [`ShardSink`]. A slot carries its chunk from read to
+//! workers run the method and combine ops on the slot; the writer puts chunks back in order and
+//! hands each output's bytes to that output's [`ShardSink`], computing ExPO's as it goes,
+//! straight into the sink's buffers ([`ShardSink::write_with`]). A slot carries its chunk from read to
 //! write and then returns to the pool, so memory is `slots × buffers × chunk_bytes` whatever the
 //! size of a tensor or model, and no stage can wait on a buffer held by a later one. The engine
 //! knows nothing of files on the output side (that is the sinks' business), nothing of
@@ -192,7 +193,8 @@ pub fn largest_granule(outputs: &[(&Plan, &[usize])]) -> Option<Granule> {
 }
 
 /// Chunk buffers one slot needs for `outputs`: for the most demanding tensor, one per distinct
-/// input and one per output computed there (copies write straight from their input's buffer).
+/// input and one per output computed into the slot (copies write straight from their input's
+/// buffer, ExPO straight into the sink's).
 pub fn buffers_per_slot(outputs: &[(&Plan, &[usize])]) -> (usize, usize) {
     let Some(&(first, _)) = outputs.first() else {
         return (1, 0);
@@ -204,7 +206,7 @@ pub fn buffers_per_slot(outputs: &[(&Plan, &[usize])]) -> (usize, usize) {
         for (plan, _) in outputs {
             for seg in &plan.tensors[t].segments {
                 inputs.extend(&seg.inputs);
-                ops += usize::from(!seg.op.is_copy());
+                ops += usize::from(!matches!(seg.op, Op::Copy | Op::Expo { .. }));
             }
         }
         inputs.sort_by_key(|i| (i.model, i.loc.shard, i.loc.entry, i.first));
@@ -221,6 +223,22 @@ pub trait ShardSink {
     fn begin(&mut self, shard: &OutShard) -> Result<()>;
     /// The next bytes of the shard's data section.
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// The next `len` bytes of the shard's data section, computed by `fill` where the sink
+    /// wants them: `fill(at, dst)` puts the bytes from `at` on into `dst`, and `at` and
+    /// `dst.len()` are multiples of `unit` (an element's bytes, at most 8). A sink with buffers
+    /// of its own has them filled in place, saving a copy; by default the bytes are computed
+    /// into a scratch buffer and written.
+    fn write_with(
+        &mut self,
+        len: usize,
+        unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let _ = unit;
+        let mut scratch = vec![0u8; len];
+        fill(0, &mut scratch);
+        self.write(&scratch)
+    }
     /// The shard's data is complete and its inputs were unchanged while it was read.
     fn finish(&mut self, shard: &OutShard) -> Result<()>;
 }
@@ -317,7 +335,7 @@ struct Work {
     kernel: Kernel,
     /// Buffers (indices into the step's reads) of the op's inputs, in the op's order.
     inputs: Vec<usize>,
-    /// The slot's output buffer the result goes to (unused by [`Op::Copy`]).
+    /// The slot's output buffer the result goes to (used by method and combine ops only).
     out: usize,
     /// Bytes per output element.
     width: u64,
@@ -333,6 +351,9 @@ struct Step {
     /// Distinct inputs, each with the input element lining up with `elems.start`.
     reads: Vec<(usize, Input)>,
     work: Vec<Work>,
+    /// Whether a work item computes into the slot (a method or combine op), so that chunks
+    /// go through the compute workers.
+    in_slot: bool,
     /// Elements per chunk.
     per_chunk: u64,
 }
@@ -379,9 +400,8 @@ impl Job<'_> {
         let len = (self.n() * work.width) as usize;
         match work.kernel {
             Kernel::Copy => &self.slot.inputs[work.inputs[0]].bytes()[..len],
-            Kernel::Expo { .. } | Kernel::Method(_) | Kernel::Combine(_) => {
-                &self.slot.outputs[work.out][..len]
-            }
+            Kernel::Method(_) | Kernel::Combine(_) => &self.slot.outputs[work.out][..len],
+            Kernel::Expo { .. } => unreachable!("ExPO is computed into the sink"),
         }
     }
 }
@@ -484,9 +504,9 @@ pub fn run(
             drop(fill_tx);
         });
         for _ in 0..settings.readers.max(1) {
-            let (rx, tx) = (fill_rx.clone(), read_tx.clone());
+            let (rx, tx, done) = (fill_rx.clone(), read_tx.clone(), done_tx.clone());
             scope.spawn(move || {
-                if let Err(e) = reader(run, rx, tx, reads) {
+                if let Err(e) = reader(run, rx, tx, done, reads) {
                     fail(e);
                 }
             });
@@ -560,7 +580,7 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
             widest = widest.max(width);
             let out = work
                 .iter()
-                .filter(|w: &&Work| !matches!(w.kernel, Kernel::Copy))
+                .filter(|w: &&Work| matches!(w.kernel, Kernel::Method(_) | Kernel::Combine(_)))
                 .count();
             if let Op::Method(op) = &seg.op {
                 granule = lcm(granule, op.granule());
@@ -604,10 +624,14 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
         } else {
             fits.max(1)
         };
+        let in_slot = work
+            .iter()
+            .any(|w| matches!(w.kernel, Kernel::Method(_) | Kernel::Combine(_)));
         steps.push(Step {
             tensor: t,
             elems,
             reads,
+            in_slot,
             work,
             per_chunk,
         });
@@ -721,9 +745,10 @@ fn read_round<'b>(
     Ok(true)
 }
 
-/// A reader thread: fills each job's input buffers, then hands it to the compute workers.
-/// Several readers keep several chunks' reads in flight; jobs leave in any order (the writer
-/// restores it).
+/// A reader thread: fills each job's input buffers, then hands it to the compute workers, or
+/// straight to the writer when nothing is computed into the slot (copies and ExPO, which the
+/// writer computes into its sinks). Several readers keep several chunks' reads in flight; jobs
+/// leave in any order (the writer restores it).
 ///
 /// Packed inputs are decoded here, through the reader's own [`ReadCache`] holding a decoded
 /// block per distinct input of a chunk (`reads`). A run with packed inputs has two readers
@@ -733,7 +758,8 @@ fn read_round<'b>(
 fn reader<'b>(
     run: &Run,
     input: Receiver<Job<'b>>,
-    output: Sender<Job<'b>>,
+    compute: Sender<Job<'b>>,
+    write: Sender<Job<'b>>,
     reads: usize,
 ) -> Result<()> {
     let mut cache = ReadCache::new(reads);
@@ -761,7 +787,8 @@ fn reader<'b>(
             )?;
         }
         run.busy.add(Stage::Read, started.elapsed());
-        if output.send(job).is_err() {
+        let next = if step.in_slot { &compute } else { &write };
+        if next.send(job).is_err() {
             return Ok(());
         }
     }
@@ -818,19 +845,8 @@ fn compute(run: &Run, job: &mut Job) -> Result<()> {
             continue;
         }
         match &work.kernel {
-            Kernel::Copy => {}
-            &Kernel::Expo {
-                alpha,
-                aligned,
-                sft,
-            } => {
-                let o = &mut outputs[work.out][..len];
-                if aligned == sft {
-                    kernel::expo(run.settings.isa, aligned, alpha, ins[0], ins[1], o);
-                } else {
-                    kernel::expo_mixed(aligned, sft, alpha, ins[0], ins[1], o);
-                }
-            }
+            // Written from the input's buffer, or computed into the sink's (see `write_work`).
+            Kernel::Copy | Kernel::Expo { .. } => {}
             Kernel::Combine(c) => {
                 let typed: Vec<(&[u8], kernel::FloatDtype)> = work
                     .inputs
@@ -937,14 +953,15 @@ fn write_stage<'b>(
             let out = &mut outputs[work.output];
             let cursor = &mut cursors[work.output];
             open_shard(run, out, cursor, Some(work.shard))?;
-            let bytes = job.output(work);
             let (shard, written) = cursor.open.as_mut().expect("opened above");
             if *written == 0 && work.output == 0 && cursor.next == out.shards.len().min(2) {
                 crate::failpoint::hit("shard-data", &signalled);
             }
-            run.busy.time(Stage::Write, || out.sink.write(bytes))?;
-            *written += bytes.len() as u64;
-            progress.advance(bytes.len() as u64);
+            let len = run
+                .busy
+                .time(Stage::Write, || write_work(run, &job, work, &mut *out.sink))?;
+            *written += len as u64;
+            progress.advance(len as u64);
             if *written == out.plan.shards[*shard].data_len {
                 let shard = *shard;
                 cursor.open = None;
@@ -970,6 +987,41 @@ fn write_stage<'b>(
         }
     }
     Ok(())
+}
+
+/// Hands `sink` the bytes `work` makes of `job`'s chunk, and tells how many: an ExPO output's
+/// computed straight into the sink's buffers, the others' from the slot.
+///
+/// ExPO reads each input byte once and runs at the speed of memory; computed here rather than
+/// on a worker, the writer no longer copies its result into the sink's staging buffers, and
+/// the run moves each output byte through memory once less. Measured (2026-11-26): see
+/// README, Performance.
+fn write_work(run: &Run, job: &Job, work: &Work, sink: &mut dyn ShardSink) -> Result<usize> {
+    let n = job.n();
+    let len = (n * work.width) as usize;
+    let &Kernel::Expo {
+        alpha,
+        aligned,
+        sft,
+    } = &work.kernel
+    else {
+        sink.write(job.output(work))?;
+        return Ok(len);
+    };
+    let ins = work_inputs(&job.step, &job.slot.inputs, n, work);
+    let (width, isa) = (work.width as usize, run.settings.isa);
+    let mut fill = |at: usize, dst: &mut [u8]| {
+        let (first, count) = (at / width, dst.len() / width);
+        let a = &ins[0][first * aligned.size()..(first + count) * aligned.size()];
+        let b = &ins[1][first * sft.size()..(first + count) * sft.size()];
+        if aligned == sft {
+            kernel::expo(isa, aligned, alpha, a, b, dst);
+        } else {
+            kernel::expo_mixed(aligned, sft, alpha, a, b, dst);
+        }
+    };
+    sink.write_with(len, width, &mut fill)?;
+    Ok(len)
 }
 
 /// Pushes a reduction chunk's partials into the round's combiners, in chunk order; after the

@@ -406,6 +406,44 @@ impl StreamFile {
         Ok(())
     }
 
+    /// Appends `len` bytes that `fill` computes straight into the staging buffers (see
+    /// [`crate::pipeline::ShardSink::write_with`]): `fill(at, dst)` is given whole `unit`s, the
+    /// room left in the filling buffer or what is left to write; a unit that straddles two
+    /// buffers is computed into a word and copied.
+    pub fn write_with(
+        &mut self,
+        len: usize,
+        unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        assert!(
+            (1..=8).contains(&unit) && len.is_multiple_of(unit),
+            "write_with: {len} bytes in units of {unit}"
+        );
+        let mut at = 0;
+        while at < len {
+            // The filling buffer always has room: a full one is submitted at once.
+            let room = self.current.buf.len() - self.current.len;
+            let whole = room.min(len - at) / unit * unit;
+            if whole == 0 {
+                let mut word = [0u8; 8];
+                fill(at, &mut word[..unit]);
+                self.write(&word[..unit])?;
+                at += unit;
+                continue;
+            }
+            fill(at, &mut self.current.spare()[..whole]);
+            self.current.len += whole;
+            self.current.data += whole;
+            self.len += whole as u64;
+            at += whole;
+            if self.current.len == self.current.buf.len() {
+                self.submit_current()?;
+            }
+        }
+        Ok(())
+    }
+
     fn submit_current(&mut self) -> Result<()> {
         let next = match self.free.pop() {
             Some(stage) => stage,
@@ -484,6 +522,52 @@ mod tests {
                 assert_eq!(written.size, len);
                 assert_eq!(written.blake3, blake3::hash(&bytes));
                 assert_eq!(std::fs::read(&path).unwrap(), bytes, "{mode} {reserve:?}");
+            }
+        }
+    }
+
+    /// Bytes computed in place are the bytes written, whatever the unit and wherever the staging
+    /// buffers' edges cut it: at the edge, a unit is computed whole and split across the two.
+    #[test]
+    fn bytes_computed_into_the_staging_buffers_are_the_bytes_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // Byte `i` of the whole file.
+        let byte = |i: usize| (i * 31 + i / 7) as u8;
+        for mode in [IoMode::Auto, IoMode::Buffered] {
+            for (unit, lead) in [(2, 3), (4, 1), (8, 5), (8, 0), (1, 2)] {
+                let path = dir.path().join(format!("out-{mode}-{unit}-{lead}"));
+                let mut file =
+                    StreamFile::create(dir.path(), "t.", &path, mode, ALIGN, None).unwrap();
+                // An odd start, so that units straddle the 4096-byte buffers' edges.
+                let lead_bytes: Vec<u8> = (0..lead).map(byte).collect();
+                file.write(&lead_bytes).unwrap();
+                let mut at = lead;
+                let mut calls = Vec::new();
+                for units in [1, 700, 3 * ALIGN, 5] {
+                    let len = units * unit;
+                    file.write_with(len, unit, &mut |from, dst| {
+                        assert!(from.is_multiple_of(unit) && dst.len().is_multiple_of(unit));
+                        assert!(from + dst.len() <= len);
+                        calls.push((units, dst.len()));
+                        for (k, b) in dst.iter_mut().enumerate() {
+                            *b = byte(at + from + k);
+                        }
+                    })
+                    .unwrap();
+                    at += len;
+                }
+                let expected: Vec<u8> = (0..at).map(byte).collect();
+                let written = file.persist().unwrap();
+                assert_eq!(written.size, at as u64);
+                assert_eq!(written.blake3, blake3::hash(&expected));
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    expected,
+                    "{mode} {unit} {lead}"
+                );
+                // A long write crosses buffer edges: with an odd start, a lone unit there.
+                let straddles = calls.iter().filter(|&&c| c == (3 * ALIGN, unit)).count();
+                assert_eq!(straddles > 0, lead % unit != 0, "{unit} {lead}: {calls:?}");
             }
         }
     }
