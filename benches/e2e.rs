@@ -16,12 +16,14 @@
 //!   the inputs it would come from have been read. Each file is allocated to its length first
 //!   (`fallocate`), as the tool does. Writes go through `O_DIRECT` (4096-aligned buffers and
 //!   lengths, the tail fixed with `ftruncate`) or the page cache (`--io`);
-//! - the **reading floor**: the floor, with every byte it reads also read once by a CPU (a
-//!   thread of its own folds each piece into a word before the writer takes it), the least any
-//!   merge must add to the disk's work. On a VM the two can differ by far more than that pass's
-//!   CPU time: on this project's virtio VM, in spells of minutes, a process that reads the bytes
-//!   the disk delivered sees its requests take up to ~1.7× as long, while the floor, which
-//!   never looks at them, does not (README, Performance);
+//! - the **touching floor**: the floor with a CPU touching every byte once, the least any merge
+//!   adds to the disk's work: a thread of its own reads each input piece (folding it into a
+//!   word) before the writer takes it, and each output piece is written into one of six
+//!   rotating buffers (as many as the tool's staging buffers) just before it goes to the disk,
+//!   where the floor writes one buffer of zeros over and over. On a VM the two can differ by far
+//!   more than that CPU time: on this project's virtio VM a process that looks at the bytes the
+//!   disk delivered sees its requests take longer, up to ~1.7× as long in spells of minutes, and
+//!   fresh output buffers cost the floor ~5 % (README, Performance);
 //! - **mergestream** as a child process: wall time, and user+sys CPU time and peak RSS
 //!   from `wait4`'s `rusage` of that child alone;
 //! - with `--mergekit`, mergekit 0.1.5 on the same merges (ExPO as `task_arithmetic`, the same
@@ -55,6 +57,9 @@ const WRITE_PIECE: usize = mergestream::writer::MAX_STAGE_BYTES;
 /// queued behind the two in flight (the tool's staging buffers also hold one filling and one
 /// being hashed).
 const WRITE_STAGES: usize = 4;
+/// The touching floor's write buffers: as many as the tool's staging buffers per file (those
+/// waiting for the disk, one filling and one being hashed).
+const TOUCHED_BUFFERS: usize = WRITE_STAGES + 2;
 /// Writes in flight at once, as the tool's I/O threads per file.
 const WRITES_IN_FLIGHT: usize = mergestream::writer::WRITES_IN_FLIGHT;
 const GB: f64 = 1e9;
@@ -256,13 +261,13 @@ fn run(args: &Args) -> Res<()> {
         }
     }
 
-    println!("| size | merge | I/O | cache | floor s | floor GB/s | reading floor s | mergestream s | mergestream GB/s | ratio to floor | ratio to reading floor | CPU s | peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |");
+    println!("| size | merge | I/O | cache | floor s | floor GB/s | touching floor s | mergestream s | mergestream GB/s | ratio to floor | ratio to touching floor | CPU s | peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown());
     }
     println!();
-    println!("Times are median (min) of the measured runs; GB/s = output bytes / s; the floor reads every input once and writes every output; the reading floor also reads every input byte with a CPU; ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
+    println!("Times are median (min) of the measured runs; GB/s = output bytes / s; the floor reads every input once and writes every output; the touching floor also reads every input byte and writes every output byte with a CPU; ratio = median / floor median; CPU = user+sys of the child; speedup = mergekit / mergestream medians.");
     for n in &notes {
         println!("- {n}");
     }
@@ -357,7 +362,7 @@ fn model_bytes(preset: Preset, layers: u64) -> u64 {
 #[derive(Clone, Copy)]
 enum Turn {
     Floor,
-    ReadingFloor,
+    TouchingFloor,
     Tool,
 }
 
@@ -369,7 +374,7 @@ struct Row {
     cache: &'static str,
     out_bytes: u64,
     floor: Stats,
-    reading_floor: Stats,
+    touching_floor: Stats,
     tool: Stats,
     tool_cpu: Stats,
     tool_rss_mib: u64,
@@ -396,11 +401,11 @@ impl Row {
             self.cache,
             self.floor.show(),
             rate(self.floor.median),
-            self.reading_floor.show(),
+            self.touching_floor.show(),
             self.tool.show(),
             rate(self.tool.median),
             self.tool.median / self.floor.median,
-            self.tool.median / self.reading_floor.median,
+            self.tool.median / self.touching_floor.median,
             self.tool_cpu.show(),
             self.tool_rss_mib,
             mergekit.0,
@@ -598,17 +603,18 @@ fn bench_size(
     }
     let out_sizes = file_sizes(&out_files)?;
     let out_bytes: u64 = out_sizes.iter().sum();
-    tool.arg("--quiet");
+    // The summary as JSON, for the run's own peak RSS (see `own_peak_rss_mib`).
+    tool.args(["--quiet", "--json"]);
 
     let mut floor_t = Vec::new();
-    let mut reading_t = Vec::new();
+    let mut touching_t = Vec::new();
     let mut tool_t = Vec::new();
     let mut tool_cpu = Vec::new();
     let mut tool_rss = 0;
     for i in 0..ctx.runs {
         // Each run starts with a different one of the three, so that none always meets the
         // disk right after another's writes.
-        const TURNS: [Turn; 3] = [Turn::Floor, Turn::ReadingFloor, Turn::Tool];
+        const TURNS: [Turn; 3] = [Turn::Floor, Turn::TouchingFloor, Turn::Tool];
         for k in 0..TURNS.len() {
             remove_dir(&out)?;
             remove_dir(&floor_out)?;
@@ -625,23 +631,23 @@ fn bench_size(
                     let m = measure(&mut tool, &log)?;
                     tool_t.push(m.wall);
                     tool_cpu.push(m.cpu);
-                    tool_rss = tool_rss.max(m.max_rss_kib >> 10);
+                    tool_rss = tool_rss.max(own_peak_rss_mib(&log)?);
                 }
                 Turn::Floor => {
                     floor_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io, false)?);
                 }
-                Turn::ReadingFloor => {
-                    reading_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io, true)?);
+                Turn::TouchingFloor => {
+                    touching_t.push(floor(&inputs, &floor_out, &out_sizes, ctx.io, true)?);
                 }
             }
         }
         remove_dir(&floor_out)?;
         eprintln!(
-            "e2e: {label}: run {}/{}: floor {:.3} s, reading floor {:.3} s, mergestream {:.3} s ({:.2} s CPU)",
+            "e2e: {label}: run {}/{}: floor {:.3} s, touching floor {:.3} s, mergestream {:.3} s ({:.2} s CPU)",
             i + 1,
             ctx.runs,
             floor_t[i],
-            reading_t[i],
+            touching_t[i],
             tool_t[i],
             tool_cpu[i]
         );
@@ -709,7 +715,7 @@ fn bench_size(
         cache: if ctx.cold { "cold" } else { "warm" },
         out_bytes,
         floor: Stats::of(floor_t),
-        reading_floor: Stats::of(reading_t),
+        touching_floor: Stats::of(touching_t),
         tool: Stats::of(tool_t),
         tool_cpu: Stats::of(tool_cpu),
         tool_rss_mib: tool_rss,
@@ -728,6 +734,26 @@ fn fmt_gb(bytes: u64) -> String {
     } else {
         format!("{g:.2}")
     }
+}
+
+/// The peak RSS a run of the tool reports in its `--json` summary (in `log`): the high-water
+/// mark of its own address space. `wait4`'s `ru_maxrss` is not that: a child started with
+/// `vfork` (as `Command` starts it) shares this process's address space until it execs, and
+/// the kernel records that space's high-water mark as the child's at the exec; since the
+/// floors' buffers live here, it was this process's peak that showed (up to 43 MiB against the
+/// tool's 23–31).
+fn own_peak_rss_mib(log: &Path) -> Res<u64> {
+    let text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    // The summary is the log's one JSON object (stderr, in the same file, is quiet).
+    let json = match (text.find('{'), text.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &text[a..=b],
+        _ => "",
+    };
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v["peak_rss_bytes"].as_u64())
+        .map(|bytes| bytes >> 20)
+        .ok_or_else(|| format!("no peak_rss_bytes in the summary in {}", log.display()))
 }
 
 /// A finished child's resource use.
@@ -988,15 +1014,16 @@ fn fold(bytes: &[u8]) -> u64 {
 /// a chunk of each tensor from every input) with as many reads in flight as the tool keeps (its
 /// reader threads), while another thread writes files of `sizes` (every output's) into `out`
 /// and fsyncs them. Reads and writes use `O_DIRECT` when `io` is direct (reads but for files
-/// the page cache mostly holds), as the tool does. With `reading`, a thread of its own also
-/// reads every byte read once (the reading floor).
+/// the page cache mostly holds), as the tool does. With `touching` (the touching floor), a
+/// thread of its own also reads every byte read once, and the writer writes each piece into
+/// a buffer of its own just before writing it.
 /// Returns the wall time.
 fn floor(
     inputs: &[Vec<PathBuf>],
     out: &Path,
     sizes: &[u64],
     io: IoMode,
-    reading: bool,
+    touching: bool,
 ) -> Res<f64> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     let direct = io == IoMode::Direct;
@@ -1014,7 +1041,7 @@ fn floor(
     for _ in 0..IN_FLIGHT {
         free_tx.send(IoBuf::new(PIECE)).expect("room");
     }
-    let (read_tx, read_rx) = if reading {
+    let (read_tx, read_rx) = if touching {
         let (tx, rx) = crossbeam_channel::bounded::<(IoBuf, usize)>(IN_FLIGHT);
         (tx, Some(rx))
     } else {
@@ -1028,7 +1055,7 @@ fn floor(
             drop(read_tx);
             r
         });
-        // The reading floor's pass over the bytes, on a thread of its own (as the tool computes
+        // The touching floor's pass over the bytes read, on a thread of its own (as the tool computes
         // on threads other than its readers'), so that the reads in flight are the floor's.
         if let Some(read_rx) = read_rx {
             let full_tx = full_tx.clone();
@@ -1043,7 +1070,7 @@ fn floor(
         }
         drop(full_tx);
         let input_bytes = pieces.iter().map(|p| p.2 as u64).sum();
-        let written = write_files(out, sizes, input_bytes, io, &full_rx, &free_tx);
+        let written = write_files(out, sizes, input_bytes, io, touching, &full_rx, &free_tx);
         // Let the readers finish reading everything once the writer has its bytes: hand their
         // buffers back until they are done (dropping `free_tx` here would stop them early).
         for (buf, _) in full_rx.iter() {
@@ -1109,11 +1136,14 @@ fn read_strategies(sft: &[PathBuf], aligned: &[PathBuf]) -> Res<()> {
 /// before reading the inputs it comes from; a floor writing ahead of its reads would time the
 /// disk's writes and reads one after the other rather than sharing it. As in the tool, up to
 /// [`WRITE_STAGES`] pieces wait for the disk and [`WRITES_IN_FLIGHT`] are written at once.
+/// Every piece is written from one buffer of zeros; with `touching`, from one of
+/// [`TOUCHED_BUFFERS`] that the writer fills just before handing it to the disk.
 fn write_files(
     out: &Path,
     sizes: &[u64],
     input_bytes: u64,
     io: IoMode,
+    touching: bool,
     full: &crossbeam_channel::Receiver<(IoBuf, usize)>,
     free: &crossbeam_channel::Sender<IoBuf>,
 ) -> Res<()> {
@@ -1147,17 +1177,25 @@ fn write_files(
         }
         files.push((path, file));
     }
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<usize>(WRITE_STAGES - WRITES_IN_FLIGHT);
+    let (go_tx, go_rx) =
+        crossbeam_channel::bounded::<(usize, Option<IoBuf>)>(WRITE_STAGES - WRITES_IN_FLIGHT);
     // Written through, so that its pages are real ones (as the tool's staging buffers are), not
     // the kernel's shared zero page.
     let mut zeros = IoBuf::new(WRITE_PIECE);
     zeros.as_mut_slice().fill(0);
+    let (spare_tx, spare_rx) = crossbeam_channel::bounded::<IoBuf>(TOUCHED_BUFFERS);
+    if touching {
+        for _ in 0..TOUCHED_BUFFERS {
+            spare_tx.send(IoBuf::new(WRITE_PIECE)).expect("room");
+        }
+    }
     std::thread::scope(|scope| {
         let disks: Vec<_> = (0..WRITES_IN_FLIGHT)
             .map(|_| {
                 let (go_rx, files, pieces, zeros) = (go_rx.clone(), &files, &pieces, &zeros);
+                let spare_tx = spare_tx.clone();
                 scope.spawn(move || -> Res<()> {
-                    for p in go_rx {
+                    for (p, buf) in go_rx {
                         let (k, at, len) = pieces[p];
                         // O_DIRECT writes whole blocks; the tail's padding is cut off below.
                         let padded = match io {
@@ -1165,8 +1203,11 @@ fn write_files(
                             IoMode::Buffered => len,
                         };
                         let (path, file) = &files[k];
-                        file.write_all_at(&zeros.as_slice()[..padded], at)
+                        file.write_all_at(&buf.as_ref().unwrap_or(zeros).as_slice()[..padded], at)
                             .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                        if let Some(buf) = buf {
+                            let _ = spare_tx.send(buf);
+                        }
                     }
                     Ok(())
                 })
@@ -1190,7 +1231,14 @@ fn write_files(
                     Err(_) => reads_done = true,
                 }
             }
-            if go_tx.send(p).is_err() {
+            let buf = if touching {
+                let Ok(mut buf) = spare_rx.recv() else { break };
+                buf.as_mut_slice()[..len].fill(p as u8);
+                Some(buf)
+            } else {
+                None
+            };
+            if go_tx.send((p, buf)).is_err() {
                 break;
             }
             allowed = end;
