@@ -196,6 +196,8 @@ pub struct Comparer<'a> {
     buf: Vec<u8>,
     /// Decoded blocks of the existing model, when it is packed.
     cache: crate::model::ReadCache,
+    /// The recomputed bytes of a chunk computed for the sink (`ShardSink::write_with`).
+    scratch: Vec<u8>,
 }
 
 impl<'a> Comparer<'a> {
@@ -210,6 +212,7 @@ impl<'a> Comparer<'a> {
             current: None,
             buf: Vec::new(),
             cache: crate::model::ReadCache::new(1),
+            scratch: Vec::new(),
         }
     }
 
@@ -423,6 +426,18 @@ impl ShardSink for Comparer<'_> {
             rest = after;
         }
         Ok(())
+    }
+
+    fn write_with(
+        &mut self,
+        len: usize,
+        _unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.write(crate::pipeline::fill_scratch(&mut scratch, len, fill));
+        self.scratch = scratch;
+        result
     }
 
     fn finish(&mut self, _shard: &OutShard) -> Result<()> {

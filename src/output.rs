@@ -414,6 +414,8 @@ pub struct ShardWriter<'a> {
     current: Option<OpenShard>,
     /// Whether any shard was written through the page cache.
     pub buffered: bool,
+    /// Where bytes computed for a packed shard are put before it compresses them.
+    scratch: Vec<u8>,
 }
 
 /// The shard a [`ShardWriter`] is writing.
@@ -429,6 +431,7 @@ impl<'a> ShardWriter<'a> {
             dir,
             current: None,
             buffered: false,
+            scratch: Vec::new(),
         }
     }
 }
@@ -489,9 +492,7 @@ impl ShardSink for ShardWriter<'_> {
         match self.current.as_mut() {
             Some(OpenShard::Plain(file)) => file.write_with(len, unit, fill),
             Some(OpenShard::Packed(writer)) => {
-                let mut bytes = vec![0u8; len];
-                fill(0, &mut bytes);
-                writer.write(&bytes)
+                writer.write(crate::pipeline::fill_scratch(&mut self.scratch, len, fill))
             }
             None => Err(Error::internal("a shard's bytes came before its begin")),
         }

@@ -227,7 +227,7 @@ pub trait ShardSink {
     /// wants them: `fill(at, dst)` puts the bytes from `at` on into `dst`, and `at` and
     /// `dst.len()` are multiples of `unit` (an element's bytes, at most 8). A sink with buffers
     /// of its own has them filled in place, saving a copy; by default the bytes are computed
-    /// into a scratch buffer and written.
+    /// into a scratch buffer and written (see [`fill_scratch`] for a sink that keeps one).
     fn write_with(
         &mut self,
         len: usize,
@@ -235,12 +235,25 @@ pub trait ShardSink {
         fill: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
         let _ = unit;
-        let mut scratch = vec![0u8; len];
-        fill(0, &mut scratch);
-        self.write(&scratch)
+        let mut scratch = Vec::new();
+        self.write(fill_scratch(&mut scratch, len, fill))
     }
     /// The shard's data is complete and its inputs were unchanged while it was read.
     fn finish(&mut self, shard: &OutShard) -> Result<()>;
+}
+
+/// The `len` bytes `fill` computes, in `scratch` (grown as needed and kept by the caller, so a
+/// sink without buffers of its own allocates once for [`ShardSink::write_with`]).
+pub fn fill_scratch<'s>(
+    scratch: &'s mut Vec<u8>,
+    len: usize,
+    fill: &mut dyn FnMut(usize, &mut [u8]),
+) -> &'s [u8] {
+    if scratch.len() < len {
+        scratch.resize(len, 0);
+    }
+    fill(0, &mut scratch[..len]);
+    &scratch[..len]
 }
 
 /// Stops a run from outside: a signal handler, or a failing stage.
