@@ -145,7 +145,7 @@ pub struct RunOptions {
     pub max_shard_size: u64,
     /// Cap on the process's memory; chunk buffers get all of it but [`MEMORY_RESERVE`].
     pub memory: u64,
-    /// Compute threads.
+    /// Compute threads, for method and combine ops (ExPO is computed by the writer).
     pub threads: usize,
     /// Chunk size override (testing); output bytes never depend on it.
     pub chunk_bytes: Option<usize>,

@@ -245,7 +245,8 @@ struct RunArgs {
     check: Option<PathBuf>,
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(mergestream::DEFAULT_MEMORY), help = memory_help())]
     memory: ByteSize,
-    /// Compute threads (default: the number of CPUs).
+    /// Compute threads for method and combine ops (default: the number of CPUs); ExPO is computed
+    /// as its output is written.
     #[arg(long)]
     threads: Option<usize>,
     /// Write only part I of N (0-based), for cluster job arrays; then run `finalize`.
