@@ -6,11 +6,12 @@
 //! needs — once, however many outputs use it — into a *slot* taken from a fixed pool. Compute
 //! workers run the method and combine ops on the slot; the writer puts chunks back in order and
 //! hands each output's bytes to that output's [`ShardSink`], computing ExPO's as it goes,
-//! straight into the sink's buffers ([`ShardSink::write_with`]). A slot carries its chunk from read to
-//! write and then returns to the pool, so memory is `slots × buffers × chunk_bytes` whatever the
-//! size of a tensor or model, and no stage can wait on a buffer held by a later one. The engine
-//! knows nothing of files on the output side (that is the sinks' business), nothing of
-//! arithmetic (the kernel's) and nothing of methods (the plan's ops are data): it moves bytes.
+//! straight into the sink's buffers ([`ShardSink::write_with`]). A slot carries its chunk from
+//! read to write and then returns to the pool, so memory is `slots × buffers × chunk_bytes`
+//! whatever the size of a tensor or model, and no stage can wait on a buffer held by a later
+//! one. The engine knows nothing of files on the output side (that is the sinks' business),
+//! nothing of arithmetic (the kernel's) and nothing of methods (the plan's ops are data): it
+//! moves bytes.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
