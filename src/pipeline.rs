@@ -330,6 +330,12 @@ impl Kernel {
         }
     }
 
+    /// Whether the op computes into a slot buffer on the compute workers (copies are written
+    /// from their input's buffer, ExPO computed into the sink's).
+    fn in_slot(&self) -> bool {
+        matches!(self, Kernel::Method(_) | Kernel::Combine(_))
+    }
+
     /// The method op, for reading.
     fn method(&self) -> Option<std::sync::RwLockReadGuard<'_, methods::Op>> {
         match self {
@@ -592,10 +598,7 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
             }
             let width = tensor.dtype.size() as u64;
             widest = widest.max(width);
-            let out = work
-                .iter()
-                .filter(|w: &&Work| matches!(w.kernel, Kernel::Method(_) | Kernel::Combine(_)))
-                .count();
+            let out = work.iter().filter(|w: &&Work| w.kernel.in_slot()).count();
             if let Op::Method(op) = &seg.op {
                 granule = lcm(granule, op.granule());
                 if seg.elems != elems {
@@ -638,9 +641,7 @@ fn steps_of(run: &Run, t: usize) -> Result<Vec<Step>> {
         } else {
             fits.max(1)
         };
-        let in_slot = work
-            .iter()
-            .any(|w| matches!(w.kernel, Kernel::Method(_) | Kernel::Combine(_)));
+        let in_slot = work.iter().any(|w| w.kernel.in_slot());
         steps.push(Step {
             tensor: t,
             elems,
